@@ -1,0 +1,297 @@
+"""The `hetserve` command: click verbs only; the work lives in the packages they call."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from .config import DEFAULT_LISTEN, DEFAULT_SERVE, HostSettings, LeaderSettings, Limits
+from .model.resolve import DEFAULT_MODEL
+
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+DTYPES = click.Choice(["float32", "float16", "bfloat16"])
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+LIMIT_HELP = {
+    "max_seqs": "Requests running at once (KV-cache slots on every stage).",
+    "max_context": "Prompt + completion tokens per request (KV-cache length per slot).",
+    "default_max_tokens": "Completion length when a request gives no max_tokens.",
+    "max_queued": "Requests waiting for a slot before new ones get 'overloaded'.",
+    "prefill_seqs": "Most requests in one prefill micro-batch.",
+    "prefill_tokens": "Most prompt tokens in one prefill micro-batch; longer prompts are chunked.",
+    "decode_seqs": "Most requests in one decode micro-batch.",
+    "max_in_flight": "Micro-batches in the pipeline at once; 0 = one per stage.",
+}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 8GiB, 512MiB or 40G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def limit_options(func):
+    """Add one --option per `Limits` field, defaults and help from the dataclass."""
+    for field in reversed(dataclasses.fields(Limits)):
+        flag = "--" + field.name.replace("_", "-")
+        func = click.option(flag, field.name, type=int, default=field.default, show_default=True,
+                            help=LIMIT_HELP[field.name])(func)
+    return func
+
+
+def limits_from(kwargs: dict) -> Limits:
+    limits = Limits(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(Limits)})
+    try:
+        limits.check()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return limits
+
+
+def run_daemon(main, settings, role: str, log_level: str) -> None:
+    """Run a daemon; a known failure prints one clear line and exits 1, never a traceback."""
+    from .leader.daemon import LeaderError
+    from .lifecycle import setup_logging
+    from .model.resolve import ModelError
+    from .worker.host import HostError
+
+    setup_logging(log_level, role)
+    try:
+        main(settings)
+    except (LeaderError, HostError, ModelError, ValueError, OSError) as exc:
+        click.echo(f"hetserve {role}: error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """hetserve: serve one LLM across a heterogeneous set of hosts.
+
+    Start a leader, join hosts to it, and talk to it with the line protocol
+    (`hetserve generate`). `hetserve up` runs a whole cluster on this machine.
+    """
+
+
+@main.command()
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT where hosts join.")
+@click.option("--serve", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the client line protocol.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Built-in model name, Hugging Face model directory, or .gguf file.")
+@click.option("--hosts", default=1, show_default=True, type=click.IntRange(1), help="Hosts to wait for before planning.")
+@click.option("--device", default=None, help="Also run a stage on this machine (cpu, cuda, cuda:N); counts as one of --hosts.")
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of every stage.")
+@click.option("--advertise", default=None, help="Address hosts reach the leader at (default: found per host).")
+@limit_options
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def leader(listen, serve, model, hosts, device, dtype, advertise, log_level, **kwargs):
+    """Coordinate a cluster: accept hosts, split the model over them, serve clients."""
+    from .leader.daemon import run_leader
+
+    settings = LeaderSettings(listen=listen, serve=serve, model=model, hosts=hosts, dtype=dtype,
+                              advertise=advertise, limits=limits_from(kwargs))
+    local = None
+    if device:
+        port = listen.rpartition(":")[2]
+        local = subprocess.Popen([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
+                                  "--device", device, "--name", "leader-stage", "--log-level", log_level])
+    try:
+        run_daemon(run_leader, settings, "leader", log_level)
+    finally:
+        if local is not None:
+            stop_processes([local])
+
+
+@main.command()
+@click.option("--leader", "leader_addr", required=True, help="HOST:PORT of the leader's --listen.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--memory", default=None, help="Memory this host offers (e.g. 8GiB); default: what is free.")
+@click.option("--advertise", default=None, help="Address other hosts reach this one at (default: the route to the leader).")
+@click.option("--name", default=None, help="Unique host name (default: hostname-pid).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for compute (default: torch's).")
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def join(leader_addr, device, memory, advertise, name, threads, log_level):
+    """Join a cluster as a host: load the slice the leader assigns and run it."""
+    from .worker.host import run_host
+
+    settings = HostSettings(leader=leader_addr, device=device, memory=parse_size(memory) if memory else None,
+                            advertise=advertise, name=name, threads=threads)
+    run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level)
+
+
+@main.command()
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1), help="Local hosts (pipeline stages).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Built-in model name, Hugging Face model directory, or .gguf file.")
+@click.option("--listen", default="127.0.0.1:5555", show_default=True, help="HOST:PORT where the local hosts join.")
+@click.option("--serve", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the client line protocol.")
+@click.option("--device", default="cpu", show_default=True, help="Device of every local host.")
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of every stage.")
+@click.option("--memory", default=None, help="Memory each local host offers (e.g. 2GiB).")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="CPU threads per host (default: this machine's cores / --workers).")
+@limit_options
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def up(workers, model, listen, serve, device, dtype, memory, threads, log_level, **kwargs):
+    """Run a leader and N hosts on this machine (demo and development). Ctrl-C stops all."""
+    limits = limits_from(kwargs)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    leader_cmd = [sys.executable, "-m", "hetserve", "leader", "--listen", listen, "--serve", serve,
+                  "--model", model, "--hosts", str(workers), "--dtype", dtype, "--log-level", log_level]
+    for field in dataclasses.fields(Limits):
+        leader_cmd += ["--" + field.name.replace("_", "-"), str(getattr(limits, field.name))]
+    procs = [subprocess.Popen(leader_cmd)]
+    for i in range(workers):
+        cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", device,
+               "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level]
+        if memory:
+            cmd += ["--memory", memory]
+        procs.append(subprocess.Popen(cmd))
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    code = 0
+    try:
+        while not stopping:
+            exited = [p for p in procs if p.poll() is not None]
+            if exited:
+                code = exited[0].returncode or 1
+                click.echo(f"hetserve up: a process exited with status {exited[0].returncode}; stopping the cluster",
+                           err=True)
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_processes(procs)
+    sys.exit(code)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL whatever has not exited after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
+@click.option("--max-tokens", default=None, type=click.IntRange(1), help="Completion length (default: the server's).")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
+@click.option("--seed", default=None, type=click.IntRange(0), help="Same seed, same text.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--raw", is_flag=True, help="Send PROMPT as raw text instead of a chat message.")
+@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for the cluster to come up and serve.")
+def generate(prompt, server, max_tokens, temperature, top_p, top_k, seed, stop, raw, wait):
+    """Stream a completion of PROMPT (a chat message unless --raw)."""
+    from .client import ClientError, LineClient
+
+    body = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
+    body.update({"temperature": temperature, "top_p": top_p, "top_k": top_k, "stop": list(stop)})
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if seed is not None:
+        body["seed"] = seed
+
+    async def stream() -> int:
+        client = await LineClient.connect(server, wait)
+        try:
+            if wait:
+                await client.wait_serving(max(1.0, wait))
+            async for event in client.request(body):
+                if event["event"] == "token":
+                    click.echo(event["text"], nl=False)
+                elif event["event"] == "done":
+                    usage = event["usage"]
+                    click.echo()
+                    click.echo(f"[{event['finish_reason']}: {usage['prompt_tokens']} prompt + "
+                               f"{usage['completion_tokens']} completion tokens]", err=True)
+                else:
+                    click.echo(f"\nerror: {event['error']['code']}: {event['error']['message']}", err=True)
+                    return 1
+            return 0
+        finally:
+            await client.close()
+
+    try:
+        sys.exit(asyncio.run(stream()))
+    except ClientError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status object.")
+def status(server, as_json):
+    """Show the cluster: hosts, their slices and health, queue and batches."""
+    from .client import ClientError, LineClient
+
+    async def fetch() -> dict:
+        client = await LineClient.connect(server)
+        try:
+            return await client.status()
+        finally:
+            await client.close()
+
+    try:
+        info = asyncio.run(fetch())
+    except ClientError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['model']} ({info['layers']} layers, {info['dtype']}): {info['state']}, "
+               f"up {info['uptime_s']} s")
+    click.echo(f"requests: {info['running']} running, {info['queued']} queued, {info['free_slots']} free slots, "
+               f"{info['in_flight']} micro-batches in flight, {info['generated_tokens']} tokens generated")
+    rows = [("STAGE", "HOST", "DEVICE", "LAYERS", "MEM GiB", "STATE", "HEALTH", "STEPS", "PREFILL ms", "DECODE ms")]
+    for h in info["hosts"]:
+        layers = f"{h['layers'][0]}-{h['layers'][1] - 1}" if h["layers"] else "-"
+        rows.append((str(h["stage"] if h["stage"] is not None else "-"), h["name"], h["device"], layers,
+                     str(h["usable_gib"]), h["state"], f"{h['health']} ({h['last_seen_s']} s)", str(h["steps"]),
+                     str(h["prefill_ms"]), str(h["decode_ms"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dst", type=click.Path())
+def convert(src, dst):
+    """Convert a GGUF file SRC into a safetensors model directory DST (once; loads ~100x faster)."""
+    from pathlib import Path
+
+    from .model.resolve import ModelError, convert_gguf
+
+    try:
+        convert_gguf(Path(src), Path(dst))
+    except ModelError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main()

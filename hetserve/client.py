@@ -1,0 +1,97 @@
+"""A small asyncio client for the line protocol (used by `hetserve generate/status`, tests, bench)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+from .transport.sockets import split_hostport
+
+_ids = itertools.count(1)
+
+
+class ClientError(Exception):
+    pass
+
+
+class LineClient:
+    """One connection; requests run concurrently and are told apart by id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self._queues: dict[str | None, asyncio.Queue] = {}
+        self._reader_task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, server: str, wait: float = 0.0) -> "LineClient":
+        """Connect to HOST:PORT, retrying for up to `wait` seconds while nothing listens."""
+        host, port = split_hostport(server, 5556)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 24)
+                return cls(reader, writer)
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise ClientError(f"cannot reach hetserve at {server}: {exc.strerror or exc}") from None
+                await asyncio.sleep(0.2)
+
+    async def _read(self) -> None:
+        try:
+            while line := await self.reader.readline():
+                event = json.loads(line)
+                queue = self._queues.get(event.get("id"))
+                if queue is None:
+                    queue = self._queues.setdefault(None, asyncio.Queue())
+                queue.put_nowait(event)
+        finally:
+            for queue in self._queues.values():
+                queue.put_nowait(None)
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def request(self, body: dict):
+        """Send one request; yield its events up to and including the last (done/error/...)."""
+        body = dict(body)
+        body.setdefault("id", f"c{next(_ids)}")
+        queue = self._queues.setdefault(body["id"], asyncio.Queue())
+        await self.send_raw((json.dumps(body) + "\n").encode())
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    raise ClientError("the server closed the connection")
+                yield event
+                if event.get("event") != "token":
+                    return
+        finally:
+            self._queues.pop(body["id"], None)
+
+    async def call(self, body: dict) -> list[dict]:
+        return [event async for event in self.request(body)]
+
+    async def status(self) -> dict:
+        return (await self.call({"cmd": "status"}))[-1]
+
+    async def wait_serving(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self.status()
+            if status.get("state") == "serving":
+                return status
+            if time.monotonic() >= deadline:
+                raise ClientError(f"the cluster is not serving after {timeout:.0f} s (state: {status.get('state')})")
+            await asyncio.sleep(0.3)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+        self._reader_task.cancel()

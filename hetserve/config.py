@@ -1,0 +1,61 @@
+"""Settings of the leader and the hosts: frozen dataclasses, every default explained beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model.resolve import DEFAULT_MODEL
+
+DEFAULT_LISTEN = "0.0.0.0:5555"  # where hosts join (control channel)
+DEFAULT_SERVE = "127.0.0.1:5556"  # client line protocol; loopback unless the operator says otherwise
+MAX_LINE_BYTES = 1 << 20  # longest client line (1 MiB), newline excluded
+MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: a prefill micro-batch of
+#                               hidden states (tokens x hidden x 4 bytes) fits with room to spare
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a running cluster accepts and how it batches. The same for every stage."""
+
+    max_seqs: int = 8  # requests running at once: KV-cache slots on every stage
+    max_context: int = 2048  # prompt + completion tokens of one request (KV length per slot)
+    default_max_tokens: int = 128  # completion length when a request does not say
+    max_queued: int = 256  # requests waiting for a slot; past that new ones get `overloaded`
+    prefill_seqs: int = 4  # most requests in one prefill micro-batch
+    prefill_tokens: int = 512  # most prompt tokens in one prefill micro-batch (longer prompts
+    #                            are prefilled in chunks so decode keeps flowing between them)
+    decode_seqs: int = 8  # most requests in one decode micro-batch
+    max_in_flight: int = 0  # micro-batches in the pipeline at once; 0 = one per stage
+
+    def check(self) -> None:
+        for name in ("max_seqs", "max_context", "default_max_tokens", "max_queued",
+                     "prefill_seqs", "prefill_tokens", "decode_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_in_flight < 0:
+            raise ValueError("max_in_flight must be 0 (one per stage) or more")
+        if self.default_max_tokens >= self.max_context:
+            raise ValueError("default_max_tokens must be below max_context")
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    listen: str = DEFAULT_LISTEN
+    serve: str = DEFAULT_SERVE
+    model: str = DEFAULT_MODEL
+    hosts: int = 1  # hosts to wait for before planning
+    dtype: str = "float32"  # stage compute dtype; fp32 keeps CPU output identical to transformers
+    advertise: str | None = None  # address hosts reach the leader's result socket at; None = the
+    #                               leader's own address on the route to each host
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    leader: str  # HOST:PORT of the leader's --listen
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    memory: int | None = None  # bytes this host offers; None = what is free now
+    advertise: str | None = None  # address other hosts reach this one at; None = this host's
+    #                               address on the route to the leader
+    name: str | None = None  # unique host name; None = hostname-pid
+    threads: int | None = None  # torch CPU threads; None = torch's default

@@ -1,0 +1,251 @@
+"""`hetserve leader`: accept hosts, plan the split, wire the pipeline, serve clients.
+
+Sockets (all ZeroMQ, msgpack headers, raw tensor frames, nothing pickled):
+  control  ROUTER bound on --listen; each host's DEALER sends Join/Ready/Failed/Heartbeat.
+  to_stage0  PUSH connected to stage 0's data address: micro-batches enter the pipeline.
+  results  PULL bound beside --listen; the last stage pushes StepResult / StepFailed here.
+The client port is a plain asyncio TCP server (frontend.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import zmq
+import zmq.asyncio
+
+from ..config import LeaderSettings
+from ..lifecycle import run_until_signal
+from ..model.resolve import resolve_model
+from ..model.shape import model_shape
+from ..model.stage import load_config
+from ..plan.split import PlanError, memory_split
+from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
+from ..wire.codec import WireError, decode, encode
+from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, Ready, Refused,
+                             Shutdown, StageStats, Step, StepFailed, StepResult)
+from ..wire.tensors import to_frame
+from .engine import Engine
+from .frontend import Connection
+from .tokens import TextCodec
+
+log = logging.getLogger(__name__)
+
+DEAD_AFTER_SECONDS = 3.0  # a host silent this long shows as "silent" in status
+
+
+class LeaderError(Exception):
+    """The cluster cannot serve (a host failed to load, no plan fits); exit status 1."""
+
+
+@dataclass
+class HostRecord:
+    name: str
+    route: bytes  # ZeroMQ routing id on the control socket
+    peer_ip: str
+    inventory: Inventory
+    data_addr: str
+    joined: float
+    state: str = "joined"  # joined -> loading -> ready | failed
+    stage: int | None = None
+    layers: tuple[int, int] | None = None
+    last_seen: float = 0.0
+    stats: StageStats = StageStats()
+
+    def describe(self, now: float) -> dict:
+        silent = now - self.last_seen
+        return {
+            "name": self.name, "device": self.inventory.device, "device_name": self.inventory.name,
+            "usable_gib": round(self.inventory.usable_bytes / 2**30, 2), "gflops": self.inventory.gflops,
+            "stage": self.stage, "layers": list(self.layers) if self.layers else None,
+            "state": self.state, "health": "ok" if silent < DEAD_AFTER_SECONDS else "silent",
+            "last_seen_s": round(silent, 1), "steps": self.stats.steps,
+            "busy_s": round(self.stats.busy_seconds, 2),
+            "prefill_ms": round(self.stats.prefill_ms, 2), "decode_ms": round(self.stats.decode_ms, 2),
+        }
+
+
+class Leader:
+    def __init__(self, settings: LeaderSettings):
+        settings.limits.check()
+        self.settings = settings
+        self.hosts: dict[str, HostRecord] = {}
+        self.state = "starting"
+        self.started = time.monotonic()
+
+    async def run(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        files = await loop.run_in_executor(None, resolve_model, s.model)
+        self.model_dir = files.path
+        config = load_config(files.path)
+        if s.limits.max_context > config.max_position_embeddings:
+            raise LeaderError(f"--max-context {s.limits.max_context} exceeds the model's "
+                              f"{config.max_position_embeddings} positions")
+        self.num_layers = config.num_hidden_layers
+        self.shape = model_shape(files.path, s.dtype)
+        self.codec = TextCodec(files.path, s.limits.max_context)
+        self.engine = Engine(s.limits, self.codec.eos_ids, self.codec.decode, self._send_step)
+
+        ctx = zmq.asyncio.Context()
+        self.control = make_socket(ctx, zmq.ROUTER)
+        self.results = make_socket(ctx, zmq.PULL)
+        self.to_stage0 = make_socket(ctx, zmq.PUSH)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        tasks: list[asyncio.Task] = []
+        server = None
+        try:
+            listen_host, listen_port = split_hostport(s.listen, 5555)
+            bind_tcp(self.control, listen_host, listen_port)
+            self.results_port = bind_tcp(self.results, listen_host)
+            serve_host, serve_port = split_hostport(s.serve, 5556)
+            server = await asyncio.start_server(self._client, serve_host, serve_port, limit=1 << 16)
+            self.state = "waiting for hosts"
+            log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
+                     s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
+            tasks = [asyncio.create_task(self._results_loop())]
+            await self._control_loop()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if server is not None:
+                server.close()
+            self.engine.fail_all("the leader is shutting down")
+            await self._shutdown_hosts("the leader is shutting down")
+            for sock in (self.control, self.results, self.to_stage0):
+                sock.close()
+            ctx.term()
+            if server is not None:
+                await server.wait_closed()
+
+    # ---- hosts
+
+    async def _control_loop(self) -> None:
+        while True:
+            route, frame = await self.control.recv_multipart(copy=False)
+            try:
+                msg = decode(frame.bytes, expect=(Join, Ready, Failed, Heartbeat))
+            except WireError as exc:
+                log.warning("ignored a malformed control message: %s", exc)
+                continue
+            host = self.hosts.get(msg.host)
+            if isinstance(msg, Join):
+                await self._join(route.bytes, frame.get("Peer-Address"), msg)
+                continue
+            if host is None or host.route != route.bytes:
+                log.warning("ignored %s from unknown host %r", type(msg).__name__, msg.host)
+                continue
+            host.last_seen = time.monotonic()
+            if isinstance(msg, Heartbeat):
+                host.stats = msg.stats
+            elif isinstance(msg, Ready):
+                host.state = "ready"
+                log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s",
+                         host.name, msg.stage, msg.weight_bytes / 2**20, msg.kv_bytes / 2**20, msg.load_seconds)
+                self._maybe_serve()
+            elif isinstance(msg, Failed):
+                host.state = "failed"
+                raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
+
+    async def _join(self, route: bytes, peer_ip: str, msg: Join) -> None:
+        reason = None
+        if msg.version != PROTOCOL_VERSION:
+            reason = f"protocol version {msg.version}, the leader speaks {PROTOCOL_VERSION}"
+        elif msg.host in self.hosts:
+            reason = f"a host named {msg.host!r} already joined"
+        elif len(self.hosts) >= self.settings.hosts:
+            reason = f"the cluster is full ({self.settings.hosts} hosts); start the leader with a larger --hosts"
+        if reason:
+            log.warning("refused host %s: %s", msg.host, reason)
+            await self.control.send_multipart([route, encode(Refused(reason))])
+            return
+        now = time.monotonic()
+        self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now, last_seen=now)
+        log.info("host %s joined from %s: %s (%s), %.2f GiB usable (%d/%d)", msg.host, peer_ip, msg.inventory.device,
+                 msg.inventory.name, msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts)
+        if len(self.hosts) == self.settings.hosts:
+            await self._assign()
+
+    async def _assign(self) -> None:
+        s = self.settings
+        # Hosts in name order: a stable pipeline order however they raced to join.
+        order = sorted(self.hosts.values(), key=lambda h: h.name)
+        kv_tokens = s.limits.max_seqs * (s.limits.max_context + 1)
+        try:
+            ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
+        except PlanError as exc:
+            raise LeaderError(f"no plan fits: {exc}") from None
+        self.state = "loading"
+        for i, (host, (start, end)) in enumerate(zip(order, ranges)):
+            host.stage, host.layers, host.state = i, (start, end), "loading"
+            if i + 1 < len(order):
+                downstream = order[i + 1].data_addr
+            else:
+                downstream = tcp(s.advertise or local_ip_towards(host.peer_ip), self.results_port)
+            assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
+                            num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
+                            max_context=s.limits.max_context, downstream=downstream)
+            log.info("plan: stage %d = host %s, layers %d-%d", i, host.name, start, end - 1)
+            await self.control.send_multipart([host.route, encode(assign)])
+        self.stages = order
+
+    def _maybe_serve(self) -> None:
+        if self.state == "serving" or any(h.state != "ready" for h in self.hosts.values()):
+            return
+        self.to_stage0.connect(self.stages[0].data_addr)
+        self.state = "serving"
+        log.info("serving: %d stage(s) ready after %.1f s", len(self.stages), time.monotonic() - self.started)
+        self.engine.pipeline_ready(len(self.stages))
+
+    async def _shutdown_hosts(self, reason: str) -> None:
+        for host in self.hosts.values():
+            try:
+                await self.control.send_multipart([host.route, encode(Shutdown(reason))], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # ---- data path
+
+    def _send_step(self, step: Step, ids: torch.Tensor) -> None:
+        meta, frame = to_frame(ids)
+        self.to_stage0.send_multipart([encode(step), frame], copy=False)
+
+    async def _results_loop(self) -> None:
+        while True:
+            frames = await self.results.recv_multipart()
+            try:
+                msg = decode(frames[0], expect=(StepResult, StepFailed))
+            except WireError as exc:
+                log.warning("ignored a malformed result: %s", exc)
+                continue
+            if isinstance(msg, StepResult):
+                self.engine.on_result(msg)
+            else:
+                self.engine.on_failure(msg)
+
+    # ---- clients
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(self, reader, writer).serve()
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        limits = self.settings.limits
+        return {
+            "state": self.state, "model": self.settings.model, "layers": self.num_layers,
+            "dtype": self.settings.dtype, "uptime_s": round(now - self.started, 1),
+            "hosts": [h.describe(now) for h in sorted(self.hosts.values(), key=lambda h: h.name)],
+            "limits": {"max_seqs": limits.max_seqs, "max_context": limits.max_context,
+                       "prefill_seqs": limits.prefill_seqs, "prefill_tokens": limits.prefill_tokens,
+                       "decode_seqs": limits.decode_seqs},
+            **self.engine.snapshot(),
+        }
+
+
+def run_leader(settings: LeaderSettings) -> None:
+    asyncio.run(run_until_signal(Leader(settings).run()))

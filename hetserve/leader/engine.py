@@ -1,0 +1,244 @@
+"""The leader's request engine: admission, micro-batch dispatch, token handling, slot accounting.
+
+No sockets here: `send` hands a finished `Step` (header + tensor) to the transport, and results
+come back through `on_result` / `on_failure`. Decisions about what to batch are delegated to the
+pure `scheduler.next_microbatch`; this class keeps the state that function reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import Limits
+from ..wire.client import done_event, error_event, token_event
+from ..wire.messages import SamplingRows, Step, StepFailed, StepResult, TensorMeta
+from .scheduler import BatchLimits, MicroBatch, RequestView, next_microbatch
+from .text import TextStream
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[dict], None]  # receives reply events for one request
+
+
+class Overloaded(Exception):
+    """The admission queue is full."""
+
+
+@dataclass(eq=False)
+class Request:
+    key: int  # engine-wide unique, increasing with arrival
+    id: str  # the client's id (unique on its connection only)
+    sink: Sink
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stream: bool
+    text: TextStream
+    slot: int | None = None
+    cached: int = 0  # tokens whose K/V every stage holds
+    generated: list[int] = field(default_factory=list)
+    in_flight: bool = False
+    done: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt_left(self) -> int:
+        return max(0, len(self.prompt_ids) - self.cached)
+
+
+@dataclass
+class InFlight:
+    phase: str
+    rows: list[tuple[Request, int]]  # (request, new tokens fed)
+    sent: float
+
+
+@dataclass
+class PhaseTimes:
+    """Exponential moving average of each stage's compute time per micro-batch (ms)."""
+
+    stage_ms: list[float] = field(default_factory=list)
+    rounds: int = 0
+
+    def add(self, sample: list[float]) -> None:
+        if len(self.stage_ms) != len(sample):
+            self.stage_ms = list(sample)
+        else:
+            self.stage_ms = [0.8 * old + 0.2 * new for old, new in zip(self.stage_ms, sample)]
+        self.rounds += 1
+
+
+class Engine:
+    def __init__(self, limits: Limits, eos_ids: set[int], decode: Callable[[list[int]], str],
+                 send: Callable[[Step, torch.Tensor], None]):
+        self.limits = limits
+        self.eos_ids = eos_ids
+        self.decode = decode
+        self._send = send
+        self.requests: dict[int, Request] = {}  # live requests by key, in arrival order
+        self.free_slots = list(range(limits.max_seqs))
+        self.in_flight: dict[int, InFlight] = {}
+        self.num_stages = 0  # 0 until the pipeline is ready; nothing is sent before
+        self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
+        self.generated_tokens = 0
+        self._next_key = 0
+        self._next_mb = 0
+        self._last_phase: str | None = None
+
+    # ---- requests in and out
+
+    def new_request(self, request_id: str, sink: Sink, prompt_ids: list[int], max_tokens: int | None,
+                    temperature: float, top_k: int, top_p: float, seed: int | None,
+                    stop: tuple[str, ...], stream: bool) -> Request:
+        waiting = sum(1 for r in self.requests.values() if r.slot is None)
+        if waiting >= self.limits.max_queued:
+            raise Overloaded(f"{waiting} requests are already waiting; try again later")
+        self._next_key += 1
+        request = Request(
+            key=self._next_key, id=request_id, sink=sink, prompt_ids=prompt_ids,
+            max_tokens=max_tokens or self.limits.default_max_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=random.getrandbits(63) if seed is None else seed,
+            stream=stream, text=TextStream(self.decode, stop),
+        )
+        self.requests[request.key] = request
+        self.schedule()
+        return request
+
+    def cancel(self, key: int) -> bool:
+        request = self.requests.get(key)
+        if request is None:
+            return False
+        # Text held back (a possible stop-string start) is dropped: the reply's text is exactly
+        # what was streamed.
+        self._finish(request, "cancelled")
+        return True
+
+    def fail_all(self, message: str) -> None:
+        for request in list(self.requests.values()):
+            self._fail(request, message)
+
+    # ---- the pipeline
+
+    def pipeline_ready(self, num_stages: int) -> None:
+        self.num_stages = num_stages
+        self.schedule()
+
+    def schedule(self) -> None:
+        if not self.num_stages:
+            return
+        batch_limits = BatchLimits(self.limits.prefill_seqs, self.limits.prefill_tokens,
+                                   self.limits.decode_seqs, self.limits.max_in_flight or self.num_stages)
+        while True:
+            views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight)
+                     for r in self.requests.values()]
+            batch = next_microbatch(views, len(self.free_slots), len(self.in_flight), batch_limits, self._last_phase)
+            if batch is None:
+                return
+            self._dispatch(batch)
+
+    def _dispatch(self, batch: MicroBatch) -> None:
+        for key in batch.admit:
+            self.requests[key].slot = self.free_slots.pop(0)
+        rows = [(self.requests[row.key], row.tokens) for row in batch.rows]
+        steps = max(tokens for _, tokens in rows)
+        ids = torch.zeros((len(rows), steps), dtype=torch.int64)  # [B, T], right-padded
+        for b, (request, tokens) in enumerate(rows):
+            history = request.prompt_ids + request.generated
+            ids[b, :tokens] = torch.tensor(history[request.cached: request.cached + tokens])
+            request.in_flight = True
+        self._next_mb += 1
+        step = Step(
+            mb=self._next_mb, phase=batch.phase,
+            slots=[r.slot for r, _ in rows], starts=[r.cached for r, _ in rows], lengths=[t for _, t in rows],
+            sampling=SamplingRows(
+                temperature=[r.temperature for r, _ in rows], top_k=[r.top_k for r, _ in rows],
+                top_p=[r.top_p for r, _ in rows], seed=[r.seed for r, _ in rows],
+                step=[len(r.generated) for r, _ in rows],
+            ),
+            tensor=TensorMeta("int64", list(ids.shape)),
+        )
+        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic())
+        self._last_phase = batch.phase
+        self._send(step, ids)
+
+    def on_result(self, result: StepResult) -> None:
+        flight = self.in_flight.pop(result.mb, None)
+        if flight is None or len(result.tokens) != len(flight.rows):
+            log.warning("dropping a result for unknown or mismatched micro-batch %d", result.mb)
+            return
+        self.times[flight.phase].add(result.stage_ms)
+        for (request, tokens), token in zip(flight.rows, result.tokens):
+            request.in_flight = False
+            if request.done:
+                continue
+            request.cached += tokens
+            if request.prompt_left == 0:
+                self._accept_token(request, token)
+        self.schedule()
+
+    def on_failure(self, failure: StepFailed) -> None:
+        flight = self.in_flight.pop(failure.mb, None)
+        if flight is None:
+            return
+        log.error("stage %d failed micro-batch %d: %s", failure.stage, failure.mb, failure.error)
+        for request, _ in flight.rows:
+            request.in_flight = False
+            if not request.done:
+                self._fail(request, f"stage {failure.stage} failed: {failure.error}")
+        self.schedule()
+
+    def _accept_token(self, request: Request, token: int) -> None:
+        request.generated.append(token)
+        self.generated_tokens += 1
+        eos = token in self.eos_ids
+        piece = "" if eos else request.text.push(token)
+        finish = None
+        if request.text.stopped or eos:
+            finish = "stop"
+        elif (len(request.generated) >= request.max_tokens
+              or len(request.prompt_ids) + len(request.generated) >= self.limits.max_context):
+            finish = "length"
+        if finish and not request.text.stopped:
+            piece += request.text.finish()
+        if request.stream:
+            request.sink(token_event(request.id, piece, token))
+        if finish:
+            self._finish(request, finish)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self._release(request)
+        request.sink(done_event(request.id, request.text.emitted, reason,
+                                len(request.prompt_ids), len(request.generated)))
+
+    def _fail(self, request: Request, message: str) -> None:
+        self._release(request)
+        request.sink(error_event(request.id, "internal", message))
+
+    def _release(self, request: Request) -> None:
+        # The slot is reusable at once even if the request is still in flight: micro-batches
+        # reach every stage in send order, and a new owner only reads positions it wrote.
+        request.done = True
+        if request.slot is not None:
+            self.free_slots.append(request.slot)
+            request.slot = None
+        self.requests.pop(request.key, None)
+
+    def snapshot(self) -> dict:
+        running = [r for r in self.requests.values() if r.slot is not None]
+        return {
+            "queued": len(self.requests) - len(running),
+            "running": len(running),
+            "free_slots": len(self.free_slots),
+            "in_flight": len(self.in_flight),
+            "generated_tokens": self.generated_tokens,
+            "stage_ms": {phase: [round(ms, 2) for ms in t.stage_ms] for phase, t in self.times.items()},
+        }

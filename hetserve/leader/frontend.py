@@ -1,0 +1,140 @@
+"""The client port: the line protocol over TCP (see README.md, "Line protocol").
+
+Each connection reads lines, validates them (`wire.client.parse_line`), and hands valid requests
+to the engine; replies go out through a per-connection queue so a slow reader never stalls the
+engine. Bad input gets one error line and the connection carries on. When a client disconnects,
+its running requests are cancelled and their KV slots freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from ..config import MAX_LINE_BYTES
+from ..wire.client import (CancelCommand, GenerateRequest, ProtocolError, StatusCommand, encode_event,
+                           error_event, parse_line)
+from .engine import Overloaded, Request
+
+if TYPE_CHECKING:
+    from .daemon import Leader
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 16
+
+
+class LineTooLong(Exception):
+    pass
+
+
+async def read_lines(reader: asyncio.StreamReader, limit: int):
+    """Yield complete lines (without `\\n`); a line over `limit` bytes yields LineTooLong once
+    and is skipped up to its newline, so the connection stays usable."""
+    buffer = bytearray()
+    discarding = False
+    while True:
+        chunk = await reader.read(READ_CHUNK)
+        if not chunk:
+            return
+        buffer += chunk
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                if len(buffer) > limit:
+                    if not discarding:
+                        discarding = True
+                        yield LineTooLong()
+                    buffer.clear()
+                break
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            if discarding:
+                discarding = False
+            elif len(line) > limit:
+                yield LineTooLong()
+            elif line.strip():
+                yield line
+
+
+class Connection:
+    def __init__(self, leader: "Leader", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.leader = leader
+        self.reader = reader
+        self.writer = writer
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.active: dict[str, Request] = {}  # client id -> running request
+        self.peer = writer.get_extra_info("peername")
+
+    def send(self, event: dict) -> None:
+        if event.get("event") in ("done", "error") and event.get("id") in self.active:
+            request = self.active[event["id"]]
+            if request.done:
+                del self.active[event["id"]]
+        self.outbox.put_nowait(encode_event(event))
+
+    async def serve(self) -> None:
+        writer_task = asyncio.create_task(self._write())
+        try:
+            async for line in read_lines(self.reader, MAX_LINE_BYTES):
+                if isinstance(line, LineTooLong):
+                    self.send(error_event(None, "too_long", f"line longer than {MAX_LINE_BYTES} bytes"))
+                    continue
+                await self._handle(line)
+        except ConnectionError:
+            pass
+        finally:
+            for request in list(self.active.values()):
+                self.leader.engine.cancel(request.key)
+            if self.active:
+                log.info("client %s disconnected; cancelled %d requests", self.peer, len(self.active))
+            self.active.clear()
+            self.outbox.put_nowait(None)
+            await writer_task
+
+    async def _handle(self, line: bytes) -> None:
+        try:
+            command = parse_line(line)
+            if isinstance(command, StatusCommand):
+                self.send({"id": command.id, "event": "status", **self.leader.status()})
+            elif isinstance(command, CancelCommand):
+                self._cancel(command)
+            else:
+                await self._generate(command)
+        except ProtocolError as exc:
+            self.send(exc.event())
+        except Exception:  # never a traceback to the client, never a dead connection
+            log.exception("internal error handling a client line")
+            self.send(error_event(None, "internal", "internal error; see the leader's log"))
+
+    def _cancel(self, command: CancelCommand) -> None:
+        request = self.active.get(command.target)
+        if request is None:
+            raise ProtocolError("bad_request", f"no running request {command.target!r} on this connection", command.id)
+        self.leader.engine.cancel(request.key)
+        self.send({"id": command.id, "event": "cancelled", "target": command.target})
+
+    async def _generate(self, req: GenerateRequest) -> None:
+        if req.id in self.active:
+            raise ProtocolError("bad_request", f"id {req.id!r} is already running on this connection", req.id)
+        codec = self.leader.codec
+        ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
+        if req.max_tokens is not None and req.max_tokens >= codec.max_context:
+            raise ProtocolError("bad_request", f"'max_tokens' must be below the context ({codec.max_context})", req.id)
+        try:
+            request = self.leader.engine.new_request(req.id, self.send, ids, req.max_tokens, req.temperature,
+                                                     req.top_k, req.top_p, req.seed, req.stop, req.stream)
+        except Overloaded as exc:
+            raise ProtocolError("overloaded", str(exc), req.id) from None
+        if not request.done:
+            self.active[req.id] = request
+
+    async def _write(self) -> None:
+        while (data := await self.outbox.get()) is not None:
+            try:
+                self.writer.write(data)
+                await self.writer.drain()
+            except ConnectionError:
+                break
+        self.writer.close()

@@ -1,0 +1,88 @@
+"""Which requests form the next micro-batch: a pure function of the requests' state.
+
+Rules, in order:
+- Never more micro-batches in flight than the pipeline holds (one per stage by default), and
+  never one request in two micro-batches at once (its next input depends on its last output).
+- Waiting requests are admitted in arrival order while KV slots are free.
+- Prefill and decode are separate micro-batches with their own size limits. A prompt longer than
+  the prefill token budget is prefilled in chunks across several micro-batches.
+- When both kinds of work are ready they alternate, so arriving prompts do not stall running
+  decodes and decodes do not starve new prompts.
+- A decode micro-batch takes ceil(decoding requests / micro-batches in flight) rows (capped by
+  decode_seqs), so that the decoding requests spread over the pipeline's stages and keep every
+  stage busy (LLM-PQ's rule: decode micro-batch = global batch / stages).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RequestView:
+    key: int  # unique per request, in arrival order
+    has_slot: bool  # admitted: holds a KV slot
+    prompt_left: int  # prompt tokens not yet cached
+    in_flight: bool  # in a micro-batch that has not come back
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    prefill_seqs: int
+    prefill_tokens: int
+    decode_seqs: int
+    max_in_flight: int
+
+
+@dataclass(frozen=True)
+class Row:
+    key: int
+    tokens: int  # new tokens this row feeds (prompt chunk, or 1 when decoding)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    phase: str  # "prefill" | "decode"
+    rows: tuple[Row, ...]
+    admit: tuple[int, ...]  # keys that must get a KV slot before this batch is sent
+
+
+def next_microbatch(requests: list[RequestView], free_slots: int, in_flight: int,
+                    limits: BatchLimits, last_phase: str | None) -> MicroBatch | None:
+    """requests in arrival order; returns None when nothing should be sent now."""
+    if in_flight >= limits.max_in_flight:
+        return None
+    prefill = _prefill(requests, free_slots, limits)
+    decode = _decode(requests, limits)
+    if prefill and decode:
+        return decode if last_phase == "prefill" else prefill
+    return prefill or decode
+
+
+def _prefill(requests: list[RequestView], free_slots: int, limits: BatchLimits) -> MicroBatch | None:
+    rows, admit = [], []
+    budget = limits.prefill_tokens
+    for r in requests:
+        if len(rows) == limits.prefill_seqs or budget == 0:
+            break
+        if r.in_flight or r.prompt_left == 0:
+            continue
+        if not r.has_slot:
+            if free_slots == 0:
+                continue
+            free_slots -= 1
+            admit.append(r.key)
+        take = min(r.prompt_left, budget)
+        rows.append(Row(r.key, take))
+        budget -= take
+    return MicroBatch("prefill", tuple(rows), tuple(admit)) if rows else None
+
+
+def _decode(requests: list[RequestView], limits: BatchLimits) -> MicroBatch | None:
+    decoding = [r for r in requests if r.has_slot and r.prompt_left == 0]
+    ready = [r for r in decoding if not r.in_flight]
+    if not ready:
+        return None
+    size = min(limits.decode_seqs, math.ceil(len(decoding) / limits.max_in_flight))
+    return MicroBatch("decode", tuple(Row(r.key, 1) for r in ready[:size]), ())

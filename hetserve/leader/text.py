@@ -1,0 +1,68 @@
+"""Incremental detokenization with stop strings, for one request.
+
+Streaming pieces must concatenate to exactly the final text. Two things make a piece unsafe to
+send yet: a trailing partial UTF-8 character (the tokenizer decodes it as U+FFFD until the rest
+arrives), and a tail that could be the start of a stop string (if the string completes, that text
+is cut). Such text is held back until it is settled or the request finishes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+REPLACEMENT = "\ufffd"
+
+
+class TextStream:
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
+        self._decode = decode
+        self._stop = stop
+        self._tokens: list[int] = []
+        self.emitted = ""  # what has been sent; always a prefix of the final text
+        self.stopped = False  # a stop string was found; the text ends before it
+
+    def push(self, token_id: int) -> str:
+        """Add a generated token; return the piece that may be sent now."""
+        self._tokens.append(token_id)
+        text = self._decode(self._tokens)
+        if not text.startswith(self.emitted):
+            # Not prefix-stable (rare for byte-level BPE): wait; finish() settles it.
+            return ""
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
+        safe = len(text) - self._held_back(text)
+        return self._emit(text[:safe])
+
+    def finish(self) -> str:
+        """The request ends (length, EOS, cancel): release whatever was held back."""
+        if self.stopped:
+            return ""
+        text = self._decode(self._tokens)
+        if not text.startswith(self.emitted):
+            # Keep the contract that pieces concatenate to the final text.
+            return ""
+        return self._emit(text)
+
+    def _emit(self, upto: str) -> str:
+        if len(upto) <= len(self.emitted):
+            return ""
+        piece = upto[len(self.emitted):]
+        self.emitted = upto
+        return piece
+
+    def _find_stop(self, text: str) -> int | None:
+        # A stop string can only newly appear in text not yet emitted (held-back tails included).
+        hits = [i for s in self._stop if (i := text.find(s, max(0, len(self.emitted) - len(s) + 1))) >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, text: str) -> int:
+        """How many trailing characters must wait."""
+        hold = len(text) - len(text.rstrip(REPLACEMENT))
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold

@@ -1,0 +1,79 @@
+"""A stage's KV cache: one preallocated buffer per layer, a row ("slot") per running request.
+
+transformers' own caches keep one write position for the whole batch, but continuous batching
+puts requests at different positions in one micro-batch. A decoder layer only calls
+`cache.update(key_states, value_states, layer_idx)` and then attends with the mask it was given,
+so this object writes each row at its own request's positions and returns the keys and values of
+the batch's slots; `StepLayout` builds the matching 4-D mask.
+
+Slots belong to the leader: it hands a slot to a request at admission and takes it back when the
+request ends. Stages never free anything. A reused slot's old entries are never read, because a
+row only attends to positions its own request has written (the mask), and micro-batches reach
+every stage in the order the leader sent them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    """keys[layer], values[layer]: [slots, kv_heads, max_context + 1, head_dim].
+
+    The extra last column is scratch: padded token positions of a prefill chunk write there, so
+    padding never overwrites a real entry and is never read (no sequence reaches that index).
+    """
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int,
+                 max_context: int, dtype: torch.dtype, device: torch.device):
+        shape = (slots, kv_heads, max_context + 1, head_dim)
+        # Zeroed, not empty: masked positions still enter attention's `weights @ values`
+        # with weight 0, and 0 * NaN from uninitialised memory would poison the row.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots = slots
+        self.max_context = max_context
+        self.scratch = max_context
+        self._layout: StepLayout | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def begin(self, layout: "StepLayout") -> None:
+        self._layout = layout
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key_states, value_states: [B, kv_heads, T, head_dim] -> [B, kv_heads, L, head_dim]."""
+        lay = self._layout
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # Indices on dims 0 and 2 around a slice: the indexed view is [B, T, kv_heads, head_dim].
+        keys[lay.slot_rows, :, lay.write_pos] = key_states.transpose(1, 2)
+        values[lay.slot_rows, :, lay.write_pos] = value_states.transpose(1, 2)
+        return (keys[:, :, : lay.kv_len].index_select(0, lay.slots),
+                values[:, :, : lay.kv_len].index_select(0, lay.slots))
+
+
+class StepLayout:
+    """Where each row of one micro-batch sits in the cache, and what it may attend to.
+
+    slots [B], starts [B] (tokens already cached), lengths [B] (new tokens; rows right-padded to
+    T = max(lengths)). Derived: position_ids [B, T], write_pos [B, T] (padding -> scratch),
+    mask [B, 1, T, L] with L = max(starts + lengths): query (b, t) sees keys 0..starts[b]+t.
+    """
+
+    def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scratch: int):
+        device = slots.device
+        steps = int(lengths.max())
+        t = torch.arange(steps, device=device)
+        self.slots = slots
+        self.slot_rows = slots[:, None]
+        self.lengths = lengths
+        self.position_ids = starts[:, None] + t[None, :]
+        valid = t[None, :] < lengths[:, None]
+        self.write_pos = torch.where(valid, self.position_ids, scratch)
+        self.kv_len = int((starts + lengths).max())
+        # Padded query rows may see key 0 only: a row with nothing visible would give NaN.
+        visible_upto = torch.where(valid, self.position_ids, 0)
+        keys = torch.arange(self.kv_len, device=device)
+        self.mask = keys[None, None, None, :] <= visible_upto[:, None, :, None]

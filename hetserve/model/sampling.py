@@ -1,0 +1,49 @@
+"""Turn last-position logits into token ids: greedy, temperature, top-k, top-p, seeded.
+
+Sampling is stateless: the random stream of a row is seeded from (request seed, index of the
+token being generated), so the same seed gives the same text whatever else shares the batch,
+and a request replayed from its history continues exactly as it would have.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..wire.messages import SamplingRows
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) over the seed space
+
+
+def row_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * _MIX + step) % (1 << 63))
+    return generator
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> logits [V] with everything outside top-k / the top-p nucleus at -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p; the first always stays.
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows | None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B] int64."""
+    ids = logits.argmax(dim=-1)
+    if rows is None:
+        return ids
+    for b, temperature in enumerate(rows.temperature):
+        if temperature <= 0:
+            continue
+        row = filter_logits(logits[b] / temperature, rows.top_k[b], rows.top_p[b])
+        probs = torch.softmax(row, dim=-1)
+        generator = row_generator(rows.seed[b], rows.step[b], logits.device)
+        ids[b] = torch.multinomial(probs, 1, generator=generator)[0]
+    return ids

@@ -1,0 +1,177 @@
+"""One pipeline stage: a contiguous slice of decoder layers built from only its own weights.
+
+Stage 0 also embeds token ids; the last stage also applies the final norm, lm_head and sampling.
+Layers are created on the meta device and receive their tensors straight from the safetensors
+files, so a stage never materializes another stage's layers: its peak memory is its share of the
+weights plus its KV cache.
+
+The token path through a stage, top to bottom:
+  token ids [B, T] (stage 0) -> embed -> hidden [B, T, H]
+  hidden [B, T, H] -> each decoder layer (writes its K/V for these rows into the slot cache)
+  last stage: hidden at each row's last new token [B, H] -> norm -> lm_head -> logits [B, V] -> ids [B]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from .arch import architecture, attention_window
+from .kv_cache import SlotKVCache, StepLayout
+from .resolve import ModelError
+from ..wire.messages import SamplingRows
+from .sampling import sample
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    start: int  # first decoder layer (global index), inclusive
+    end: int  # last decoder layer, exclusive
+    first: bool  # embeds token ids
+    last: bool  # norm + lm_head + sampling
+    dtype: str = "float32"
+    max_seqs: int = 8  # KV-cache slots: requests running at once
+    max_context: int = 2048  # prompt + completion tokens per request
+
+
+def load_config(model_dir: Path):
+    config = AutoConfig.from_pretrained(model_dir)
+    architecture(config)  # refuses unsupported families with a clear message
+    return config
+
+
+def tensor_index(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    names: dict[str, Path] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, torch.Tensor]:
+    """wanted: stored name -> local name. Reads only those tensors."""
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name not in index:
+            raise ModelError(f"tensor {name} is missing from the model files")
+        by_file.setdefault(index[name], []).append(name)
+    out = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                out[wanted[name]] = f.get_tensor(name)
+    return out
+
+
+class StageModel:
+    def __init__(self, model_dir: Path, spec: StageSpec, device: str = "cpu"):
+        config = load_config(model_dir)
+        total = config.num_hidden_layers
+        if not 0 <= spec.start < spec.end <= total:
+            raise ModelError(f"layer range [{spec.start}, {spec.end}) is outside the model's {total} layers")
+        if spec.dtype not in DTYPES:
+            raise ModelError(f"dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
+        window = attention_window(config)
+        if window is not None and spec.max_context > window:
+            raise ModelError(f"max_context {spec.max_context} exceeds the model's sliding window {window}")
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = DTYPES[spec.dtype]
+        arch = architecture(config)
+
+        # Layers are numbered from 0 inside a stage: attention calls cache.update(..., layer_idx).
+        stage_config = AutoConfig.from_pretrained(model_dir)
+        stage_config.num_hidden_layers = spec.end - spec.start
+        stage_config._attn_implementation = "sdpa"
+        self.config = stage_config
+
+        index = tensor_index(model_dir)
+        wanted = {}
+        for i in range(spec.start, spec.end):
+            prefix = f"model.layers.{i}."
+            wanted.update({n: f"layers.{i - spec.start}.{n[len(prefix):]}" for n in index if n.startswith(prefix)})
+        if spec.first:
+            wanted["model.embed_tokens.weight"] = "embed.weight"
+        if spec.last:
+            wanted["model.norm.weight"] = "norm.weight"
+            head = "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight"
+            if head == "model.embed_tokens.weight" and not getattr(config, "tie_word_embeddings", False):
+                raise ModelError("the model has no lm_head.weight and does not tie its embeddings")
+            wanted[head] = "lm_head.weight"
+        tensors = read_tensors(index, wanted)
+
+        with torch.device("meta"):
+            self.layers = torch.nn.ModuleList(
+                arch.decoder_layer(stage_config, layer_idx=i) for i in range(stage_config.num_hidden_layers)
+            )
+            self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size) if spec.first else None
+            self.norm = arch.norm(config.hidden_size, eps=config.rms_norm_eps) if spec.last else None
+            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False) if spec.last else None
+        self._assign(self.layers, tensors, "layers.")
+        if self.embed is not None:
+            self._assign(self.embed, tensors, "embed.")
+        if self.norm is not None:
+            self._assign(self.norm, tensors, "norm.")
+            self._assign(self.lm_head, tensors, "lm_head.")
+        # Rotary buffers are computed, not stored: build on the real device (a meta skeleton
+        # would leave inv_freq uninitialised and silently wreck the output).
+        with self.device:
+            self.rotary = arch.rotary(config=stage_config)
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = SlotKVCache(
+            num_layers=stage_config.num_hidden_layers, slots=spec.max_seqs,
+            kv_heads=config.num_key_value_heads, head_dim=head_dim,
+            max_context=spec.max_context, dtype=self.dtype, device=self.device,
+        )
+        self.hidden_size = config.hidden_size
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self._parameters())
+
+    def _assign(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        state = {k[len(prefix):]: v.to(device=self.device, dtype=self.dtype)
+                 for k, v in tensors.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ModelError(f"weights do not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        module.eval()
+
+    def _parameters(self):
+        for module in (self.layers, self.embed, self.norm, self.lm_head):
+            if module is not None:
+                yield from module.parameters()
+
+    @torch.no_grad()  # not inference_mode: quanto's int4 weights fail under it
+    def forward(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                inputs: torch.Tensor, sampling: SamplingRows | None = None) -> torch.Tensor:
+        """Run one micro-batch through this stage.
+
+        slots, starts, lengths: [B] int64. inputs: token ids [B, T] on stage 0, else hidden
+        states [B, T, H]. Returns hidden states [B, T, H], or on the last stage token ids [B].
+        """
+        if int(lengths.min()) < 1 or int((starts + lengths).max()) > self.spec.max_context:
+            raise ValueError("micro-batch rows must have 1..max_context tokens")
+        layout = StepLayout(slots, starts, lengths, self.cache.scratch)
+        self.cache.begin(layout)
+        hidden = self.embed(inputs) if self.embed is not None else inputs
+        cos_sin = self.rotary(hidden, layout.position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=layout.mask, position_ids=layout.position_ids,
+                           past_key_values=self.cache, use_cache=True, position_embeddings=cos_sin)
+        if self.norm is None:
+            return hidden
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, lengths - 1]  # [B, H]: each row's newest token
+        logits = self.lm_head(self.norm(last)).float()  # [B, V]
+        return sample(logits, sampling)

@@ -1,0 +1,60 @@
+"""Memory-proportional layer split: each host gets a contiguous range of decoder layers in
+proportion to the memory it offers (after the embedding on the first host and the head on the
+last). A pure function; the planner (profiled cost model + DP) will replace it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlanError(Exception):
+    """No assignment satisfies the constraints; the message says which host lacks what."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    layer_bytes: int  # weights of one decoder layer at the serving dtype
+    embed_bytes: int  # token embedding (first stage)
+    head_bytes: int  # final norm + lm_head (last stage)
+    kv_bytes_per_token: int  # K and V of one token in one layer
+
+
+def stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool, kv_tokens: int) -> int:
+    return (layers * (shape.layer_bytes + kv_tokens * shape.kv_bytes_per_token)
+            + (shape.embed_bytes if first else 0) + (shape.head_bytes if last else 0))
+
+
+def memory_split(shape: ModelShape, capacities: list[int], kv_tokens: int) -> list[tuple[int, int]]:
+    """capacities: usable bytes per host, in pipeline order. kv_tokens: slots x context.
+
+    Returns [(start, end)] per host, contiguous, covering all layers, each at least one layer.
+    """
+    hosts = len(capacities)
+    if hosts == 0:
+        raise PlanError("no hosts")
+    if hosts > shape.num_layers:
+        raise PlanError(f"{hosts} hosts but only {shape.num_layers} layers: use at most {shape.num_layers} hosts")
+    per_layer = shape.layer_bytes + kv_tokens * shape.kv_bytes_per_token
+    budgets = [max(0, cap - stage_bytes(shape, 0, i == 0, i == hosts - 1, kv_tokens))
+               for i, cap in enumerate(capacities)]
+    total = sum(budgets)
+    if total < per_layer * shape.num_layers:
+        need = stage_bytes(shape, shape.num_layers, True, True, kv_tokens)
+        raise PlanError(f"the hosts offer {sum(capacities) / 2**30:.2f} GiB together but the model with its "
+                        f"KV cache needs {need / 2**30:.2f} GiB: add hosts, or lower --max-seqs/--max-context")
+    # Cumulative rounding keeps the ranges contiguous and the total exact.
+    bounds, acc = [0], 0
+    for i, budget in enumerate(budgets[:-1]):
+        acc += budget
+        cut = round(shape.num_layers * acc / total)
+        cut = max(bounds[-1] + 1, min(cut, shape.num_layers - (hosts - 1 - i)))
+        bounds.append(cut)
+    bounds.append(shape.num_layers)
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    for i, ((start, end), cap) in enumerate(zip(ranges, capacities)):
+        need = stage_bytes(shape, end - start, i == 0, i == hosts - 1, kv_tokens)
+        if need > cap:
+            raise PlanError(f"host {i} would need {need / 2**20:.0f} MiB for layers {start}-{end - 1} "
+                            f"but offers {cap / 2**20:.0f} MiB")
+    return ranges

@@ -1,0 +1,57 @@
+"""ZeroMQ sockets with the options every hetserve socket needs, and address helpers."""
+
+from __future__ import annotations
+
+import socket
+
+import zmq
+import zmq.asyncio
+
+from ..config import MAX_MESSAGE_BYTES
+
+LINGER_MS = 500  # on close, wait at most this long to flush, never forever (a dead peer hangs term)
+
+
+def make_socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    # A peer cannot make us allocate an arbitrarily large message.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    return sock
+
+
+def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port); raises ValueError with a readable message."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def tcp(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def bind_tcp(sock: zmq.asyncio.Socket, host: str, port: int = 0) -> int:
+    """Bind; port 0 picks a free one. Returns the bound port."""
+    if ":" in host:
+        sock.setsockopt(zmq.IPV6, 1)
+    if port == 0:
+        return sock.bind_to_random_port(tcp(host, 0).rsplit(":", 1)[0])
+    sock.bind(tcp(host, port))
+    return port
+
+
+def local_ip_towards(peer: str) -> str:
+    """This machine's address on the route to `peer` (no packet is sent)."""
+    if peer in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1" if peer != "::1" else "::1"
+    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer, 9))
+        return probe.getsockname()[0]

@@ -1,0 +1,112 @@
+"""A host's data path: receive a micro-batch from upstream, compute it, send it downstream.
+
+Compute runs in one worker thread (torch releases the GIL), so the event loop keeps answering the
+control channel and ZeroMQ's I/O thread keeps receiving the next micro-batch meanwhile. Micro-batches
+are computed strictly in arrival order: the KV cache depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import zmq
+
+from ..model.stage import StageModel
+from ..wire.codec import WireError, decode, encode
+from ..wire.messages import StageStats, Step, StepFailed, StepResult
+from ..wire.tensors import from_frame, to_frame
+
+log = logging.getLogger(__name__)
+
+
+def check_step(step: Step, model: StageModel) -> None:
+    """Reject a header that does not describe a micro-batch this stage can run."""
+    spec = model.spec
+    rows = len(step.slots)
+    columns = (step.starts, step.lengths, step.sampling.temperature, step.sampling.top_k,
+               step.sampling.top_p, step.sampling.seed, step.sampling.step)
+    if not 1 <= rows <= spec.max_seqs or any(len(c) != rows for c in columns):
+        raise WireError(f"a micro-batch needs 1..{spec.max_seqs} rows and equal-length columns")
+    if step.phase not in ("prefill", "decode"):
+        raise WireError(f"unknown phase {step.phase!r}")
+    if len(set(step.slots)) != rows or not all(0 <= s < spec.max_seqs for s in step.slots):
+        raise WireError("slots must be distinct and within the stage's KV slots")
+    if not all(start >= 0 and length >= 1 and start + length <= spec.max_context
+               for start, length in zip(step.starts, step.lengths)):
+        raise WireError(f"rows must hold 1..{spec.max_context} tokens in all")
+    if len(step.stage_ms) > 4096:
+        raise WireError("stage_ms is too long")
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+class StageLoop:
+    def __init__(self, model: StageModel, index: int, data_in: zmq.asyncio.Socket, data_out: zmq.asyncio.Socket):
+        self.model = model
+        self.index = index
+        self.data_in = data_in
+        self.data_out = data_out
+        self.stats = StageStats()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{index}")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frames = await self.data_in.recv_multipart(copy=False)
+                try:
+                    header = decode(frames[0].bytes, expect=(Step, StepFailed))
+                except WireError as exc:
+                    log.warning("dropped a malformed micro-batch header: %s", exc)
+                    continue
+                if isinstance(header, StepFailed):
+                    await self.data_out.send(encode(header))
+                    continue
+                try:
+                    out = await loop.run_in_executor(self._executor, self._compute, header, frames[1:])
+                except Exception as exc:  # a bad batch must not kill the stage; tell the leader
+                    log.exception("micro-batch %d failed on stage %d", header.mb, self.index)
+                    out = [encode(StepFailed(header.mb, self.index, f"{type(exc).__name__}: {exc}"))]
+                await self.data_out.send_multipart(out, copy=False)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _compute(self, step: Step, frames: list) -> list:
+        model = self.model
+        check_step(step, model)
+        if len(frames) != 1:
+            raise WireError(f"expected one tensor frame, got {len(frames)}")
+        rows, steps = len(step.slots), max(step.lengths)
+        if model.embed is not None:
+            inputs = from_frame(step.tensor, frames[0], (rows, steps), ("int64",), model.device)
+            if int(inputs.min()) < 0 or int(inputs.max()) >= model.embed.num_embeddings:
+                raise WireError("token id out of the vocabulary")
+        else:
+            inputs = from_frame(step.tensor, frames[0], (rows, steps, model.hidden_size),
+                                (model.spec.dtype,), model.device)
+        start = time.perf_counter()
+        out = model.forward(_long(step.slots, model.device), _long(step.starts, model.device),
+                            _long(step.lengths, model.device), inputs, step.sampling)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        elapsed = time.perf_counter() - start
+        self._record(step.phase, elapsed, sum(step.lengths))
+        stage_ms = step.stage_ms + [round(elapsed * 1000, 3)]
+        if model.norm is not None:
+            return [encode(StepResult(step.mb, out.tolist(), stage_ms))]
+        meta, frame = to_frame(out)
+        header = Step(step.mb, step.phase, step.slots, step.starts, step.lengths, step.sampling, meta, stage_ms)
+        return [encode(header), frame]
+
+    def _record(self, phase: str, seconds: float, tokens: int) -> None:
+        s = self.stats
+        ms = seconds * 1000
+        prefill = s.prefill_ms if phase == "decode" else (0.8 * s.prefill_ms + 0.2 * ms if s.prefill_ms else ms)
+        decode_ms = s.decode_ms if phase == "prefill" else (0.8 * s.decode_ms + 0.2 * ms if s.decode_ms else ms)
+        self.stats = StageStats(s.steps + 1, s.tokens + tokens, s.busy_seconds + seconds, prefill, decode_ms)
