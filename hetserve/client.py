@@ -47,6 +47,8 @@ class LineClient:
                 if queue is None:
                     queue = self._queues.setdefault(None, asyncio.Queue())
                 queue.put_nowait(event)
+        except ConnectionError:
+            pass
         finally:
             for queue in self._queues.values():
                 queue.put_nowait(None)

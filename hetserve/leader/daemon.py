@@ -76,6 +76,7 @@ class Leader:
         self.hosts: dict[str, HostRecord] = {}
         self.state = "starting"
         self.started = time.monotonic()
+        self.connections: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         s = self.settings
@@ -116,6 +117,9 @@ class Leader:
             if server is not None:
                 server.close()
             self.engine.fail_all("the leader is shutting down")
+            for connection in self.connections:
+                connection.cancel()
+            await asyncio.gather(*self.connections, return_exceptions=True)
             await self._shutdown_hosts("the leader is shutting down")
             for sock in (self.control, self.results, self.to_stage0):
                 sock.close()
@@ -231,7 +235,14 @@ class Leader:
     # ---- clients
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await Connection(self, reader, writer).serve()
+        task = asyncio.current_task()
+        self.connections.add(task)
+        try:
+            await Connection(self, reader, writer).serve()
+        except asyncio.CancelledError:
+            writer.close()  # the leader is stopping: the error lines went out already
+        finally:
+            self.connections.discard(task)
 
     def status(self) -> dict:
         now = time.monotonic()

@@ -61,18 +61,19 @@ def tensor_index(model_dir: Path) -> dict[str, Path]:
 
 
 def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, torch.Tensor]:
-    """wanted: stored name -> local name. Reads only those tensors."""
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        if name not in index:
-            raise ModelError(f"tensor {name} is missing from the model files")
-        by_file.setdefault(index[name], []).append(name)
-    out = {}
+    """wanted: local name -> stored name. Reads only those tensors (one stored tensor may serve
+    two local names, e.g. tied embedding and lm_head)."""
+    by_file: dict[Path, set[str]] = {}
+    for stored in wanted.values():
+        if stored not in index:
+            raise ModelError(f"tensor {stored} is missing from the model files")
+        by_file.setdefault(index[stored], set()).add(stored)
+    loaded = {}
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
             for name in names:
-                out[wanted[name]] = f.get_tensor(name)
-    return out
+                loaded[name] = f.get_tensor(name)
+    return {local: loaded[stored] for local, stored in wanted.items()}
 
 
 class StageModel:
@@ -98,18 +99,20 @@ class StageModel:
         self.config = stage_config
 
         index = tensor_index(model_dir)
-        wanted = {}
+        wanted = {}  # local name -> stored name
         for i in range(spec.start, spec.end):
             prefix = f"model.layers.{i}."
-            wanted.update({n: f"layers.{i - spec.start}.{n[len(prefix):]}" for n in index if n.startswith(prefix)})
+            wanted.update({f"layers.{i - spec.start}.{n[len(prefix):]}": n for n in index if n.startswith(prefix)})
         if spec.first:
-            wanted["model.embed_tokens.weight"] = "embed.weight"
+            wanted["embed.weight"] = "model.embed_tokens.weight"
         if spec.last:
-            wanted["model.norm.weight"] = "norm.weight"
-            head = "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight"
-            if head == "model.embed_tokens.weight" and not getattr(config, "tie_word_embeddings", False):
+            wanted["norm.weight"] = "model.norm.weight"
+            if "lm_head.weight" in index:
+                wanted["lm_head.weight"] = "lm_head.weight"
+            elif getattr(config, "tie_word_embeddings", False):
+                wanted["lm_head.weight"] = "model.embed_tokens.weight"
+            else:
                 raise ModelError("the model has no lm_head.weight and does not tie its embeddings")
-            wanted[head] = "lm_head.weight"
         tensors = read_tensors(index, wanted)
 
         with torch.device("meta"):
