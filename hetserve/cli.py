@@ -102,7 +102,7 @@ def leader(listen, serve, model, hosts, device, dtype, advertise, log_level, **k
     local = None
     if device:
         port = listen.rpartition(":")[2]
-        local = subprocess.Popen([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
+        local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
                                   "--device", device, "--name", "leader-stage", "--log-level", log_level])
     try:
         run_daemon(run_leader, settings, "leader", log_level)
@@ -144,20 +144,20 @@ def join(leader_addr, device, memory, advertise, name, threads, log_level):
 def up(workers, model, listen, serve, device, dtype, memory, threads, log_level, **kwargs):
     """Run a leader and N hosts on this machine (demo and development). Ctrl-C stops all."""
     limits = limits_from(kwargs)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     leader_cmd = [sys.executable, "-m", "hetserve", "leader", "--listen", listen, "--serve", serve,
                   "--model", model, "--hosts", str(workers), "--dtype", dtype, "--log-level", log_level]
     for field in dataclasses.fields(Limits):
         leader_cmd += ["--" + field.name.replace("_", "-"), str(getattr(limits, field.name))]
-    procs = [subprocess.Popen(leader_cmd)]
+    procs = [spawn_child(leader_cmd)]
     for i in range(workers):
         cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", device,
                "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level]
         if memory:
             cmd += ["--memory", memory]
-        procs.append(subprocess.Popen(cmd))
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        procs.append(spawn_child(cmd))
     code = 0
     try:
         while not stopping:
@@ -173,6 +173,18 @@ def up(workers, model, listen, serve, device, dtype, memory, threads, log_level,
     finally:
         stop_processes(procs)
     sys.exit(code)
+
+
+def spawn_child(cmd: list[str]) -> subprocess.Popen:
+    """Start a child daemon that gets SIGTERM if this process dies, so none is left orphaned."""
+    def die_with_parent():
+        if sys.platform == "linux":
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:

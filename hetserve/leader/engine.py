@@ -99,9 +99,10 @@ class Engine:
     def new_request(self, request_id: str, sink: Sink, prompt_ids: list[int], max_tokens: int | None,
                     temperature: float, top_k: int, top_p: float, seed: int | None,
                     stop: tuple[str, ...], stream: bool) -> Request:
-        waiting = sum(1 for r in self.requests.values() if r.slot is None)
-        if waiting >= self.limits.max_queued:
-            raise Overloaded(f"{waiting} requests are already waiting; try again later")
+        # Room for max_seqs running (holding slots or about to) plus max_queued waiting.
+        if len(self.requests) >= self.limits.max_seqs + self.limits.max_queued:
+            raise Overloaded(f"{len(self.requests)} requests are running or queued, the most this server "
+                             f"takes; try again later")
         self._next_key += 1
         request = Request(
             key=self._next_key, id=request_id, sink=sink, prompt_ids=prompt_ids,

@@ -1,0 +1,185 @@
+"""The line protocol against a real 2-stage cluster: streaming, sampling, stop, bad input,
+cancel, disconnect and overload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import pytest_asyncio
+
+from conftest import connect
+from hetserve.client import LineClient
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SLOTS = 4  # the shared cluster runs with --max-seqs 4 --max-queued 4
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(shared_cluster):
+    c = await connect(shared_cluster)
+    yield c
+    await c.close()
+
+
+async def tokens_and_done(client, body):
+    events = await client.call(body)
+    return [e for e in events if e["event"] == "token"], events[-1]
+
+
+async def wait_idle(client, timeout=30.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        status = await client.status()
+        if status["running"] == 0 and status["queued"] == 0 and status["free_slots"] == SLOTS:
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"slots not freed: {status}")
+
+
+async def test_stream_pieces_concatenate_to_text(client):
+    tokens, done = await tokens_and_done(client, {"messages": [{"role": "user", "content": "Say hello in Japanese and French."}],
+                                                  "max_tokens": 40})
+    assert done["event"] == "done" and done["finish_reason"] in ("stop", "length")
+    assert "".join(t["text"] for t in tokens) == done["text"]
+    assert done["usage"]["completion_tokens"] == len(tokens)
+    assert all(isinstance(t["token_id"], int) for t in tokens)
+
+
+async def test_not_streaming_gives_only_done(client):
+    events = await client.call({"prompt": "Hello", "max_tokens": 5, "stream": False})
+    assert [e["event"] for e in events] == ["done"]
+    assert events[0]["finish_reason"] == "length" and events[0]["usage"]["completion_tokens"] == 5
+
+
+async def test_stop_string_cuts_text(client):
+    body = {"prompt": "Count: one, two, three, four, five,", "max_tokens": 24}
+    _, full = await tokens_and_done(client, body)
+    text = full["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), text
+    tokens, done = await tokens_and_done(client, {**body, "stop": [stop]})
+    assert done["finish_reason"] == "stop"
+    assert done["text"] == text[: text.index(stop)]
+    assert "".join(t["text"] for t in tokens) == done["text"]
+
+
+async def test_seed_reproduces_sampling(client):
+    body = {"prompt": "My favourite animal is", "max_tokens": 16, "temperature": 1.0, "top_p": 0.95, "top_k": 50}
+    a = (await tokens_and_done(client, {**body, "seed": 7}))[1]["text"]
+    b = (await tokens_and_done(client, {**body, "seed": 7}))[1]["text"]
+    others = {(await tokens_and_done(client, {**body, "seed": s}))[1]["text"] for s in (8, 9, 10)}
+    assert a == b
+    assert others - {a}, "different seeds should give different samples"
+
+
+async def test_status_command(client):
+    events = await client.call({"cmd": "status"})
+    status = events[0]
+    assert status["event"] == "status" and status["state"] == "serving"
+    assert [h["stage"] for h in status["hosts"]] == [0, 1]
+    assert all(h["health"] == "ok" for h in status["hosts"])
+    assert status["queued"] == 0 and "stage_ms" in status
+
+
+# (line, error code, id the error line carries: None where the line's id cannot be read)
+BAD_LINES = [
+    (b"{not json", "bad_request", None),
+    (b"[1, 2]", "bad_request", None),
+    (b'{"prompt": "hi"}', "bad_request", None),  # no id
+    (b'{"id": 5, "prompt": "hi"}', "bad_request", None),
+    (b'{"id": "b1", "prompt": 5}', "bad_request", "b1"),
+    (b'{"id": "b2", "prompt": "hi", "colour": "red"}', "bad_request", "b2"),
+    (b'{"id": "b3", "prompt": "hi", "messages": [{"role": "user", "content": "x"}]}', "bad_request", "b3"),
+    (b'{"id": "b4"}', "bad_request", "b4"),
+    (b'{"id": "b5", "prompt": ""}', "bad_request", "b5"),
+    (b'{"id": "b6", "prompt": "hi", "max_tokens": 0}', "bad_request", "b6"),
+    (b'{"id": "b7", "prompt": "hi", "max_tokens": 100000}', "bad_request", "b7"),
+    (b'{"id": "b8", "prompt": "hi", "temperature": -1}', "bad_request", "b8"),
+    (b'{"id": "b9", "prompt": "hi", "top_p": 0}', "bad_request", "b9"),
+    (b'{"id": "b10", "prompt": "hi", "stop": [1]}', "bad_request", "b10"),
+    (b'{"id": "b11", "prompt": "hi", "stream": "yes"}', "bad_request", "b11"),
+    (b'{"id": "b12", "messages": [{"role": "robot", "content": "x"}]}', "bad_request", "b12"),
+    (b'{"id": "b13", "cmd": "reboot"}', "bad_request", "b13"),
+    (b'{"id": "b14", "cmd": "cancel", "target": "nothing-running"}', "bad_request", "b14"),
+    (b'{"id": "b15", "prompt": "hi", "seed": -1}', "bad_request", "b15"),
+    (b'\xff\xfe{"id": "b16"}', "bad_request", None),
+    (json.dumps({"id": "b17", "prompt": "word " * 600}).encode(), "too_long", "b17"),  # > 512-token context
+    (b'{"id": "b18", "prompt": "' + b"a" * (1 << 20) + b'"}', "too_long", None),  # line over 1 MiB
+]
+
+
+@pytest.mark.parametrize("line,code,reply_id", BAD_LINES, ids=[f"bad{i}" for i in range(len(BAD_LINES))])
+async def test_bad_input_gets_error_and_connection_survives(shared_cluster, line, code, reply_id):
+    client = await LineClient.connect(shared_cluster.serve, wait=60)
+    try:
+        queue = client._queues.setdefault(reply_id, asyncio.Queue())
+        await client.send_raw(line + b"\n")
+        error = await asyncio.wait_for(queue.get(), 30)
+        assert error["event"] == "error" and error["error"]["code"] == code, error
+        assert error["id"] == reply_id and error["error"]["message"]
+        # The same connection still serves.
+        events = await client.call({"prompt": "Hi", "max_tokens": 2})
+        assert events[-1]["event"] == "done"
+    finally:
+        await client.close()
+
+
+async def test_duplicate_id_is_refused_while_running(client):
+    queue = client._queues.setdefault("dup", asyncio.Queue())
+    try:
+        await client.send_raw(b'{"id": "dup", "prompt": "Once upon a time", "max_tokens": 200}\n')
+        await client.send_raw(b'{"id": "dup", "prompt": "again"}\n')
+        events = []
+        while not events or events[-1]["event"] != "done":
+            events.append(await asyncio.wait_for(queue.get(), 60))
+    finally:
+        client._queues.pop("dup", None)
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "bad_request"
+    assert "already running" in errors[0]["error"]["message"]
+    # The first request is unaffected.
+    tokens = [e for e in events if e["event"] == "token"]
+    assert events[-1]["usage"]["completion_tokens"] == len(tokens)
+
+
+async def test_cancel_frees_slot(client):
+    stream = client.request({"id": "long1", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400})
+    first = await stream.__anext__()
+    assert first["event"] == "token"
+    reply = await client.call({"id": "c-long1", "cmd": "cancel", "target": "long1"})
+    assert reply[-1] == {"id": "c-long1", "event": "cancelled", "target": "long1"}
+    events = [e async for e in stream]
+    done = events[-1]
+    assert done["event"] == "done" and done["finish_reason"] == "cancelled"
+    assert done["usage"]["completion_tokens"] < 400
+    await wait_idle(client)
+
+
+async def test_disconnect_cancels_requests(shared_cluster, client):
+    other = await LineClient.connect(shared_cluster.serve)
+    streams = [other.request({"prompt": f"{i}, {i + 1}, {i + 2},", "max_tokens": 400}) for i in range(2)]
+    for s in streams:
+        assert (await s.__anext__())["event"] == "token"
+    assert (await client.status())["running"] == 2
+    await other.close()
+    await wait_idle(client)
+
+
+async def test_overload_refuses_excess_and_completes_the_rest(shared_cluster, client):
+    """4 slots + 4 queue places: of 16 requests at once, 8 are accepted and all 8 complete."""
+    conn = await LineClient.connect(shared_cluster.serve)
+    try:
+        results = await asyncio.gather(*(conn.call({"prompt": f"Item {i}:", "max_tokens": 8}) for i in range(16)))
+    finally:
+        await conn.close()
+    finals = [r[-1] for r in results]
+    refused = [f for f in finals if f["event"] == "error"]
+    completed = [f for f in finals if f["event"] == "done"]
+    assert all(f["error"]["code"] == "overloaded" for f in refused)
+    assert len(completed) == 8 and len(refused) == 8
+    assert all(f["usage"]["completion_tokens"] == 8 or f["finish_reason"] == "stop" for f in completed)
+    await wait_idle(client)
