@@ -1,0 +1,116 @@
+"""Stages in one process: slices of layers with the slot KV cache equal the whole model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetserve.model.resolve import ModelError
+from hetserve.model.sampling import filter_logits, sample
+from hetserve.model.stage import StageModel, StageSpec
+from hetserve.wire.messages import SamplingRows
+
+from conftest import PROMPTS
+
+
+def build(model_dir, bounds, slots=4, context=256):
+    return [StageModel(model_dir, StageSpec(s, e, first=s == 0, last=e == 30, max_seqs=slots, max_context=context))
+            for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def run(stages, slots, starts, lengths, ids):
+    x = ids
+    for stage in stages:
+        x = stage.forward(longs(slots), longs(starts), longs(lengths), x)
+    return x.tolist()
+
+
+def longs(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+def padded(rows: list[list[int]]) -> torch.Tensor:
+    out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r)
+    return out
+
+
+def test_staggered_continuous_batching_matches_transformers(model_dir, reference):
+    """Requests join at different steps, in arbitrary slots, beside others mid-decode."""
+    stages = build(model_dir, [0, 7, 19, 30])
+    tok = reference.tokenizer
+    new = 12
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    slot_of = {0: 3, 1: 0, 2: 2}
+    gen = {i: [] for i in range(3)}
+    join_at = {0: 0, 1: 2, 2: 5}  # step at which each request is prefilled
+    for step in range(new + 6):
+        joining = [i for i, t in join_at.items() if t == step]
+        if joining:
+            out = run(stages, [slot_of[i] for i in joining], [0] * len(joining),
+                      [len(prompts[i]) for i in joining], padded([prompts[i] for i in joining]))
+            for i, t in zip(joining, out):
+                gen[i].append(t)
+        decoding = [i for i in gen if gen[i] and i not in joining and len(gen[i]) < new]
+        if decoding:
+            out = run(stages, [slot_of[i] for i in decoding], [len(prompts[i]) + len(gen[i]) - 1 for i in decoding],
+                      [1] * len(decoding), torch.tensor([[gen[i][-1]] for i in decoding]))
+            for i, t in zip(decoding, out):
+                gen[i].append(t)
+    for i in range(3):
+        assert gen[i] == reference(prompts[i], new), PROMPTS[i]
+
+
+def test_chunked_prefill_and_slot_reuse(model_dir, reference):
+    stages = build(model_dir, [0, 30], slots=2)
+    tok = reference.tokenizer
+    # A long request fills slot 1 first, so the next owner of slot 1 sits on stale entries.
+    filler = tok(" ".join(PROMPTS))["input_ids"]
+    run(stages, [1], [0], [len(filler)], torch.tensor([filler]))
+    prompt = tok(PROMPTS[2])["input_ids"]
+    first = None
+    for start in range(0, len(prompt), 4):  # prefill in chunks of 4 tokens
+        chunk = prompt[start: start + 4]
+        first = run(stages, [1], [start], [len(chunk)], torch.tensor([chunk]))[0]
+    gen = [first]
+    while len(gen) < 8:
+        gen.append(run(stages, [1], [len(prompt) + len(gen) - 1], [1], torch.tensor([[gen[-1]]]))[0])
+    assert gen == reference(prompt, 8)
+
+
+def test_stage_refuses_bad_ranges_and_rows(model_dir):
+    with pytest.raises(ModelError, match="outside"):
+        StageModel(model_dir, StageSpec(20, 31, first=False, last=True))
+    (stage,) = build(model_dir, [0, 30], slots=2, context=16)
+    with pytest.raises(ValueError, match="max_context"):
+        run([stage], [0], [10], [8], torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_stage_loads_only_its_layers(model_dir):
+    middle = StageModel(model_dir, StageSpec(10, 12, first=False, last=False, max_seqs=1, max_context=8))
+    assert middle.embed is None and middle.lm_head is None and len(middle.layers) == 2
+    whole = build(model_dir, [0, 30], slots=1, context=8)[0]
+    assert middle.weight_bytes * 10 < whole.weight_bytes
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    greedy = logits.argmax(-1)
+
+    def rows(**overrides) -> SamplingRows:
+        fields = {"temperature": [1.0] * 3, "top_k": [0] * 3, "top_p": [1.0] * 3, "seed": [1, 2, 3], "step": [0] * 3}
+        return SamplingRows(**{**fields, **overrides})
+
+    assert torch.equal(sample(logits.clone(), rows(temperature=[0.0] * 3)), greedy)
+    assert torch.equal(sample(logits.clone(), rows(top_k=[1] * 3)), greedy)
+    assert torch.equal(sample(logits.clone(), rows(top_p=[1e-6] * 3)), greedy)
+    a = sample(logits.clone(), rows())
+    assert torch.equal(a, sample(logits.clone(), rows()))  # same seeds, same tokens
+    draws = {tuple(sample(logits.clone(), rows(step=[s] * 3)).tolist()) for s in range(20)}
+    assert len(draws) > 1  # the step changes the stream
+    kept = filter_logits(logits[0], top_k=5, top_p=1.0)
+    assert torch.isfinite(kept).sum() == 5
+    nucleus = filter_logits(torch.tensor([3.0, 2.0, 1.0, -5.0]), top_k=0, top_p=0.8)
+    assert torch.isfinite(nucleus).tolist() == [True, True, False, False]

@@ -1,0 +1,82 @@
+"""Typed msgpack messages and tensor frames: round trips, and refusal of anything malformed."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from hetserve.wire.codec import WireError, decode, encode
+from hetserve.wire.messages import Assign, Heartbeat, Inventory, Join, SamplingRows, StageStats, Step, TensorMeta
+from hetserve.wire.tensors import from_frame, to_frame
+
+INVENTORY = Inventory("cpu", "cpu", "x86_64", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
+
+
+def step(**overrides) -> Step:
+    fields = dict(mb=3, phase="decode", slots=[0, 2], starts=[5, 9], lengths=[1, 1],
+                  sampling=SamplingRows([0.0, 0.7], [0, 40], [1.0, 0.9], [1, 2], [3, 4]),
+                  tensor=TensorMeta("int64", [2, 1]))
+    fields.update(overrides)
+    return Step(**fields)
+
+
+@pytest.mark.parametrize("msg", [
+    Join("h1", INVENTORY, "tcp://127.0.0.1:4000"),
+    Assign(0, 2, 0, 15, "smollm2-135m", 30, "float32", 8, 2048, "tcp://127.0.0.1:4001"),
+    Heartbeat("h1", StageStats(3, 40, 0.5, 12.0, 3.0)),
+    step(),
+])
+def test_round_trip(msg):
+    assert decode(encode(msg)) == msg
+
+
+def raw(body) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def body_of(msg) -> dict:
+    return msgpack.unpackb(encode(msg))
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"\xc1", "not msgpack"),
+    (raw([1, 2]), "a map"),
+    (raw({"type": "pickle"}), "unknown message type"),
+    (raw({"hello": 1}), "unknown message type"),
+    ({**body_of(step()), "evil": 1}, "unknown fields"),
+    ({k: v for k, v in body_of(step()).items() if k != "slots"}, "missing field"),
+    ({**body_of(step()), "mb": "3"}, "expected an integer"),
+    ({**body_of(step()), "mb": True}, "expected an integer"),
+    ({**body_of(step()), "slots": [0, "1"]}, "expected an integer"),
+    ({**body_of(step()), "slots": 7}, "expected a list"),
+    ({**body_of(step()), "sampling": [1]}, "expected a map"),
+    ({**body_of(step()), "tensor": {"dtype": "int64", "shape": [1], "x": 1}}, "unknown fields"),
+])
+def test_malformed_is_refused(data, why):
+    if isinstance(data, dict):
+        data = raw(data)
+    with pytest.raises(WireError, match=why):
+        decode(data)
+
+
+def test_decode_checks_the_expected_kinds():
+    with pytest.raises(WireError, match="unexpected message"):
+        decode(encode(step()), expect=(Join,))
+
+
+def test_tensor_frame_round_trip_and_checks():
+    t = torch.randn(2, 3, 4)
+    meta, frame = to_frame(t)
+    assert torch.equal(from_frame(meta, bytes(frame), (2, None, 4), ("float32",), torch.device("cpu")), t)
+    bf = torch.randn(2, 5).to(torch.bfloat16)
+    meta_bf, frame_bf = to_frame(bf)
+    assert torch.equal(from_frame(meta_bf, bytes(frame_bf), (2, 5), ("bfloat16",), torch.device("cpu")), bf)
+    with pytest.raises(WireError, match="shape"):
+        from_frame(meta, bytes(frame), (2, 3, 5), ("float32",), torch.device("cpu"))
+    with pytest.raises(WireError, match="dtype"):
+        from_frame(meta, bytes(frame), (2, 3, 4), ("float16",), torch.device("cpu"))
+    with pytest.raises(WireError, match="bytes"):
+        from_frame(meta, bytes(frame)[:-4], (2, 3, 4), ("float32",), torch.device("cpu"))
+    with pytest.raises(WireError, match="shape"):
+        from_frame(TensorMeta("float32", [-1, 3, 4]), b"", (None, 3, 4), ("float32",), torch.device("cpu"))
