@@ -1,0 +1,83 @@
+"""The installed `hetserve` console script: up, generate, status, leader --device, join, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from conftest import Cluster, free_port, hetserve_cmd
+from hetserve.model.arch import architecture
+from hetserve.model.resolve import ModelError
+
+
+def hetserve(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(hetserve_cmd() + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_generate_status(cluster_factory):
+    cluster = cluster_factory(2)
+    gen = hetserve("generate", "--server", cluster.serve, "--wait", "180", "--max-tokens", "8", "Say hi.")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.strip() and "completion tokens]" in gen.stderr
+    raw = hetserve("generate", "--server", cluster.serve, "--raw", "--max-tokens", "4", "--seed", "3",
+                   "--temperature", "0.8", "The sky is")
+    assert raw.returncode == 0 and "4 completion tokens" in raw.stderr, raw.stderr
+    status = hetserve("status", "--server", cluster.serve)
+    assert status.returncode == 0
+    assert "worker-0" in status.stdout and "worker-1" in status.stdout and "serving" in status.stdout
+    info = json.loads(hetserve("status", "--server", cluster.serve, "--json").stdout)
+    assert [h["layers"] for h in info["hosts"]] == [[0, 15], [15, 30]]
+    # A second host cannot join a full cluster: one clear line, exit status 1.
+    join = hetserve("join", "--leader", cluster.listen, "--name", "extra", timeout=60)
+    assert join.returncode == 1 and "cluster is full" in join.stderr and "Traceback" not in join.stderr
+
+
+def test_leader_runs_a_stage_and_splits_by_memory(model_dir):
+    listen, serve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    leader = subprocess.Popen(hetserve_cmd() + ["leader", "--listen", listen, "--serve", serve, "--hosts", "2",
+                                                "--device", "cpu", "--max-context", "512", "--log-level", "warning"])
+    small = subprocess.Popen(hetserve_cmd() + ["join", "--leader", listen, "--name", "small", "--memory", "600MiB",
+                                               "--log-level", "warning"])
+    try:
+        gen = hetserve("generate", "--server", serve, "--wait", "180", "--max-tokens", "4", "Hello")
+        assert gen.returncode == 0, gen.stderr
+        info = json.loads(hetserve("status", "--server", serve, "--json").stdout)
+        hosts = {h["name"]: h for h in info["hosts"]}
+        assert set(hosts) == {"leader-stage", "small"}
+        big_layers = hosts["leader-stage"]["layers"][1] - hosts["leader-stage"]["layers"][0]
+        small_layers = hosts["small"]["layers"][1] - hosts["small"]["layers"][0]
+        assert big_layers + small_layers == 30 and small_layers < big_layers
+    finally:
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(30) == 0
+        assert small.wait(30) == 0  # the leader's Shutdown ends the host cleanly
+
+
+def test_client_errors_are_one_clear_line():
+    gen = hetserve("generate", "--server", f"127.0.0.1:{free_port()}", "hi", timeout=30)
+    assert gen.returncode == 1 and "cannot reach hetserve" in gen.stderr and "Traceback" not in gen.stderr
+    bad = hetserve("leader", "--model", "no-such-model", "--listen", f"127.0.0.1:{free_port()}",
+                   "--serve", f"127.0.0.1:{free_port()}", timeout=60)
+    assert bad.returncode == 1 and "unknown model 'no-such-model'" in bad.stderr and "Traceback" not in bad.stderr
+    missing = hetserve("convert", "/nonexistent.gguf", "/tmp/out", timeout=30)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    size = hetserve("join", "--leader", "127.0.0.1:1", "--memory", "lots", timeout=30)
+    assert size.returncode == 2 and "not a size" in size.stderr
+
+
+def test_unsupported_architecture_is_named():
+    class Config:
+        model_type = "gpt2"
+
+    with pytest.raises(ModelError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        architecture(Config())
+
+
+def test_up_stops_cleanly_on_sigterm(model_dir):
+    cluster = Cluster(1)
+    gen = hetserve("generate", "--server", cluster.serve, "--wait", "180", "--max-tokens", "2", "Hi")
+    assert gen.returncode == 0, gen.stderr
+    assert cluster.stop() == 0
