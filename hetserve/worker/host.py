@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import zmq
@@ -43,15 +44,19 @@ class Host:
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self.stage_loop: StageLoop | None = None
         self._tasks: list[asyncio.Task] = []
+        # Every torch call of this host runs on this one thread: a second thread doing torch
+        # work brings a second OpenMP team and made decode ~1.6x slower on a 2-core CPU.
+        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
 
     async def run(self) -> None:
         s = self.settings
+        loop = asyncio.get_running_loop()
         if s.threads:
-            torch.set_num_threads(s.threads)
+            await loop.run_in_executor(self.torch_thread, torch.set_num_threads, s.threads)
         leader_host, leader_port = split_hostport(s.leader, 5555)
         leader_ip = socket.getaddrinfo(leader_host, leader_port, proto=socket.IPPROTO_TCP)[0][4][0]
         advertise = s.advertise or local_ip_towards(leader_ip)
-        inventory = take_inventory(s.device, s.memory)
+        inventory = await loop.run_in_executor(self.torch_thread, take_inventory, s.device, s.memory)
         log.info("host %s: %s (%s), %.1f GiB usable, %.0f GFLOP/s", self.name, inventory.device,
                  inventory.name, inventory.usable_bytes / 2**30, inventory.gflops)
 
@@ -73,6 +78,7 @@ class Host:
             for sock in (self.data_in, self.data_out, self.control):
                 sock.close()
             ctx.term()
+            self.torch_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _control_loop(self) -> None:
         while True:
@@ -96,14 +102,14 @@ class Host:
         log.info("assigned stage %d/%d: layers %d-%d of %s", msg.stage + 1, msg.num_stages, msg.start, msg.end - 1, msg.model)
         started = time.perf_counter()
         try:
-            model = await asyncio.get_running_loop().run_in_executor(None, self._load, msg)
+            model = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self._load, msg)
         except (ModelError, OSError, RuntimeError, ValueError) as exc:
             log.error("cannot load the slice: %s", exc)
             await self._send(Failed(self.name, str(exc)))
             return
         seconds = time.perf_counter() - started
         self.data_out.connect(msg.downstream)
-        self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out)
+        self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out, self.torch_thread)
         self._tasks.append(asyncio.create_task(self.stage_loop.run()))
         log.info("stage %d ready in %.1f s: %.0f MiB weights, %.0f MiB KV cache", msg.stage, seconds,
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)

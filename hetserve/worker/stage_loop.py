@@ -1,6 +1,6 @@
 """A host's data path: receive a micro-batch from upstream, compute it, send it downstream.
 
-Compute runs in one worker thread (torch releases the GIL), so the event loop keeps answering the
+Compute runs on the host's torch thread (torch releases the GIL), so the event loop keeps answering the
 control channel and ZeroMQ's I/O thread keeps receiving the next micro-batch meanwhile. Micro-batches
 are computed strictly in arrival order: the KV cache depends on it.
 """
@@ -47,35 +47,33 @@ def _long(values: list[int], device: torch.device) -> torch.Tensor:
 
 
 class StageLoop:
-    def __init__(self, model: StageModel, index: int, data_in: zmq.asyncio.Socket, data_out: zmq.asyncio.Socket):
+    def __init__(self, model: StageModel, index: int, data_in: zmq.asyncio.Socket, data_out: zmq.asyncio.Socket,
+                 torch_thread: ThreadPoolExecutor):
         self.model = model
         self.index = index
         self.data_in = data_in
         self.data_out = data_out
         self.stats = StageStats()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{index}")
+        self._executor = torch_thread
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                frames = await self.data_in.recv_multipart(copy=False)
-                try:
-                    header = decode(frames[0].bytes, expect=(Step, StepFailed))
-                except WireError as exc:
-                    log.warning("dropped a malformed micro-batch header: %s", exc)
-                    continue
-                if isinstance(header, StepFailed):
-                    await self.data_out.send(encode(header))
-                    continue
-                try:
-                    out = await loop.run_in_executor(self._executor, self._compute, header, frames[1:])
-                except Exception as exc:  # a bad batch must not kill the stage; tell the leader
-                    log.exception("micro-batch %d failed on stage %d", header.mb, self.index)
-                    out = [encode(StepFailed(header.mb, self.index, f"{type(exc).__name__}: {exc}"))]
-                await self.data_out.send_multipart(out, copy=False)
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        while True:
+            frames = await self.data_in.recv_multipart(copy=False)
+            try:
+                header = decode(frames[0].bytes, expect=(Step, StepFailed))
+            except WireError as exc:
+                log.warning("dropped a malformed micro-batch header: %s", exc)
+                continue
+            if isinstance(header, StepFailed):
+                await self.data_out.send(encode(header))
+                continue
+            try:
+                out = await loop.run_in_executor(self._executor, self._compute, header, frames[1:])
+            except Exception as exc:  # a bad batch must not kill the stage; tell the leader
+                log.exception("micro-batch %d failed on stage %d", header.mb, self.index)
+                out = [encode(StepFailed(header.mb, self.index, f"{type(exc).__name__}: {exc}"))]
+            await self.data_out.send_multipart(out, copy=False)
 
     def _compute(self, step: Step, frames: list) -> list:
         model = self.model
