@@ -81,3 +81,18 @@ def test_up_stops_cleanly_on_sigterm(model_dir):
     gen = hetserve("generate", "--server", cluster.serve, "--wait", "180", "--max-tokens", "2", "Hi")
     assert gen.returncode == 0, gen.stderr
     assert cluster.stop() == 0
+
+
+def test_convert_gguf_matches_the_cached_default(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from hetserve.model.resolve import builtin_gguf
+
+    out = tmp_path / "smollm2"
+    done = hetserve("convert", str(builtin_gguf("smollm2-135m")), str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    ours, cached = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert ours.keys() == cached.keys() and all(ours[k].equal(cached[k]) for k in ours)
+    again = hetserve("convert", str(builtin_gguf("smollm2-135m")), str(out), timeout=60)
+    assert again.returncode == 1 and "already exists" in again.stderr
