@@ -16,6 +16,7 @@ import click
 
 from .config import DEFAULT_LISTEN, DEFAULT_SERVE, HostSettings, LeaderSettings, Limits
 from .model.resolve import DEFAULT_MODEL
+from .settings_file import ENV_PREFIX, config_option, effective_settings
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 DTYPES = click.Choice(["float32", "float16", "bfloat16"])
@@ -58,14 +59,19 @@ def limits_from(kwargs: dict) -> Limits:
     return limits
 
 
-def run_daemon(main, settings, role: str, log_level: str) -> None:
+def log_options(func):
+    func = click.option("--log-json", is_flag=True, help="Log one JSON object per line.")(func)
+    return click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)(func)
+
+
+def run_daemon(main, settings, role: str, log_level: str, log_json: bool) -> None:
     """Run a daemon; a known failure prints one clear line and exits 1, never a traceback."""
     from .leader.daemon import LeaderError
     from .lifecycle import setup_logging
     from .model.resolve import ModelError
     from .worker.host import HostError
 
-    setup_logging(log_level, role)
+    setup_logging(log_level, role, log_json)
     try:
         main(settings)
     except (LeaderError, HostError, ModelError, ValueError, OSError) as exc:
@@ -73,18 +79,28 @@ def run_daemon(main, settings, role: str, log_level: str) -> None:
         sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                                "auto_envvar_prefix": ENV_PREFIX})
 def main():
     """hetserve: serve one LLM across a heterogeneous set of hosts.
 
     Start a leader, join hosts to it, and talk to it with the line protocol
     (`hetserve generate`). `hetserve up` runs a whole cluster on this machine.
+
+    Every option can also come from a TOML file (--config) or an environment
+    variable HETSERVE_<COMMAND>_<OPTION>; the command line wins, then the
+    environment, then the file. `hetserve config show COMMAND` prints the result.
     """
 
 
+HTTP_HELP = "HOST:PORT of the OpenAI-compatible HTTP API and /metrics (off unless given)."
+
+
 @main.command()
+@config_option
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT where hosts join.")
 @click.option("--serve", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the client line protocol.")
+@click.option("--http", default=None, help=HTTP_HELP)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Built-in model name, Hugging Face model directory, or .gguf file.")
 @click.option("--hosts", default=1, show_default=True, type=click.IntRange(1), help="Hosts to wait for before planning.")
@@ -92,12 +108,12 @@ def main():
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of every stage.")
 @click.option("--advertise", default=None, help="Address hosts reach the leader at (default: found per host).")
 @limit_options
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def leader(listen, serve, model, hosts, device, dtype, advertise, log_level, **kwargs):
+@log_options
+def leader(listen, serve, http, model, hosts, device, dtype, advertise, log_level, log_json, **kwargs):
     """Coordinate a cluster: accept hosts, split the model over them, serve clients."""
     from .leader.daemon import run_leader
 
-    settings = LeaderSettings(listen=listen, serve=serve, model=model, hosts=hosts, dtype=dtype,
+    settings = LeaderSettings(listen=listen, serve=serve, http=http, model=model, hosts=hosts, dtype=dtype,
                               advertise=advertise, limits=limits_from(kwargs))
     local = None
     if device:
@@ -105,43 +121,46 @@ def leader(listen, serve, model, hosts, device, dtype, advertise, log_level, **k
         local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
                                   "--device", device, "--name", "leader-stage", "--log-level", log_level])
     try:
-        run_daemon(run_leader, settings, "leader", log_level)
+        run_daemon(run_leader, settings, "leader", log_level, log_json)
     finally:
         if local is not None:
             stop_processes([local])
 
 
 @main.command()
+@config_option
 @click.option("--leader", "leader_addr", required=True, help="HOST:PORT of the leader's --listen.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--memory", default=None, help="Memory this host offers (e.g. 8GiB); default: what is free.")
 @click.option("--advertise", default=None, help="Address other hosts reach this one at (default: the route to the leader).")
 @click.option("--name", default=None, help="Unique host name (default: hostname-pid).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for compute (default: torch's).")
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def join(leader_addr, device, memory, advertise, name, threads, log_level):
+@log_options
+def join(leader_addr, device, memory, advertise, name, threads, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     from .worker.host import run_host
 
     settings = HostSettings(leader=leader_addr, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads)
-    run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level)
+    run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 
 @main.command()
+@config_option
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1), help="Local hosts (pipeline stages).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Built-in model name, Hugging Face model directory, or .gguf file.")
 @click.option("--listen", default="127.0.0.1:5555", show_default=True, help="HOST:PORT where the local hosts join.")
 @click.option("--serve", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the client line protocol.")
+@click.option("--http", default=None, help=HTTP_HELP)
 @click.option("--device", default="cpu", show_default=True, help="Device of every local host.")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of every stage.")
 @click.option("--memory", default=None, help="Memory each local host offers (e.g. 2GiB).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="CPU threads per host (default: this machine's cores / --workers).")
 @limit_options
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def up(workers, model, listen, serve, device, dtype, memory, threads, log_level, **kwargs):
+@log_options
+def up(workers, model, listen, serve, http, device, dtype, memory, threads, log_level, log_json, **kwargs):
     """Run a leader and N hosts on this machine (demo and development). Ctrl-C stops all."""
     limits = limits_from(kwargs)
     stopping = []
@@ -149,12 +168,14 @@ def up(workers, model, listen, serve, device, dtype, memory, threads, log_level,
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     leader_cmd = [sys.executable, "-m", "hetserve", "leader", "--listen", listen, "--serve", serve,
                   "--model", model, "--hosts", str(workers), "--dtype", dtype, "--log-level", log_level]
+    logging_flags = ["--log-json"] if log_json else []
+    leader_cmd += logging_flags + (["--http", http] if http else [])
     for field in dataclasses.fields(Limits):
         leader_cmd += ["--" + field.name.replace("_", "-"), str(getattr(limits, field.name))]
     procs = [spawn_child(leader_cmd)]
     for i in range(workers):
         cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", device,
-               "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level]
+               "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level, *logging_flags]
         if memory:
             cmd += ["--memory", memory]
         procs.append(spawn_child(cmd))
@@ -202,6 +223,7 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 @main.command()
+@config_option
 @click.argument("prompt")
 @click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
 @click.option("--max-tokens", default=None, type=click.IntRange(1), help="Completion length (default: the server's).")
@@ -252,6 +274,7 @@ def generate(prompt, server, max_tokens, temperature, top_p, top_k, seed, stop, 
 
 
 @main.command()
+@config_option
 @click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object.")
 def status(server, as_json):
@@ -276,16 +299,41 @@ def status(server, as_json):
     click.echo(f"{info['model']} ({info['layers']} layers, {info['dtype']}): {info['state']}, "
                f"up {info['uptime_s']} s")
     click.echo(f"requests: {info['running']} running, {info['queued']} queued, {info['free_slots']} free slots, "
-               f"{info['in_flight']} micro-batches in flight, {info['generated_tokens']} tokens generated")
-    rows = [("STAGE", "HOST", "DEVICE", "LAYERS", "MEM GiB", "STATE", "HEALTH", "STEPS", "PREFILL ms", "DECODE ms")]
+               f"{info['in_flight']} micro-batches in flight; {info['generated_tokens']} tokens generated, "
+               f"{info['tokens_per_s']} tokens/s now")
+    rows = [("STAGE", "HOST", "DEVICE", "MEM GiB", "LAYERS", "PRECISION", "STATE", "HEALTH", "LOAD", "STEPS",
+             "PREFILL ms", "DECODE ms")]
     for h in info["hosts"]:
         layers = f"{h['layers'][0]}-{h['layers'][1] - 1}" if h["layers"] else "-"
-        rows.append((str(h["stage"] if h["stage"] is not None else "-"), h["name"], h["device"], layers,
-                     str(h["usable_gib"]), h["state"], f"{h['health']} ({h['last_seen_s']} s)", str(h["steps"]),
+        rows.append((str(h["stage"] if h["stage"] is not None else "-"), h["name"],
+                     f"{h['device']} ({h['device_name']})", str(h["usable_gib"]), layers, h["precision"], h["state"],
+                     f"{h['health']} ({h['last_seen_s']} s)", f"{h['load']:.0%}", str(h["steps"]),
                      str(h["prefill_ms"]), str(h["decode_ms"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+@main.group()
+def config():
+    """Inspect settings."""
+
+
+@config.command("show", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("command", type=click.Choice(["leader", "join", "up", "generate", "status"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def config_show(ctx, command, args):
+    """Print COMMAND's effective settings and where each came from.
+
+    ARGS are COMMAND's own options, e.g. `hetserve config show leader --config /etc/hetserve/leader.toml`.
+    """
+    cmd = main.commands[command]
+    with cmd.make_context(command, list(args), parent=ctx.find_root()) as sub:
+        rows = effective_settings(sub)
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, where in rows:
+        click.echo(f"{name.ljust(width)}  {json.dumps(value)!s:24}  {where}")
 
 
 @main.command()

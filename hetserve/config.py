@@ -42,6 +42,7 @@ class Limits:
 class LeaderSettings:
     listen: str = DEFAULT_LISTEN
     serve: str = DEFAULT_SERVE
+    http: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP API and /metrics; None = off
     model: str = DEFAULT_MODEL
     hosts: int = 1  # hosts to wait for before planning
     dtype: str = "float32"  # stage compute dtype; fp32 keeps CPU output identical to transformers

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
+
+import openai
 
 import pytest
 
@@ -96,3 +99,24 @@ def test_convert_gguf_matches_the_cached_default(tmp_path, model_dir):
     assert ours.keys() == cached.keys() and all(ours[k].equal(cached[k]) for k in ours)
     again = hetserve("convert", str(builtin_gguf("smollm2-135m")), str(out), timeout=60)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_no_capacity_is_503(model_dir):
+    """A leader still waiting for its hosts answers 503."""
+    http, listen, serve = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    leader = subprocess.Popen(hetserve_cmd() + ["leader", "--hosts", "2", "--http", http, "--listen", listen,
+                                                "--serve", serve, "--log-level", "warning"])
+    try:
+        api = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0, timeout=30)
+        for _ in range(300):
+            try:
+                api.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.2)
+        with pytest.raises(openai.InternalServerError) as info:
+            api.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=2)
+        assert info.value.status_code == 503 and "no capacity" in info.value.body["message"]
+    finally:
+        leader.terminate()
+        assert leader.wait(30) == 0

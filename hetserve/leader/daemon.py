@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 import zmq.asyncio
+from aiohttp import web
 
 from ..config import LeaderSettings
 from ..lifecycle import run_until_signal
@@ -31,6 +32,7 @@ from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Invent
 from ..wire.tensors import to_frame
 from .engine import Engine
 from .frontend import Connection
+from .http_api import OpenAIServer
 from .tokens import TextCodec
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,14 @@ class HostRecord:
     inventory: Inventory
     data_addr: str
     joined: float
+    precision: str  # compute dtype of its layers
     state: str = "joined"  # joined -> loading -> ready | failed
     stage: int | None = None
     layers: tuple[int, int] | None = None
     last_seen: float = 0.0
     stats: StageStats = StageStats()
+    weight_bytes: int = 0
+    kv_bytes: int = 0
 
     def describe(self, now: float) -> dict:
         silent = now - self.last_seen
@@ -62,9 +67,11 @@ class HostRecord:
             "name": self.name, "device": self.inventory.device, "device_name": self.inventory.name,
             "usable_gib": round(self.inventory.usable_bytes / 2**30, 2), "gflops": self.inventory.gflops,
             "stage": self.stage, "layers": list(self.layers) if self.layers else None,
+            "precision": self.precision, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
             "state": self.state, "health": "ok" if silent < DEAD_AFTER_SECONDS else "silent",
             "last_seen_s": round(silent, 1), "steps": self.stats.steps,
             "busy_s": round(self.stats.busy_seconds, 2),
+            "load": round(self.stats.busy_seconds / max(now - self.joined, 1e-9), 3),
             "prefill_ms": round(self.stats.prefill_ms, 2), "decode_ms": round(self.stats.decode_ms, 2),
         }
 
@@ -98,13 +105,15 @@ class Leader:
         self.to_stage0 = make_socket(ctx, zmq.PUSH)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         tasks: list[asyncio.Task] = []
-        server = None
+        server = http_runner = None
         try:
             listen_host, listen_port = split_hostport(s.listen, 5555)
             bind_tcp(self.control, listen_host, listen_port)
             self.results_port = bind_tcp(self.results, listen_host)
             serve_host, serve_port = split_hostport(s.serve, 5556)
             server = await asyncio.start_server(self._client, serve_host, serve_port, limit=1 << 16)
+            if s.http:
+                http_runner = await self._start_http(s.http)
             self.state = "waiting for hosts"
             log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
                      s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
@@ -120,12 +129,22 @@ class Leader:
             for connection in self.connections:
                 connection.cancel()
             await asyncio.gather(*self.connections, return_exceptions=True)
+            if http_runner is not None:
+                await http_runner.cleanup()
             await self._shutdown_hosts("the leader is shutting down")
             for sock in (self.control, self.results, self.to_stage0):
                 sock.close()
             ctx.term()
             if server is not None:
                 await server.wait_closed()
+
+    async def _start_http(self, address: str) -> web.AppRunner:
+        host, port = split_hostport(address, 8000)
+        runner = web.AppRunner(OpenAIServer(self).app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, shutdown_timeout=1.0).start()
+        log.info("OpenAI-compatible HTTP API and /metrics at http://%s:%d", host, port)
+        return runner
 
     # ---- hosts
 
@@ -148,7 +167,7 @@ class Leader:
             if isinstance(msg, Heartbeat):
                 host.stats = msg.stats
             elif isinstance(msg, Ready):
-                host.state = "ready"
+                host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
                 log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s",
                          host.name, msg.stage, msg.weight_bytes / 2**20, msg.kv_bytes / 2**20, msg.load_seconds)
                 self._maybe_serve()
@@ -169,7 +188,8 @@ class Leader:
             await self.control.send_multipart([route, encode(Refused(reason))])
             return
         now = time.monotonic()
-        self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now, last_seen=now)
+        self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
+                                          self.settings.dtype, last_seen=now)
         log.info("host %s joined from %s: %s (%s), %.2f GiB usable (%d/%d)", msg.host, peer_ip, msg.inventory.device,
                  msg.inventory.name, msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts)
         if len(self.hosts) == self.settings.hosts:

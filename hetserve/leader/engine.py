@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..config import Limits
+from ..stats import ema
 from ..wire.client import done_event, error_event, token_event
 from ..wire.messages import SamplingRows, Step, StepFailed, StepResult, TensorMeta
 from .scheduler import BatchLimits, MicroBatch, RequestView, next_microbatch
@@ -73,8 +75,27 @@ class PhaseTimes:
         if len(self.stage_ms) != len(sample):
             self.stage_ms = list(sample)
         else:
-            self.stage_ms = [0.8 * old + 0.2 * new for old, new in zip(self.stage_ms, sample)]
+            self.stage_ms = [ema(old, new) for old, new in zip(self.stage_ms, sample)]
         self.rounds += 1
+
+
+class TokenRate:
+    """Generated tokens per second over the last `window` seconds."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self.samples: deque[tuple[float, int]] = deque()  # (time, tokens generated so far)
+
+    def add(self, total: int, now: float) -> None:
+        self.samples.append((now, total))
+        while len(self.samples) > 2 and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+
+    def rate(self, now: float) -> float:
+        if len(self.samples) < 2 or now - self.samples[-1][0] > self.window:
+            return 0.0
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9) if t1 > t0 else 0.0
 
 
 class Engine:
@@ -90,6 +111,9 @@ class Engine:
         self.num_stages = 0  # 0 until the pipeline is ready; nothing is sent before
         self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
         self.generated_tokens = 0
+        self.token_rate = TokenRate()
+        self.batch_rows = {"prefill": 0.0, "decode": 0.0}  # moving average of rows per micro-batch
+        self.outcomes: Counter[str] = Counter()  # finish reasons, "error", "overloaded"
         self._next_key = 0
         self._next_mb = 0
         self._last_phase: str | None = None
@@ -101,6 +125,7 @@ class Engine:
                     stop: tuple[str, ...], stream: bool) -> Request:
         # Room for max_seqs running (holding slots or about to) plus max_queued waiting.
         if len(self.requests) >= self.limits.max_seqs + self.limits.max_queued:
+            self.outcomes["overloaded"] += 1
             raise Overloaded(f"{len(self.requests)} requests are running or queued, the most this server "
                              f"takes; try again later")
         self._next_key += 1
@@ -168,6 +193,7 @@ class Engine:
             tensor=TensorMeta("int64", list(ids.shape)),
         )
         self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic())
+        self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase
         self._send(step, ids)
 
@@ -184,6 +210,7 @@ class Engine:
             request.cached += tokens
             if request.prompt_left == 0:
                 self._accept_token(request, token)
+        self.token_rate.add(self.generated_tokens, time.monotonic())
         self.schedule()
 
     def on_failure(self, failure: StepFailed) -> None:
@@ -216,11 +243,13 @@ class Engine:
             self._finish(request, finish)
 
     def _finish(self, request: Request, reason: str) -> None:
+        self.outcomes[reason] += 1
         self._release(request)
         request.sink(done_event(request.id, request.text.emitted, reason,
                                 len(request.prompt_ids), len(request.generated)))
 
     def _fail(self, request: Request, message: str) -> None:
+        self.outcomes["error"] += 1
         self._release(request)
         request.sink(error_event(request.id, "internal", message))
 
@@ -241,5 +270,9 @@ class Engine:
             "free_slots": len(self.free_slots),
             "in_flight": len(self.in_flight),
             "generated_tokens": self.generated_tokens,
+            "tokens_per_s": round(self.token_rate.rate(time.monotonic()), 2),
+            "kv_tokens_used": sum(r.cached for r in running),
+            "batch_rows": {phase: round(rows, 2) for phase, rows in self.batch_rows.items()},
+            "outcomes": dict(self.outcomes),
             "stage_ms": {phase: [round(ms, 2) for ms in t.stage_ms] for phase, t in self.times.items()},
         }

@@ -63,6 +63,11 @@ def parse_line(line: bytes) -> GenerateRequest | StatusCommand | CancelCommand:
         raise ProtocolError("bad_request", "line is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_request", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    return parse_object(obj)
+
+
+def parse_object(obj) -> GenerateRequest | StatusCommand | CancelCommand:
+    """Validate one decoded JSON value (also used by the HTTP API after renaming its fields)."""
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a line must be a JSON object")
     request_id = obj.get("id")

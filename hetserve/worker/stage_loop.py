@@ -16,6 +16,7 @@ import torch
 import zmq
 
 from ..model.stage import StageModel
+from ..stats import ema
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import StageStats, Step, StepFailed, StepResult
 from ..wire.tensors import from_frame, to_frame
@@ -105,6 +106,6 @@ class StageLoop:
     def _record(self, phase: str, seconds: float, tokens: int) -> None:
         s = self.stats
         ms = seconds * 1000
-        prefill = s.prefill_ms if phase == "decode" else (0.8 * s.prefill_ms + 0.2 * ms if s.prefill_ms else ms)
-        decode_ms = s.decode_ms if phase == "prefill" else (0.8 * s.decode_ms + 0.2 * ms if s.decode_ms else ms)
-        self.stats = StageStats(s.steps + 1, s.tokens + tokens, s.busy_seconds + seconds, prefill, decode_ms)
+        prefill_ms = ema(s.prefill_ms, ms) if phase == "prefill" else s.prefill_ms
+        decode_ms = ema(s.decode_ms, ms) if phase == "decode" else s.decode_ms
+        self.stats = StageStats(s.steps + 1, s.tokens + tokens, s.busy_seconds + seconds, prefill_ms, decode_ms)

@@ -1,0 +1,92 @@
+"""Settings from a TOML file and HETSERVE_* environment variables, beneath the command line.
+
+Precedence, highest first: command-line option > environment variable > config file > default.
+click implements exactly this order (COMMANDLINE > ENVIRONMENT > DEFAULT_MAP > DEFAULT), so the
+file becomes the command's `default_map` and the environment is click's auto_envvar_prefix:
+`HETSERVE_<COMMAND>_<OPTION>`, e.g. HETSERVE_LEADER_MAX_SEQS=16 or HETSERVE_JOIN_DEVICE=cuda:1.
+
+The file holds one table per command, and top-level keys that apply to every command that has
+such an option:
+
+    log_level = "info"
+    [leader]
+    listen = "0.0.0.0:5555"
+    hosts = 2
+    [join]
+    leader = "10.0.0.1:5555"
+    device = "cuda:0"
+
+Keys are option names with '_' or '-'. An unknown key or a value of the wrong type is an error
+that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import click
+
+ENV_PREFIX = "HETSERVE"
+
+
+def load_config_file(ctx: click.Context, param: click.Parameter, path: str | None) -> str | None:
+    """Eager callback of --config: install the file's values as this command's defaults."""
+    if not path:
+        return path
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", ctx, param) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}", ctx, param) from None
+    command = ctx.command
+    options = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name != "config"}
+    section = data.get(ctx.info_name, {})
+    if not isinstance(section, dict):
+        raise click.BadParameter(f"{path}: [{ctx.info_name}] must be a table", ctx, param)
+    values = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    values.update(section)
+    defaults = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        option = options.get(name)
+        if option is None:
+            if key in section:
+                raise click.BadParameter(f"{path}: [{ctx.info_name}] has no option {key!r}; "
+                                         f"known: {', '.join(sorted(options))}", ctx, param)
+            continue  # a top-level key for other commands
+        try:
+            defaults[name] = option.type_cast_value(ctx, value)
+        except click.BadParameter as exc:
+            raise click.BadParameter(f"{path}: {key}: {exc.message}", ctx, param) from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["hetserve.config_file"] = path
+    return path
+
+
+def config_option(func):
+    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+                        callback=load_config_file,
+                        help="TOML file of settings (see README 'Configuration'); "
+                             "command line > HETSERVE_* env > file > default.")(func)
+
+
+def effective_settings(ctx: click.Context) -> list[tuple[str, object, str]]:
+    """(option, value, where it came from) for every option of a parsed command context."""
+    rows = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in ("config", "help") or param.name is None:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source is click.core.ParameterSource.COMMANDLINE:
+            where = "command line"
+        elif source is click.core.ParameterSource.ENVIRONMENT:
+            where = f"env {ctx.auto_envvar_prefix}_{param.name.upper()}"
+        elif source is click.core.ParameterSource.DEFAULT_MAP:
+            where = f"file {ctx.meta.get('hetserve.config_file')}"
+        else:
+            where = "default"
+        rows.append((param.name, ctx.params.get(param.name), where))
+    return rows
+
