@@ -129,18 +129,18 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, log_leve
 
 @main.command()
 @config_option
-@click.option("--leader", "leader_addr", required=True, help="HOST:PORT of the leader's --listen.")
+@click.option("--leader", required=True, help="HOST:PORT of the leader's --listen.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--memory", default=None, help="Memory this host offers (e.g. 8GiB); default: what is free.")
 @click.option("--advertise", default=None, help="Address other hosts reach this one at (default: the route to the leader).")
 @click.option("--name", default=None, help="Unique host name (default: hostname-pid).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for compute (default: torch's).")
 @log_options
-def join(leader_addr, device, memory, advertise, name, threads, log_level, log_json):
+def join(leader, device, memory, advertise, name, threads, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     from .worker.host import run_host
 
-    settings = HostSettings(leader=leader_addr, device=device, memory=parse_size(memory) if memory else None,
+    settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 

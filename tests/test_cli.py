@@ -120,3 +120,22 @@ def test_no_capacity_is_503(model_dir):
     finally:
         leader.terminate()
         assert leader.wait(30) == 0
+
+
+def test_json_logs_record_the_events_that_matter(model_dir, tmp_path):
+    serve, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    log_file = tmp_path / "up.log"
+    with open(log_file, "w") as log:
+        up = subprocess.Popen(hetserve_cmd() + ["up", "--workers", "1", "--serve", serve, "--listen", listen,
+                                                "--max-context", "256", "--log-json"], stderr=log)
+        try:
+            gen = hetserve("generate", "--server", serve, "--wait", "180", "--max-tokens", "2", "Hi")
+            assert gen.returncode == 0, gen.stderr
+        finally:
+            up.send_signal(signal.SIGTERM)
+            assert up.wait(30) == 0
+    entries = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+    assert entries and all({"ts", "level", "role", "logger", "msg"} <= set(e) for e in entries)
+    messages = " | ".join(e["msg"] for e in entries)
+    for event in ("joined from", "plan: stage 0", "ready in", "serving: 1 stage", "stopped by signal"):
+        assert event in messages, event

@@ -1,0 +1,50 @@
+"""The systemd units pass `systemd-analyze verify` without a warning; the example TOML files load."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import hetserve_cmd
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_units_verify_cleanly(tmp_path):
+    exe = hetserve_cmd()[0]
+    if not exe.endswith("hetserve"):
+        pytest.skip("the hetserve console script is not installed")
+    units = []
+    for name, instance in (("hetserve-leader.service", "hetserve-leader.service"),
+                           ("hetserve-worker@.service", "hetserve-worker@0.service")):
+        text = (SYSTEMD / name).read_text().replace("/opt/hetserve/bin/hetserve", exe)
+        (tmp_path / instance).write_text(text)
+        units.append(str(tmp_path / instance))
+    done = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+
+
+def test_units_are_hardened_and_restart():
+    for name in ("hetserve-leader.service", "hetserve-worker@.service"):
+        text = (SYSTEMD / name).read_text()
+        for setting in ("User=hetserve", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                        "PrivateTmp=yes", "EnvironmentFile=-/etc/hetserve/hetserve.env", "--config /etc/hetserve/"):
+            assert setting in text, f"{name} lacks {setting}"
+    assert "--device cuda:%i" in (SYSTEMD / "hetserve-worker@.service").read_text()
+
+
+@pytest.mark.parametrize("command,toml,expect", [
+    ("leader", "leader.toml", {"hosts": "2", "http": '"127.0.0.1:8000"'}),
+    ("join", "worker.toml", {"leader": '"leader.example.internal:5555"'}),
+])
+def test_example_config_files_load(command, toml, expect):
+    done = subprocess.run(hetserve_cmd() + ["config", "show", command, "--config", str(SYSTEMD / toml)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    for key, value in expect.items():
+        assert rows[key][0] == value and rows[key][1:] == ["file", str(SYSTEMD / toml)]
