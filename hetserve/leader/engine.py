@@ -126,6 +126,7 @@ class Engine:
         # Room for max_seqs running (holding slots or about to) plus max_queued waiting.
         if len(self.requests) >= self.limits.max_seqs + self.limits.max_queued:
             self.outcomes["overloaded"] += 1
+            log.warning("refused request %r: overloaded (%d running or queued)", request_id, len(self.requests))
             raise Overloaded(f"{len(self.requests)} requests are running or queued, the most this server "
                              f"takes; try again later")
         self._next_key += 1
