@@ -23,6 +23,7 @@ from transformers import AutoConfig
 
 from .arch import architecture, attention_window
 from .kv_cache import SlotKVCache, StepLayout
+from .precision import apply_precisions, module_bytes
 from .resolve import ModelError
 from ..wire.messages import SamplingRows
 from .sampling import sample
@@ -39,6 +40,7 @@ class StageSpec:
     dtype: str = "float32"
     max_seqs: int = 8  # KV-cache slots: requests running at once
     max_context: int = 2048  # prompt + completion tokens per request
+    precisions: tuple[str, ...] = ()  # per layer of the slice (model/precision.py); () = all native
 
 
 def load_config(model_dir: Path):
@@ -123,6 +125,7 @@ class StageModel:
             self.norm = arch.norm(config.hidden_size, eps=config.rms_norm_eps) if spec.last else None
             self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False) if spec.last else None
         self._assign(self.layers, tensors, "layers.")
+        apply_precisions(self.layers, list(spec.precisions) or ["native"] * len(self.layers), self.device)
         if self.embed is not None:
             self._assign(self.embed, tensors, "embed.")
         if self.norm is not None:
@@ -140,7 +143,7 @@ class StageModel:
             max_context=spec.max_context, dtype=self.dtype, device=self.device,
         )
         self.hidden_size = config.hidden_size
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self._parameters())
+        self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
 
     def _assign(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         state = {k[len(prefix):]: v.to(device=self.device, dtype=self.dtype)
@@ -150,11 +153,6 @@ class StageModel:
             raise ModelError(f"weights do not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
         module.eval()
 
-    def _parameters(self):
-        for module in (self.layers, self.embed, self.norm, self.lm_head):
-            if module is not None:
-                yield from module.parameters()
-
     @torch.no_grad()  # not inference_mode: quanto's int4 weights fail under it
     def forward(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                 inputs: torch.Tensor, sampling: SamplingRows | None = None) -> torch.Tensor:
@@ -163,6 +161,18 @@ class StageModel:
         slots, starts, lengths: [B] int64. inputs: token ids [B, T] on stage 0, else hidden
         states [B, T, H]. Returns hidden states [B, T, H], or on the last stage token ids [B].
         """
+        hidden = self.hidden_states(slots, starts, lengths, inputs)
+        if self.norm is None:
+            return hidden
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, lengths - 1]  # [B, H]: each row's newest token
+        logits = self.lm_head(self.norm(last)).float()  # [B, V]
+        return sample(logits, sampling)
+
+    @torch.no_grad()
+    def hidden_states(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                      inputs: torch.Tensor) -> torch.Tensor:
+        """The decoder layers of this stage: -> hidden states [B, T, H] (K/V written to the cache)."""
         if int(lengths.min()) < 1 or int((starts + lengths).max()) > self.spec.max_context:
             raise ValueError("micro-batch rows must have 1..max_context tokens")
         layout = StepLayout(slots, starts, lengths, self.cache.scratch)
@@ -172,9 +182,4 @@ class StageModel:
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=layout.mask, position_ids=layout.position_ids,
                            past_key_values=self.cache, use_cache=True, position_embeddings=cos_sin)
-        if self.norm is None:
-            return hidden
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, lengths - 1]  # [B, H]: each row's newest token
-        logits = self.lm_head(self.norm(last)).float()  # [B, V]
-        return sample(logits, sampling)
+        return hidden

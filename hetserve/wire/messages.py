@@ -86,6 +86,7 @@ class Assign:
     max_seqs: int
     max_context: int
     downstream: str  # next stage's data address, or the leader's result address
+    precisions: list[str] = field(default_factory=list)  # per layer of the slice; [] = all native
 
 
 @message("shutdown")

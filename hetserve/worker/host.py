@@ -121,7 +121,8 @@ class Host:
         if layers != msg.num_layers:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
         spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
-                         dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context)
+                         dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
+                         precisions=tuple(msg.precisions))
         return StageModel(files.path, spec, self.settings.device)
 
     async def _send(self, msg) -> None:

@@ -1,0 +1,124 @@
+"""Quality of per-layer precisions: measured perplexity and per-layer sensitivity.
+
+Calibration text: hetserve/data/calibration.txt, the GNU GPL v3 text, shipped verbatim (its own
+terms allow verbatim copies). Sensitivity of layer l at precision p is the measured increase of
+mean token loss when only that layer is quantized (Δ(l, p)); a plan's perplexity is predicted as
+exp(base loss + Σ Δ(l, p_l)), i.e. layer effects are assumed additive. `validate_prediction`
+measures how well that holds on mixed plans; `hetserve quality` reports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..model.precision import apply_precisions
+from ..model.resolve import hetserve_home
+from ..model.stage import StageModel, StageSpec
+
+CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    model: str  # model directory key (config hash)
+    tokens: int  # calibration tokens scored
+    base_loss: float  # mean token loss at native precision
+    delta: dict[str, list[float]]  # precision -> per-layer loss increase
+
+    def predicted_ppl(self, precisions: list[str]) -> float:
+        return math.exp(self.base_loss + sum(self.delta[p][i] for i, p in enumerate(precisions) if p != "native"))
+
+    @property
+    def base_ppl(self) -> float:
+        return math.exp(self.base_loss)
+
+
+def calibration_ids(model_dir: Path, tokens: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(CALIBRATION.read_text())["input_ids"]
+    if len(ids) < tokens + 1:
+        raise ValueError(f"the calibration text has only {len(ids)} tokens")
+    return ids[: tokens + 1]
+
+
+def mean_loss(model: StageModel, ids: list[int]) -> float:
+    """Mean next-token cross-entropy of ids[1:] given the prefix, one sequence in slot 0."""
+    x = torch.tensor([ids[:-1]], device=model.device)
+    zero, length = torch.tensor([0], device=model.device), torch.tensor([len(ids) - 1], device=model.device)
+    with torch.no_grad():
+        hidden = model.hidden_states(torch.tensor([0], device=model.device), zero, length, x)
+        logits = model.lm_head(model.norm(hidden[0])).float()  # [T, V]
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=model.device)))
+
+
+def whole_model(model_dir: Path, tokens: int, device: str = "cpu", precisions: list[str] | None = None) -> StageModel:
+    from ..model.stage import load_config
+
+    layers = load_config(model_dir).num_hidden_layers
+    spec = StageSpec(0, layers, True, True, max_seqs=1, max_context=tokens + 1, precisions=tuple(precisions or ()))
+    return StageModel(model_dir, spec, device)
+
+
+def measure_ppl(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu") -> float:
+    model = whole_model(model_dir, tokens, device, precisions)
+    return math.exp(mean_loss(model, calibration_ids(model_dir, tokens)))
+
+
+def model_key(model_dir: Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def measure_sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu",
+                        progress: bool = True) -> Sensitivity:
+    """Quantize one layer at a time (a copy swapped in), measure the loss increase."""
+    from tqdm import tqdm
+
+    model = whole_model(model_dir, tokens, device)
+    ids = calibration_ids(model_dir, tokens)
+    base = mean_loss(model, ids)
+    delta = {p: [] for p in precisions}
+    work = [(p, i) for p in precisions for i in range(len(model.layers))]
+    for precision, i in tqdm(work, desc="layer sensitivity", unit="layer", disable=not progress):
+        original = model.layers[i]
+        quantized = torch.nn.ModuleList([copy.deepcopy(original)])
+        apply_precisions(quantized, [precision], model.device)
+        model.layers[i] = quantized[0]
+        delta[precision].append(mean_loss(model, ids) - base)
+        model.layers[i] = original
+    return Sensitivity(model_key(model_dir), tokens, base, delta)
+
+
+def sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu",
+                progress: bool = True) -> Sensitivity:
+    """Cached under $HETSERVE_HOME/quality/; measured once per model, precision set and length."""
+    path = hetserve_home() / "quality" / f"{model_key(model_dir)}-{tokens}-{'-'.join(sorted(precisions))}.json"
+    if path.is_file():
+        return Sensitivity(**json.loads(path.read_text()))
+    result = measure_sensitivity(model_dir, precisions, tokens, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    tmp.replace(path)
+    return result
+
+
+def validate_prediction(model_dir: Path, sens: Sensitivity, plans: int = 4, seed: int = 0,
+                        device: str = "cpu") -> list[tuple[list[str], float, float]]:
+    """Random mixed plans: (precisions, predicted ppl, measured ppl)."""
+    rng = random.Random(seed)
+    layers = len(next(iter(sens.delta.values())))
+    choices = ["native", *sens.delta]
+    rows = []
+    for _ in range(plans):
+        precisions = [rng.choice(choices) for _ in range(layers)]
+        rows.append((precisions, sens.predicted_ppl(precisions), measure_ppl(model_dir, precisions, sens.tokens, device)))
+    return rows
