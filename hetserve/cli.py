@@ -64,6 +64,19 @@ def log_options(func):
     return click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)(func)
 
 
+def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, str, Limits]:
+    """A plan fixes the model, the host count, the dtype and the micro-batch sizes."""
+    from pathlib import Path
+
+    from .plan.planner import Plan
+
+    plan = Plan.load(Path(plan_file))
+    if model != DEFAULT_MODEL and model != plan.model:
+        raise click.UsageError(f"--model {model} but the plan is for {plan.model}")
+    limits = dataclasses.replace(limits, prefill_seqs=plan.prefill_microbatch, decode_seqs=plan.decode_microbatch)
+    return plan.model, len(plan.stages), plan.dtype, limits
+
+
 def run_daemon(main, settings, role: str, log_level: str, log_json: bool) -> None:
     """Run a daemon; a known failure prints one clear line and exits 1, never a traceback."""
     from .leader.daemon import LeaderError
@@ -107,14 +120,19 @@ HTTP_HELP = "HOST:PORT of the OpenAI-compatible HTTP API and /metrics (off unles
 @click.option("--device", default=None, help="Also run a stage on this machine (cpu, cuda, cuda:N); counts as one of --hosts.")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of every stage.")
 @click.option("--advertise", default=None, help="Address hosts reach the leader at (default: found per host).")
+@click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A plan from `hetserve plan`: its hosts, layers, precisions and micro-batch sizes.")
 @limit_options
 @log_options
-def leader(listen, serve, http, model, hosts, device, dtype, advertise, log_level, log_json, **kwargs):
+def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, log_level, log_json, **kwargs):
     """Coordinate a cluster: accept hosts, split the model over them, serve clients."""
     from .leader.daemon import run_leader
 
+    limits = limits_from(kwargs)
+    if plan_file:
+        model, hosts, dtype, limits = apply_plan(plan_file, model, limits)
     settings = LeaderSettings(listen=listen, serve=serve, http=http, model=model, hosts=hosts, dtype=dtype,
-                              advertise=advertise, limits=limits_from(kwargs))
+                              advertise=advertise, plan=plan_file, limits=limits)
     local = None
     if device:
         port = listen.rpartition(":")[2]
@@ -158,11 +176,15 @@ def join(leader, device, memory, advertise, name, threads, log_level, log_json):
 @click.option("--memory", default=None, help="Memory each local host offers (e.g. 2GiB).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="CPU threads per host (default: this machine's cores / --workers).")
+@click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A plan whose hosts are named worker-0, worker-1, ... (sets --workers).")
 @limit_options
 @log_options
-def up(workers, model, listen, serve, http, device, dtype, memory, threads, log_level, log_json, **kwargs):
+def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan_file, log_level, log_json, **kwargs):
     """Run a leader and N hosts on this machine (demo and development). Ctrl-C stops all."""
     limits = limits_from(kwargs)
+    if plan_file:
+        model, workers, dtype, _ = apply_plan(plan_file, model, limits)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -170,6 +192,8 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, log_
                   "--model", model, "--hosts", str(workers), "--dtype", dtype, "--log-level", log_level]
     logging_flags = ["--log-json"] if log_json else []
     leader_cmd += logging_flags + (["--http", http] if http else [])
+    if plan_file:
+        leader_cmd += ["--plan", plan_file]
     for field in dataclasses.fields(Limits):
         leader_cmd += ["--" + field.name.replace("_", "-"), str(getattr(limits, field.name))]
     procs = [spawn_child(leader_cmd)]
@@ -312,6 +336,122 @@ def status(server, as_json):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def parse_host(text: str) -> tuple[str, int, str | None]:
+    """NAME=MEMORY[@PROFILE.json] -> (name, bytes, profile path)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"{text!r} is not NAME=MEMORY[@PROFILE.json]")
+    memory, _, profile = rest.partition("@")
+    return name, parse_size(memory), profile or None
+
+
+def parse_fraction(text: str) -> float:
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a fraction like 2% or 0.02") from None
+
+
+@main.command()
+@config_option
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to profile.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True)
+@click.option("--remeasure", is_flag=True, help="Measure again even if a cached profile exists.")
+@click.option("--validate", is_flag=True, help="Measure held-out points and print the cost model's error.")
+def profile(model, device, dtype, remeasure, validate):
+    """Measure per-layer time and memory of each precision on this device (cached)."""
+    from .model.resolve import resolve_model
+    from .plan.profile import cached_profile
+    from .plan.validate import validate_cost_model
+
+    files = resolve_model(model)
+    prof, path = cached_profile(files.path, device, dtype, remeasure=remeasure)
+    click.echo(f"profile of {prof.device_name} for {model} ({dtype}): {path}")
+    click.echo(f"{'precision':10} {'layer MiB':>9}  prefill ms/layer (batch x prompt)      decode ms/layer (batch x context)")
+    for p, nbytes in prof.layer_bytes.items():
+        pre = " ".join(f"{b}x{t}:{prof.layer_ms['prefill'][p][i][j]:.2f}" for i, b in enumerate(prof.prefill.batches)
+                       for j, t in enumerate(prof.prefill.tokens))
+        dec = " ".join(f"{b}x{t}:{prof.layer_ms['decode'][p][i][j]:.2f}" for i, b in enumerate(prof.decode.batches)
+                       for j, t in enumerate(prof.decode.tokens))
+        click.echo(f"{p:10} {nbytes / 2**20:9.2f}  {pre}   {dec}")
+    if validate:
+        rows = validate_cost_model(files.path, prof)
+        for phase, precision, batch, tokens, predicted, measured in rows:
+            click.echo(f"held out {phase:7} {precision:6} batch {batch:2} tokens {tokens:4}: "
+                       f"predicted {predicted:7.3f} ms, measured {measured:7.3f} ms ({predicted / measured - 1:+.0%})")
+        errors = [abs(r[4] / r[5] - 1) for r in rows]
+        click.echo(f"cost model error on {len(rows)} held-out points: mean {sum(errors) / len(errors):.1%}, "
+                   f"max {max(errors):.1%}")
+
+
+@main.command()
+@config_option
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to plan for.")
+@click.option("--host", "host_specs", multiple=True, required=True,
+              help="NAME=MEMORY[@PROFILE.json], once per host (default profile: this device's).")
+@click.option("--device", default="cpu", show_default=True, help="Device profiled for hosts without @PROFILE.")
+@click.option("--link-gbps", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Bandwidth of the links between stages.")
+@click.option("--prompt", default=256, show_default=True, type=click.IntRange(1), help="Workload prompt tokens.")
+@click.option("--output", default=128, show_default=True, type=click.IntRange(1), help="Workload output tokens.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Requests served together.")
+@click.option("--max-ppl-increase", default="2%", show_default=True, help="Quality target: most perplexity increase.")
+@click.option("--calibration-tokens", default=512, show_default=True, type=click.IntRange(16),
+              help="Tokens of calibration text for layer sensitivity and --verify.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan here (JSON).")
+@click.option("--verify", is_flag=True, help="Measure the planned precisions' perplexity.")
+def plan(model, host_specs, device, link_gbps, prompt, output, batch, max_ppl_increase, calibration_tokens, out,
+         verify):
+    """Plan layers, precisions and micro-batch sizes for hosts under a quality target."""
+    from pathlib import Path
+
+    from .model.resolve import resolve_model
+    from .plan.planner import HostInput, PlanningError, Workload, make_plan
+    from .plan.profile import DeviceProfile, cached_profile
+    from .plan.quality import measure_ppl, sensitivity
+
+    files = resolve_model(model)
+    target = parse_fraction(max_ppl_increase)
+    hosts, local = [], None
+    for spec in host_specs:
+        name, memory, profile_path = parse_host(spec)
+        if profile_path:
+            prof = DeviceProfile.load(Path(profile_path))
+        else:
+            local = local or cached_profile(files.path, device)[0]
+            prof = local
+        hosts.append(HostInput(name, memory, prof, link_gbps))
+    quantized = sorted({p for h in hosts for p in h.profile.layer_bytes if p != "native"})
+    sens = sensitivity(files.path, quantized, calibration_tokens, device if device == "cpu" else "cpu")
+    try:
+        result = make_plan(model, hosts, sens, Workload(prompt, output, batch), target)
+    except PlanningError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"plan for {model}: {len(result.stages)} stages, prefill micro-batch {result.prefill_microbatch}, "
+               f"decode micro-batch {result.decode_microbatch}, solved in {result.solve_seconds:.2f} s")
+    for s in result.stages:
+        mix = ", ".join(f"{s.precisions.count(p)} {p}" for p in dict.fromkeys(s.precisions))
+        click.echo(f"  {s.host}: layers {s.start}-{s.end - 1} ({mix}); prefill {s.prefill_ms:.1f} ms, decode "
+                   f"{s.decode_ms:.1f} ms per micro-batch; {s.memory_bytes / 2**20:.0f} of {s.capacity_bytes / 2**20:.0f} MiB")
+    click.echo(f"perplexity: base {result.base_ppl:.3f}, predicted {result.predicted_ppl:.3f} "
+               f"(target +{target:.1%}: at most {result.base_ppl * (1 + target):.3f})")
+    click.echo(f"predicted throughput: {result.predicted_tokens_per_s:.1f} tokens/s")
+    for name, speed in result.baselines.items():
+        ratio = f"{result.predicted_tokens_per_s / speed:.2f}x" if speed else "does not fit"
+        click.echo(f"  baseline {name}: {speed:.1f} tokens/s -> plan speed-up {ratio}")
+    if verify:
+        precisions = [p for s in result.stages for p in s.precisions]
+        measured = measure_ppl(files.path, precisions, calibration_tokens)
+        within = measured <= result.base_ppl * (1 + target)
+        click.echo(f"verify: measured perplexity {measured:.3f} vs predicted {result.predicted_ppl:.3f} "
+                   f"({'within' if within else 'OUTSIDE'} the target)")
+    if out:
+        result.save(Path(out))
+        click.echo(f"wrote {out}")
 
 
 @main.group()

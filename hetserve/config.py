@@ -48,6 +48,7 @@ class LeaderSettings:
     dtype: str = "float32"  # stage compute dtype; fp32 keeps CPU output identical to transformers
     advertise: str | None = None  # address hosts reach the leader's result socket at; None = the
     #                               leader's own address on the route to each host
+    plan: str | None = None  # a plan file from `hetserve plan`; None = memory-proportional split
     limits: Limits = Limits()
 
 

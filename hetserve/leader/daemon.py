@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import zmq
@@ -24,6 +25,7 @@ from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
 from ..model.stage import load_config
+from ..plan.planner import Plan
 from ..plan.split import PlanError, memory_split
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
@@ -76,10 +78,19 @@ class HostRecord:
         }
 
 
+def _describe_precisions(precisions: list[str], dtype: str) -> str:
+    """'float32' or e.g. 'float32 x20, int4 x5' for a stage's layers."""
+    if not precisions or set(precisions) == {"native"}:
+        return dtype
+    counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
+    return ", ".join(f"{dtype if p == 'native' else p} x{n}" for p, n in counts.items())
+
+
 class Leader:
     def __init__(self, settings: LeaderSettings):
         settings.limits.check()
         self.settings = settings
+        self.plan = Plan.load(Path(settings.plan)) if settings.plan else None
         self.hosts: dict[str, HostRecord] = {}
         self.state = "starting"
         self.started = time.monotonic()
@@ -197,26 +208,40 @@ class Leader:
 
     async def _assign(self) -> None:
         s = self.settings
-        # Hosts in name order: a stable pipeline order however they raced to join.
-        order = sorted(self.hosts.values(), key=lambda h: h.name)
-        kv_tokens = s.limits.max_seqs * (s.limits.max_context + 1)
         try:
-            ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
+            order, ranges, precisions = self._layout()
         except PlanError as exc:
             raise LeaderError(f"no plan fits: {exc}") from None
         self.state = "loading"
-        for i, (host, (start, end)) in enumerate(zip(order, ranges)):
+        for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
             host.stage, host.layers, host.state = i, (start, end), "loading"
+            host.precision = _describe_precisions(precs, s.dtype)
             if i + 1 < len(order):
                 downstream = order[i + 1].data_addr
             else:
                 downstream = tcp(s.advertise or local_ip_towards(host.peer_ip), self.results_port)
             assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
                             num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
-                            max_context=s.limits.max_context, downstream=downstream)
-            log.info("plan: stage %d = host %s, layers %d-%d", i, host.name, start, end - 1)
+                            max_context=s.limits.max_context, downstream=downstream, precisions=precs)
+            log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
             await self.control.send_multipart([host.route, encode(assign)])
         self.stages = order
+
+    def _layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
+        """Pipeline order, layer ranges and per-layer precisions: from --plan, or split by memory."""
+        s = self.settings
+        if self.plan is not None:
+            missing = [st.host for st in self.plan.stages if st.host not in self.hosts]
+            if missing or len(self.hosts) != len(self.plan.stages):
+                raise PlanError(f"the plan is for hosts {[st.host for st in self.plan.stages]}, "
+                                f"but {sorted(self.hosts)} joined")
+            order = [self.hosts[st.host] for st in self.plan.stages]
+            return order, [(st.start, st.end) for st in self.plan.stages], [st.precisions for st in self.plan.stages]
+        # Hosts in name order: a stable pipeline order however they raced to join.
+        order = sorted(self.hosts.values(), key=lambda h: h.name)
+        kv_tokens = s.limits.max_seqs * (s.limits.max_context + 1)
+        ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
+        return order, ranges, [[] for _ in order]
 
     def _maybe_serve(self) -> None:
         if self.state == "serving" or any(h.state != "ready" for h in self.hosts.values()):

@@ -34,7 +34,9 @@ class Sensitivity:
     delta: dict[str, list[float]]  # precision -> per-layer loss increase
 
     def predicted_ppl(self, precisions: list[str]) -> float:
-        return math.exp(self.base_loss + sum(self.delta[p][i] for i, p in enumerate(precisions) if p != "native"))
+        """Negative measured deltas count as 0: calibration noise is never counted as a gain."""
+        return math.exp(self.base_loss + sum(max(0.0, self.delta[p][i])
+                                             for i, p in enumerate(precisions) if p != "native"))
 
     @property
     def base_ppl(self) -> float:

@@ -1,0 +1,236 @@
+"""From hosts' profiles, a quality target and a workload to a Plan: which host runs which layers at
+which precision, with which prefill and decode micro-batch sizes; plus the baselines.
+
+Around the exact DP (partition.py) this tries every distinct pipeline order of the hosts (hosts
+with the same profile and memory are interchangeable, so their orders are tried once; past
+MAX_EXACT_ORDERS distinct orders it falls back to the stated heuristic: hosts by memory,
+largest first, and its reverse) and every prefill micro-batch size that divides the batch. The
+decode micro-batch is ceil(batch / stages): the scheduler keeps one decode micro-batch per stage
+in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .cost import CostModel
+from .partition import HostCosts, Objective, Partition, partition, stage_times, total_time
+from .profile import DeviceProfile
+from .quality import Sensitivity
+
+QUALITY_BINS = 200  # the quality budget is split into this many integer units (costs round up)
+MAX_EXACT_ORDERS = 120  # distinct host orders tried exhaustively; beyond, the heuristic
+RESERVE = 0.10  # share of each host's memory kept back for activations and the runtime
+INF = float("inf")
+
+
+class PlanningError(Exception):
+    """No plan meets the constraints; the message says why and what would."""
+
+
+@dataclass(frozen=True)
+class HostInput:
+    name: str
+    memory_bytes: int
+    profile: DeviceProfile
+    link_gbps: float = 10.0  # bandwidth of the link to the next stage
+    link_ms: float = 0.2  # latency of that link
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int = 256
+    output_tokens: int = 128
+    batch: int = 8  # requests served together (KV cache is sized for them)
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    host: str
+    start: int
+    end: int
+    precisions: list[str]
+    prefill_ms: float
+    decode_ms: float
+    memory_bytes: int
+    capacity_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    dtype: str
+    workload: Workload
+    max_ppl_increase: float  # the target, as a fraction (0.02 = 2 %)
+    base_ppl: float
+    predicted_ppl: float
+    stages: list[PlannedStage]
+    prefill_microbatch: int
+    decode_microbatch: int
+    predicted_tokens_per_s: float
+    baselines: dict[str, float] = field(default_factory=dict)  # name -> predicted tokens/s
+    solve_seconds: float = 0.0
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        data = json.loads(Path(path).read_text())
+        data["workload"] = Workload(**data["workload"])
+        data["stages"] = [PlannedStage(**s) for s in data["stages"]]
+        return cls(**data)
+
+
+def host_costs(host: HostInput, precisions: list[str], workload: Workload, prefill_mb: int, decode_mb: int) -> HostCosts:
+    cost = CostModel(host.profile)
+    prof = host.profile
+    prompt, context = workload.prompt_tokens, workload.prompt_tokens + workload.output_tokens / 2
+    itemsize = 4 if prof.dtype == "float32" else 2
+    link = host.link_gbps * 1e9 / 8 / 1000  # bytes per ms
+
+    def per_precision(phase: str, batch: int, tokens: float) -> dict[str, float]:
+        return {p: cost.layer_ms(p, phase, batch, tokens) if p in prof.layer_bytes else INF for p in precisions}
+
+    return HostCosts(
+        name=host.name, capacity=host.memory_bytes * (1 - RESERVE),
+        layer_pre=per_precision("prefill", prefill_mb, prompt), layer_dec=per_precision("decode", decode_mb, context),
+        layer_bytes={p: prof.layer_bytes.get(p, INF) for p in precisions},
+        kv_bytes_per_layer=workload.batch * (workload.prompt_tokens + workload.output_tokens) * prof.kv_bytes_per_token,
+        fixed_pre=cost.fixed_ms("prefill", prefill_mb, prompt), fixed_dec=cost.fixed_ms("decode", decode_mb, context),
+        head_pre=cost.head_ms("prefill", prefill_mb), head_dec=cost.head_ms("decode", decode_mb),
+        embed_bytes=prof.embed_bytes, head_bytes=prof.head_bytes,
+        send_pre=prefill_mb * prompt * prof.hidden_size * itemsize / link + host.link_ms,
+        send_dec=decode_mb * prof.hidden_size * itemsize / link + host.link_ms,
+    )
+
+
+def quality_units(sens: Sensitivity, precisions: list[str], max_increase: float) -> tuple[list[dict[str, int]], int]:
+    """Per-layer integer quality costs and the integer budget for a relative ppl increase."""
+    budget_loss = math.log1p(max_increase)
+    unit = budget_loss / QUALITY_BINS if budget_loss > 0 else 1.0
+    layers = len(next(iter(sens.delta.values())))
+    costs = []
+    for i in range(layers):
+        # Negative measured deltas are noise: planning never counts on a free improvement.
+        costs.append({p: 0 if p == "native" else math.ceil(max(0.0, sens.delta[p][i]) / unit - 1e-9)
+                      if p in sens.delta else QUALITY_BINS + 1 for p in precisions})
+    return costs, QUALITY_BINS if budget_loss > 0 else 0
+
+
+def host_orders(hosts: list[HostInput]) -> list[list[HostInput]]:
+    def signature(h: HostInput):
+        return (h.profile.device_name, h.memory_bytes, h.link_gbps)
+
+    orders, seen = [], set()
+    for perm in itertools.permutations(hosts):
+        key = tuple(signature(h) for h in perm)
+        if key in seen:
+            continue
+        seen.add(key)
+        orders.append(list(perm))
+        if len(orders) > MAX_EXACT_ORDERS:
+            by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
+            return [by_memory, by_memory[::-1]]
+    return orders
+
+
+def decode_microbatch(batch: int, stages: int) -> int:
+    return math.ceil(batch / stages)
+
+
+def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: Workload, max_increase: float,
+              precisions: list[str] | None = None) -> Plan:
+    started = time.perf_counter()
+    precisions = precisions or sorted({p for h in hosts for p in h.profile.layer_bytes},
+                                      key=lambda p: ["native", "int8", "fp8", "int4"].index(p))
+    quality, budget = quality_units(sens, precisions, max_increase)
+    layers = len(quality)
+    best: tuple[float, Partition, list[HostInput], int, int] | None = None
+    for order in host_orders(hosts):
+        d_mb = decode_microbatch(workload.batch, len(order))
+        for p_mb in [b for b in range(1, workload.batch + 1) if workload.batch % b == 0]:
+            costs = [host_costs(h, precisions, workload, p_mb, d_mb) for h in order]
+            objective = Objective(workload.output_tokens, workload.batch // p_mb, math.ceil(workload.batch / d_mb))
+            result = partition(costs, layers, precisions, quality, budget, objective)
+            if result is not None and (best is None or result.time_ms < best[0]):
+                best = (result.time_ms, result, order, p_mb, d_mb)
+    if best is None:
+        raise PlanningError(_infeasible_reason(hosts, sens, workload, precisions, max_increase))
+    time_ms, result, order, p_mb, d_mb = best
+    chosen = [p for s in result.stages for p in s.precisions]
+    plan_stages = [PlannedStage(s.host, s.start, s.end, list(s.precisions), round(s.prefill_ms, 3),
+                                round(s.decode_ms, 3), int(s.memory_bytes), int(h.memory_bytes * (1 - RESERVE)))
+                   for s, h in zip(result.stages, order)]
+    tokens_per_s = workload.batch * workload.output_tokens / (time_ms / 1000)
+    return Plan(model=model, dtype=hosts[0].profile.dtype, workload=workload, max_ppl_increase=max_increase,
+                base_ppl=round(sens.base_ppl, 4), predicted_ppl=round(sens.predicted_ppl(chosen), 4), stages=plan_stages,
+                prefill_microbatch=p_mb, decode_microbatch=d_mb, predicted_tokens_per_s=round(tokens_per_s, 3),
+                baselines=baselines(hosts, precisions, quality, budget, workload, p_mb),
+                solve_seconds=round(time.perf_counter() - started, 3))
+
+
+def evaluate(order: list[HostInput], bounds: list[tuple[int, int]], precision: str, precisions: list[str],
+             workload: Workload, p_mb: int) -> float | None:
+    """Predicted tokens/s of a uniform-precision plan, None when it does not fit."""
+    d_mb = decode_microbatch(workload.batch, len(order))
+    stages = []
+    for i, (h, (start, end)) in enumerate(zip(order, bounds)):
+        costs = host_costs(h, precisions, workload, p_mb, d_mb)
+        pre, dec, mem = stage_times(costs, {precision: end - start}, i == 0, i == len(order) - 1)
+        if mem > costs.capacity or math.isinf(pre + dec):
+            return None
+        stages.append((pre, dec))
+    t = total_time(stages, Objective(workload.output_tokens, workload.batch // p_mb, math.ceil(workload.batch / d_mb)))
+    return workload.batch * workload.output_tokens / (t / 1000)
+
+
+def split_by_weights(layers: int, weights: list[float]) -> list[tuple[int, int]]:
+    total, bounds, acc = sum(weights), [0], 0.0
+    for i, w in enumerate(weights[:-1]):
+        acc += w
+        bounds.append(max(bounds[-1] + 1, min(round(layers * acc / total), layers - (len(weights) - 1 - i))))
+    bounds.append(layers)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def baselines(hosts: list[HostInput], precisions: list[str], quality: list[dict[str, int]], budget: int,
+              workload: Workload, p_mb: int) -> dict[str, float]:
+    """Uniform precision with an even split, and a memory-proportional split at one precision:
+    for each, the fastest precision that meets the quality budget and fits."""
+    layers = len(quality)
+    allowed = [p for p in precisions if sum(q[p] for q in quality) <= budget]
+    splits = {"uniform precision, even split": split_by_weights(layers, [1.0] * len(hosts)),
+              "memory-proportional split": split_by_weights(layers, [h.memory_bytes for h in hosts])}
+    out = {}
+    for name, bounds in splits.items():
+        speeds = {p: evaluate(hosts, bounds, p, precisions, workload, p_mb) for p in allowed}
+        feasible = {p: v for p, v in speeds.items() if v is not None}
+        if feasible:
+            p = max(feasible, key=feasible.get)
+            out[f"{name} ({p})"] = round(feasible[p], 3)
+        else:
+            out[f"{name}"] = 0.0  # does not fit at any precision within the quality target
+    return out
+
+
+def _infeasible_reason(hosts, sens, workload, precisions, max_increase) -> str:
+    """Why no plan exists, and the nearest feasible quality target if one exists."""
+    for target in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
+        if target <= max_increase:
+            continue
+        quality, budget = quality_units(sens, precisions, target)
+        for order in host_orders(hosts)[:4]:
+            d_mb = decode_microbatch(workload.batch, len(order))
+            costs = [host_costs(h, precisions, workload, 1, d_mb) for h in order]
+            if partition(costs, len(quality), precisions, quality, budget, Objective(1, 1, 1)) is not None:
+                return (f"no plan keeps perplexity within +{max_increase:.1%} on these hosts' memory; "
+                        f"the nearest feasible target is +{target:.1%} (--max-ppl-increase {target:.1%})")
+    return ("the model does not fit these hosts at any precision: add hosts or memory, or lower the batch "
+            f"({workload.batch}) or context ({workload.prompt_tokens + workload.output_tokens})")

@@ -1,0 +1,204 @@
+"""Measure what a decoder layer costs on this device, per precision and phase (`hetserve profile`).
+
+Per precision: time of one decoder layer for prefill over (batch, prompt length) and for decode
+over (batch, context length); the layer's weight bytes; and the fixed per-step cost of a stage
+(mask, rotary) and of the head (norm + lm_head on one row per request). A stage of n layers is
+then fixed + n x layer. Both are separated by timing stages of 1 and 3 layers: layer = (t3 - t1) / 2.
+
+Profiles are JSON under $HETSERVE_HOME/profiles/, keyed by device, model and software versions,
+and reused when present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.precision import GPU_ONLY, PRECISIONS
+from ..model.resolve import hetserve_home
+from ..model.stage import StageModel, StageSpec, load_config
+from .quality import model_key
+
+# Default measurement grids: small enough for ~1 minute on a 2-core CPU.
+PREFILL_BATCHES = [1, 4]
+PREFILL_TOKENS = [32, 128]
+DECODE_BATCHES = [1, 4, 8]
+DECODE_CONTEXTS = [64, 512]
+
+
+@dataclass(frozen=True)
+class Grid:
+    batches: list[int]
+    tokens: list[int]  # prompt length (prefill) or context length (decode)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    device: str  # e.g. "cpu" or "cuda:0"
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    model: str  # model key (config hash)
+    dtype: str
+    versions: dict[str, str]
+    hidden_size: int
+    kv_bytes_per_token: int  # K and V of one token in one layer
+    embed_bytes: int
+    head_bytes: int
+    layer_bytes: dict[str, int]  # precision -> weight bytes of one decoder layer
+    prefill: Grid
+    decode: Grid
+    layer_ms: dict[str, dict[str, list[list[float]]]]  # phase -> precision -> [batch][tokens]
+    fixed_ms: dict[str, list[list[float]]]  # phase -> [batch][tokens]: per-step cost of a stage
+    head_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> [batch]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "DeviceProfile":
+        data = json.loads(Path(path).read_text())
+        data["prefill"], data["decode"] = Grid(**data["prefill"]), Grid(**data["decode"])
+        return cls(**data)
+
+
+def software_versions() -> dict[str, str]:
+    import optimum.quanto
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "quanto": getattr(optimum.quanto, "__version__", "?")}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+def profile_path(model_dir: Path, device: torch.device, dtype: str) -> Path:
+    key = hashlib.sha256(json.dumps([device_name(device), model_key(model_dir), dtype, software_versions()])
+                         .encode()).hexdigest()[:16]
+    return hetserve_home() / "profiles" / f"{device_name(device).replace(' ', '_')}-{key}.json"
+
+
+def supported_precisions(device: torch.device) -> list[str]:
+    return [p for p in PRECISIONS if device.type == "cuda" or p not in GPU_ONLY]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device: torch.device, repeats: int) -> float:
+    """Fastest of `repeats` runs after 3 warm-ups: on a shared machine the minimum is the run
+    least disturbed by others (the median moved by 2-3x between runs here)."""
+    for _ in range(3):
+        fn()  # warm-up (and quanto's first-use kernel build)
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1000)
+    return min(samples)
+
+
+def _stage(model_dir: Path, layers: int, precision: str, dtype: str, device: str, slots: int, context: int,
+           last: bool = False) -> StageModel:
+    spec = StageSpec(0, layers, first=False, last=last, dtype=dtype, max_seqs=slots, max_context=context,
+                     precisions=(precision,) * layers)
+    return StageModel(model_dir, spec, device)
+
+
+def _step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int) -> float:
+    dev = stage.device
+    slots = torch.arange(batch, device=dev)
+    if phase == "prefill":
+        starts, lengths, steps = torch.zeros(batch, dtype=torch.long, device=dev), torch.full((batch,), tokens, device=dev), tokens
+    else:
+        starts, lengths, steps = torch.full((batch,), tokens - 1, device=dev), torch.ones(batch, dtype=torch.long, device=dev), 1
+    hidden = torch.randn(batch, steps, stage.hidden_size, dtype=stage.dtype, device=dev)
+    return _time_ms(lambda: stage.hidden_states(slots, starts, lengths, hidden), dev, repeats)
+
+
+def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32", precisions: list[str] | None = None,
+                    repeats: int = 10, progress: bool = True, grids: tuple[Grid, Grid] | None = None) -> DeviceProfile:
+    from tqdm import tqdm
+
+    dev = torch.device(device)
+    config = load_config(model_dir)
+    precisions = precisions or supported_precisions(dev)
+    prefill, decode = grids or (Grid(PREFILL_BATCHES, PREFILL_TOKENS), Grid(DECODE_BATCHES, DECODE_CONTEXTS))
+    slots = max(prefill.batches + decode.batches)
+    context = max(prefill.tokens + decode.tokens) + 1
+    phases = {"prefill": prefill, "decode": decode}
+    points = sum(len(g.batches) * len(g.tokens) for g in phases.values())
+    bar = tqdm(total=len(precisions) * points, desc=f"profile {device_name(dev)}", unit="point", disable=not progress)
+    layer_ms: dict[str, dict[str, list[list[float]]]] = {phase: {} for phase in phases}
+    fixed_ms: dict[str, list[list[float]]] = {}
+    layer_bytes = {}
+    for precision in precisions:
+        one = _stage(model_dir, 1, precision, dtype, device, slots, context)
+        three = _stage(model_dir, 3, precision, dtype, device, slots, context)
+        layer_bytes[precision] = (three.weight_bytes - one.weight_bytes) // 2
+        for phase, grid in phases.items():
+            rows, fixed_rows = [], []
+            for b in grid.batches:
+                row, fixed_row = [], []
+                for t in grid.tokens:
+                    t1, t3 = _step_ms(one, phase, b, t, repeats), _step_ms(three, phase, b, t, repeats)
+                    layer = max((t3 - t1) / 2, 0.5 * t1)  # noise guard: at least half a 1-layer stage
+                    row.append(round(layer, 4))
+                    fixed_row.append(round(max(t1 - layer, 0.0), 4))
+                    bar.update()
+                rows.append(row)
+                fixed_rows.append(fixed_row)
+            layer_ms[phase][precision] = rows
+            if precision == "native":
+                fixed_ms[phase] = fixed_rows
+        del one, three
+    bar.close()
+    head_ms = _head_ms(model_dir, dtype, device, phases, repeats)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    embed = config.vocab_size * config.hidden_size * itemsize
+    return DeviceProfile(
+        device=str(dev), device_name=device_name(dev), model=model_key(model_dir), dtype=dtype,
+        versions=software_versions(), hidden_size=config.hidden_size,
+        kv_bytes_per_token=2 * config.num_key_value_heads * head_dim * itemsize,
+        embed_bytes=embed, head_bytes=embed + config.hidden_size * itemsize, layer_bytes=layer_bytes,
+        prefill=prefill, decode=decode, layer_ms=layer_ms, fixed_ms=fixed_ms, head_ms=head_ms,
+    )
+
+
+def _head_ms(model_dir: Path, dtype: str, device: str, phases: dict[str, Grid], repeats: int) -> dict[str, list[float]]:
+    """norm + lm_head + argmax for one row per request, by batch."""
+    head = _stage(model_dir, 1, "native", dtype, device, 1, 2, last=True)
+    out = {}
+    for phase, grid in phases.items():
+        out[phase] = []
+        for b in grid.batches:
+            x = torch.randn(b, head.hidden_size, dtype=head.dtype, device=head.device)
+            out[phase].append(round(_time_ms(lambda: head.lm_head(head.norm(x)).argmax(-1), head.device, repeats), 4))
+    return out
+
+
+def cached_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32", progress: bool = True,
+                   remeasure: bool = False) -> tuple[DeviceProfile, Path]:
+    path = profile_path(model_dir, torch.device(device), dtype)
+    if path.is_file() and not remeasure:
+        return DeviceProfile.load(path), path
+    profile = measure_profile(model_dir, device, dtype, progress=progress)
+    profile.save(path)
+    return profile, path

@@ -1,0 +1,154 @@
+"""The planner: pure planning on synthetic profiles, and plan -> serve end to end on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from conftest import Cluster, connect, hetserve_cmd
+from hetserve.plan.cost import CostModel, interpolate
+from hetserve.plan.planner import HostInput, PlanningError, Workload, host_orders, make_plan, quality_units
+from hetserve.plan.profile import DeviceProfile, Grid
+from hetserve.plan.quality import Sensitivity
+
+MiB = 1 << 20
+LAYERS = 8
+
+
+def synthetic_profile(name: str, speed: float, int8_speedup: float = 1.0) -> DeviceProfile:
+    grid_p, grid_d = Grid([1, 4], [32, 128]), Grid([1, 8], [64, 512])
+
+    def table(base: float, grid: Grid) -> list[list[float]]:
+        return [[base * speed * b * (t / grid.tokens[0]) ** 0.5 for t in grid.tokens] for b in grid.batches]
+
+    return DeviceProfile(
+        device="cpu", device_name=name, model="m", dtype="float32", versions={}, hidden_size=64,
+        kv_bytes_per_token=512, embed_bytes=4 * MiB, head_bytes=4 * MiB,
+        layer_bytes={"native": 10 * MiB, "int8": 3 * MiB, "int4": 2 * MiB},
+        prefill=grid_p, decode=grid_d,
+        layer_ms={"prefill": {"native": table(1.0, grid_p), "int8": table(1.2, grid_p), "int4": table(1.5, grid_p)},
+                  "decode": {"native": table(0.3, grid_d), "int8": table(0.3 / int8_speedup, grid_d),
+                             "int4": table(0.25, grid_d)}},
+        fixed_ms={"prefill": [[0.1, 0.1], [0.1, 0.1]], "decode": [[0.05, 0.05], [0.05, 0.05]]},
+        head_ms={"prefill": [0.5, 1.0], "decode": [0.5, 1.0]},
+    )
+
+
+SENS = Sensitivity("m", 256, math.log(20.0), {"int8": [0.001] * LAYERS, "int4": [0.004 * (i + 1) for i in range(LAYERS)]})
+
+
+def test_interpolation_hits_grid_points_and_follows_power_laws():
+    table = [[1.0, 4.0], [2.0, 8.0]]
+    assert interpolate([1, 4], [32, 128], table, 1, 32) == pytest.approx(1.0)
+    assert interpolate([1, 4], [32, 128], table, 4, 128) == pytest.approx(8.0)
+    assert interpolate([1, 4], [32, 128], table, 2, 32) == pytest.approx(math.sqrt(2), rel=1e-3)
+    assert interpolate([1, 4], [32, 128], table, 1, 256) == pytest.approx(8.0, rel=1e-3)  # power law beyond
+
+
+def test_quality_units_round_up_and_ignore_negative_noise():
+    sens = Sensitivity("m", 1, 1.0, {"int4": [0.009951, -0.5]})
+    costs, budget = quality_units(sens, ["native", "int4"], math.expm1(0.01))  # budget = 0.01 loss in 200 units; 199.02 rounds up
+    assert budget > 0 and costs[0]["int4"] == budget and costs[1]["int4"] == 0 and costs[0]["native"] == 0
+
+
+def test_identical_hosts_are_ordered_once():
+    prof = synthetic_profile("a", 1.0)
+    hosts = [HostInput(f"h{i}", 100 * MiB, prof) for i in range(4)]
+    assert len(host_orders(hosts)) == 1
+    hosts.append(HostInput("big", 400 * MiB, prof))
+    assert len(host_orders(hosts)) == 5
+
+
+@pytest.mark.parametrize("target", [0.005, 0.02, 0.2])
+def test_plans_respect_memory_and_quality(target):
+    hosts = [HostInput("fast", 60 * MiB, synthetic_profile("fast", 0.5)),
+             HostInput("slow", 40 * MiB, synthetic_profile("slow", 1.0))]
+    plan = make_plan("m", hosts, SENS, Workload(64, 32, 4), target)
+    precisions = [p for s in plan.stages for p in s.precisions]
+    assert len(precisions) == LAYERS and plan.stages[0].start == 0 and plan.stages[-1].end == LAYERS
+    assert all(s.memory_bytes <= s.capacity_bytes for s in plan.stages)
+    assert SENS.predicted_ppl(precisions) <= plan.base_ppl * (1 + target) + 1e-9
+    assert plan.predicted_tokens_per_s > 0
+    for speed in plan.baselines.values():
+        assert speed <= plan.predicted_tokens_per_s + 1e-6  # the optimum is never beaten by a baseline
+
+
+def test_plan_uses_fast_precision_where_it_pays():
+    """int8 decodes 3x faster on this device: a loose target quantizes, a zero target cannot."""
+    hosts = [HostInput("a", 200 * MiB, synthetic_profile("gpu", 1.0, int8_speedup=3.0))]
+    loose = make_plan("m", hosts, SENS, Workload(64, 128, 4), 0.5)
+    assert loose.stages[0].precisions.count("int8") == LAYERS
+    strict = make_plan("m", hosts, SENS, Workload(64, 128, 4), 0.0)
+    assert set(strict.stages[0].precisions) == {"native"}
+    assert loose.predicted_tokens_per_s > 1.5 * strict.predicted_tokens_per_s
+
+
+def test_infeasible_names_the_nearest_target():
+    hosts = [HostInput("small", 60 * MiB, synthetic_profile("s", 1.0))]  # native needs 88 MiB
+    with pytest.raises(PlanningError, match="nearest feasible target"):
+        make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.0)
+    with pytest.raises(PlanningError, match="does not fit"):
+        make_plan("m", [HostInput("tiny", 5 * MiB, synthetic_profile("t", 1.0))], SENS, Workload(64, 32, 4), 1.0)
+
+
+def test_cost_model_reads_the_profile():
+    cost = CostModel(synthetic_profile("a", 1.0))
+    assert cost.layer_ms("native", "decode", 1, 64) == pytest.approx(0.3)
+    assert cost.layer_ms("int4", "prefill", 4, 32) == pytest.approx(6.0)
+    assert cost.head_ms("decode", 8) == pytest.approx(1.0)
+
+
+def test_plan_then_serve_mixed_precision(model_dir, tmp_path):
+    """`hetserve plan` on this CPU, then `hetserve up --plan`: the pipeline loads the planned
+    precisions and its greedy tokens equal the same precisions run in one process."""
+    plan_file = tmp_path / "plan.json"
+    done = subprocess.run(hetserve_cmd() + ["plan", "--host", "worker-0=400MiB", "--host", "worker-1=200MiB",
+                                            "--prompt", "64", "--output", "32", "--batch", "2",
+                                            "--max-ppl-increase", "5%", "--calibration-tokens", "128",
+                                            "--out", str(plan_file), "--verify"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "verify: measured perplexity" in done.stdout and "(within the target)" in done.stdout
+    plan = json.loads(plan_file.read_text())
+    precisions = [p for s in plan["stages"] for p in s["precisions"]]
+    assert len(precisions) == 30 and set(precisions) - {"native"}, "the memory needs some quantized layers"
+
+    cluster = Cluster(2, "--plan", str(plan_file))
+    try:
+        import asyncio
+
+        async def run():
+            client = await connect(cluster)
+            status = await client.status()
+            events = await client.call({"prompt": "The capital of France is", "max_tokens": 12})
+            await client.close()
+            return status, [e["token_id"] for e in events if e["event"] == "token"]
+
+        status, ids = asyncio.run(run())
+    finally:
+        assert cluster.stop() == 0
+    assert [h["name"] for h in status["hosts"]] == sorted(s["host"] for s in plan["stages"])
+    by_name = {h["name"]: h for h in status["hosts"]}
+    for stage in plan["stages"]:
+        assert by_name[stage["host"]]["layers"] == [stage["start"], stage["end"]]
+        if set(stage["precisions"]) != {"native"}:
+            assert "x" in by_name[stage["host"]]["precision"]  # e.g. "float32 x2, int8 x9"
+
+    from transformers import AutoTokenizer
+
+    from hetserve.model.stage import StageModel, StageSpec
+
+    whole = StageModel(model_dir, StageSpec(0, 30, True, True, max_seqs=1, max_context=64,
+                                            precisions=tuple(precisions)))
+    prompt = AutoTokenizer.from_pretrained(model_dir)("The capital of France is")["input_ids"]
+    want = [int(whole.forward(torch.tensor([0]), torch.tensor([0]), torch.tensor([len(prompt)]),
+                              torch.tensor([prompt]))[0])]
+    while len(want) < 12:
+        want.append(int(whole.forward(torch.tensor([0]), torch.tensor([len(prompt) + len(want) - 1]),
+                                      torch.tensor([1]), torch.tensor([[want[-1]]]))[0]))
+    eos = 2
+    assert ids == (want[: want.index(eos) + 1] if eos in want else want)
