@@ -14,7 +14,7 @@ import time
 
 import click
 
-from .config import DEFAULT_LISTEN, DEFAULT_SERVE, HostSettings, LeaderSettings, Limits
+from .config import DEFAULT_LISTEN, DEFAULT_SERVE, HostSettings, LeaderSettings, Limits, PlannerSettings
 from .model.resolve import DEFAULT_MODEL
 from .settings_file import ENV_PREFIX, config_option, effective_settings
 
@@ -39,6 +39,37 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 8GiB, 512MiB or 40G")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def planner_options(func):
+    """Live planning options shared by `leader` and `up`."""
+    options = [
+        click.option("--max-ppl-increase", default=None,
+                     help="Plan live from the hosts' profiles with this quality target (e.g. 2%)."),
+        click.option("--plan-prompt", default=256, show_default=True, type=click.IntRange(1),
+                     help="Workload prompt tokens the live plan optimizes for."),
+        click.option("--plan-output", default=128, show_default=True, type=click.IntRange(1),
+                     help="Workload output tokens the live plan optimizes for."),
+        click.option("--plan-batch", default=8, show_default=True, type=click.IntRange(1),
+                     help="Requests served together in the live plan's workload."),
+        click.option("--calibration-tokens", default=512, show_default=True, type=click.IntRange(16),
+                     help="Calibration tokens for layer sensitivity."),
+        click.option("--plan-out", default=None, type=click.Path(dir_okay=False), help="Also write the live plan here."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+PLANNER_KEYS = ("max_ppl_increase", "plan_prompt", "plan_output", "plan_batch", "calibration_tokens", "plan_out")
+
+
+def planner_from(kwargs: dict) -> PlannerSettings | None:
+    values = {k: kwargs.pop(k) for k in PLANNER_KEYS}
+    if values["max_ppl_increase"] is None:
+        return None
+    return PlannerSettings(parse_fraction(values["max_ppl_increase"]), values["plan_prompt"], values["plan_output"],
+                           values["plan_batch"], values["calibration_tokens"], save_to=values["plan_out"])
 
 
 def limit_options(func):
@@ -122,6 +153,7 @@ HTTP_HELP = "HOST:PORT of the OpenAI-compatible HTTP API and /metrics (off unles
 @click.option("--advertise", default=None, help="Address hosts reach the leader at (default: found per host).")
 @click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A plan from `hetserve plan`: its hosts, layers, precisions and micro-batch sizes.")
+@planner_options
 @limit_options
 @log_options
 def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, log_level, log_json, **kwargs):
@@ -129,10 +161,13 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
     from .leader.daemon import run_leader
 
     limits = limits_from(kwargs)
+    planner = planner_from(kwargs)
+    if plan_file and planner:
+        raise click.UsageError("give --plan or --max-ppl-increase, not both")
     if plan_file:
         model, hosts, dtype, limits = apply_plan(plan_file, model, limits)
     settings = LeaderSettings(listen=listen, serve=serve, http=http, model=model, hosts=hosts, dtype=dtype,
-                              advertise=advertise, plan=plan_file, limits=limits)
+                              advertise=advertise, plan=plan_file, planner=planner, limits=limits)
     local = None
     if device:
         port = listen.rpartition(":")[2]
@@ -178,6 +213,7 @@ def join(leader, device, memory, advertise, name, threads, log_level, log_json):
               help="CPU threads per host (default: this machine's cores / --workers).")
 @click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A plan whose hosts are named worker-0, worker-1, ... (sets --workers).")
+@planner_options
 @limit_options
 @log_options
 def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan_file, log_level, log_json, **kwargs):
@@ -194,6 +230,10 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
     leader_cmd += logging_flags + (["--http", http] if http else [])
     if plan_file:
         leader_cmd += ["--plan", plan_file]
+    if kwargs["max_ppl_increase"] is not None:
+        for key in PLANNER_KEYS:
+            if kwargs[key] is not None:
+                leader_cmd += ["--" + key.replace("_", "-"), str(kwargs[key])]
     for field in dataclasses.fields(Limits):
         leader_cmd += ["--" + field.name.replace("_", "-"), str(getattr(limits, field.name))]
     procs = [spawn_child(leader_cmd)]

@@ -39,6 +39,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class PlannerSettings:
+    """Plan live from the joined hosts' profiles (`hetserve leader --max-ppl-increase`)."""
+
+    max_ppl_increase: float  # hard quality target: 0.02 = perplexity at most 2 % above native
+    prompt_tokens: int = 256  # workload the plan optimizes for
+    output_tokens: int = 128
+    batch: int = 8  # requests served together
+    calibration_tokens: int = 512  # calibration text scored for layer sensitivity
+    link_gbps: float = 10.0  # assumed bandwidth between stages
+    save_to: str | None = None  # also write the plan here
+
+
+@dataclass(frozen=True)
 class LeaderSettings:
     listen: str = DEFAULT_LISTEN
     serve: str = DEFAULT_SERVE
@@ -49,6 +62,7 @@ class LeaderSettings:
     advertise: str | None = None  # address hosts reach the leader's result socket at; None = the
     #                               leader's own address on the route to each host
     plan: str | None = None  # a plan file from `hetserve plan`; None = memory-proportional split
+    planner: PlannerSettings | None = None  # plan live instead (hosts send their profiles)
     limits: Limits = Limits()
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import Cluster, connect, hetserve_cmd
 from hetserve.plan.cost import CostModel, interpolate
 from hetserve.plan.planner import HostInput, PlanningError, Workload, host_orders, make_plan, quality_units
-from hetserve.plan.profile import DeviceProfile, Grid
+from hetserve.plan.device_profile import DeviceProfile, Grid
 from hetserve.plan.quality import Sensitivity
 
 MiB = 1 << 20
@@ -152,3 +152,30 @@ def test_plan_then_serve_mixed_precision(model_dir, tmp_path):
                                       torch.tensor([1]), torch.tensor([[want[-1]]]))[0]))
     eos = 2
     assert ids == (want[: want.index(eos) + 1] if eos in want else want)
+
+
+def test_leader_plans_live_from_joined_hosts_profiles(model_dir, tmp_path):
+    """Hosts send their profiles on request; the leader plans under the target and serves."""
+    import asyncio
+
+    plan_file = tmp_path / "live.json"
+    cluster = Cluster(2, "--memory", "300MiB", "--max-ppl-increase", "5%", "--calibration-tokens", "128",
+                      "--plan-prompt", "64", "--plan-output", "32", "--plan-batch", "2", "--plan-out", str(plan_file))
+    try:
+        async def run():
+            client = await connect(cluster, timeout=600)
+            status = await client.status()
+            done = (await client.call({"prompt": "Hello, my name is", "max_tokens": 8}))[-1]
+            await client.close()
+            return status, done
+
+        status, done = asyncio.run(run())
+    finally:
+        assert cluster.stop() == 0
+    assert done["event"] == "done" and done["usage"]["completion_tokens"] >= 1
+    plan = json.loads(plan_file.read_text())
+    assert status["plan"]["predicted_ppl"] <= status["plan"]["base_ppl"] * 1.05 + 1e-9
+    assert status["limits"]["decode_seqs"] == plan["decode_microbatch"]
+    layers = {h["name"]: h["layers"] for h in status["hosts"]}
+    assert layers == {s["host"]: [s["start"], s["end"]] for s in plan["stages"]}
+    assert any("x" in h["precision"] for h in status["hosts"]), "300 MiB per host needs quantized layers"

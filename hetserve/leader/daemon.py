@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,12 +25,14 @@ from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
 from ..model.stage import load_config
-from ..plan.planner import Plan
+from ..plan.device_profile import DeviceProfile
+from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
+from ..plan.quality import sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, Ready, Refused,
-                             Shutdown, StageStats, Step, StepFailed, StepResult)
+from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, ProfileReport,
+                             ProfileRequest, Ready, Refused, Shutdown, StageStats, Step, StepFailed, StepResult)
 from ..wire.tensors import to_frame
 from .engine import Engine
 from .frontend import Connection
@@ -62,6 +64,7 @@ class HostRecord:
     stats: StageStats = StageStats()
     weight_bytes: int = 0
     kv_bytes: int = 0
+    profile: DeviceProfile | None = None  # sent on request when the leader plans live
 
     def describe(self, now: float) -> dict:
         silent = now - self.last_seen
@@ -163,7 +166,7 @@ class Leader:
         while True:
             route, frame = await self.control.recv_multipart(copy=False)
             try:
-                msg = decode(frame.bytes, expect=(Join, Ready, Failed, Heartbeat))
+                msg = decode(frame.bytes, expect=(Join, ProfileReport, Ready, Failed, Heartbeat))
             except WireError as exc:
                 log.warning("ignored a malformed control message: %s", exc)
                 continue
@@ -177,6 +180,10 @@ class Leader:
             host.last_seen = time.monotonic()
             if isinstance(msg, Heartbeat):
                 host.stats = msg.stats
+            elif isinstance(msg, ProfileReport):
+                host.profile = msg.profile
+                log.info("host %s sent its profile (%s)", host.name, msg.profile.device_name)
+                await self._maybe_assign()
             elif isinstance(msg, Ready):
                 host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
                 log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s",
@@ -203,8 +210,41 @@ class Leader:
                                           self.settings.dtype, last_seen=now)
         log.info("host %s joined from %s: %s (%s), %.2f GiB usable (%d/%d)", msg.host, peer_ip, msg.inventory.device,
                  msg.inventory.name, msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts)
-        if len(self.hosts) == self.settings.hosts:
-            await self._assign()
+        if self.settings.planner is not None:
+            await self.control.send_multipart([route, encode(ProfileRequest(self.settings.model, self.settings.dtype))])
+        await self._maybe_assign()
+
+    async def _maybe_assign(self) -> None:
+        """Assign slices once every host joined (and, when planning live, sent its profile)."""
+        if len(self.hosts) < self.settings.hosts or self.state != "waiting for hosts":
+            return
+        if self.settings.planner is not None:
+            if any(h.profile is None for h in self.hosts.values()):
+                return
+            self.state = "planning"
+            self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
+            self.engine.limits = replace(self.engine.limits, prefill_seqs=self.plan.prefill_microbatch,
+                                         decode_seqs=self.plan.decode_microbatch)
+        await self._assign()
+
+    def _plan_live(self) -> Plan:
+        p = self.settings.planner
+        hosts = [HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps)
+                 for h in sorted(self.hosts.values(), key=lambda h: h.name)]
+        quantized = sorted({q for h in hosts for q in h.profile.layer_bytes if q != "native"})
+        log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
+                 p.max_ppl_increase * 100)
+        sens = sensitivity(self.model_dir, quantized, p.calibration_tokens, progress=False)
+        try:
+            plan = make_plan(self.settings.model, hosts, sens,
+                             Workload(p.prompt_tokens, p.output_tokens, p.batch), p.max_ppl_increase)
+        except PlanningError as exc:
+            raise LeaderError(f"no plan: {exc}") from None
+        log.info("plan: predicted %.1f tokens/s, perplexity %.3f (base %.3f), solved in %.2f s; baselines %s",
+                 plan.predicted_tokens_per_s, plan.predicted_ppl, plan.base_ppl, plan.solve_seconds, plan.baselines)
+        if p.save_to:
+            plan.save(Path(p.save_to))
+        return plan
 
     async def _assign(self) -> None:
         s = self.settings
@@ -291,11 +331,14 @@ class Leader:
 
     def status(self) -> dict:
         now = time.monotonic()
-        limits = self.settings.limits
+        limits = self.engine.limits
         return {
             "state": self.state, "model": self.settings.model, "layers": self.num_layers,
             "dtype": self.settings.dtype, "uptime_s": round(now - self.started, 1),
             "hosts": [h.describe(now) for h in sorted(self.hosts.values(), key=lambda h: h.name)],
+            "plan": None if self.plan is None else {
+                "predicted_tokens_per_s": self.plan.predicted_tokens_per_s, "predicted_ppl": self.plan.predicted_ppl,
+                "base_ppl": self.plan.base_ppl, "max_ppl_increase": self.plan.max_ppl_increase},
             "limits": {"max_seqs": limits.max_seqs, "max_context": limits.max_context,
                        "prefill_seqs": limits.prefill_seqs, "prefill_tokens": limits.prefill_tokens,
                        "decode_seqs": limits.decode_seqs},

@@ -13,7 +13,7 @@ import bisect
 import math
 from dataclasses import dataclass, replace
 
-from .profile import DeviceProfile
+from .device_profile import DeviceProfile
 
 
 @dataclass(frozen=True)

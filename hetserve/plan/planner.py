@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cost import CostModel
 from .partition import HostCosts, Objective, Partition, partition, stage_times, total_time
-from .profile import DeviceProfile
+from .device_profile import DeviceProfile
 from .quality import Sensitivity
 
 QUALITY_BINS = 200  # the quality budget is split into this many integer units (costs round up)

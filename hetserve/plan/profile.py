@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from ..model.precision import GPU_ONLY, PRECISIONS
 from ..model.resolve import hetserve_home
 from ..model.stage import StageModel, StageSpec, load_config
+from .device_profile import DeviceProfile, Grid
 from .quality import model_key
 
 # Default measurement grids: small enough for ~1 minute on a 2-core CPU.
@@ -29,43 +29,6 @@ PREFILL_BATCHES = [1, 4]
 PREFILL_TOKENS = [32, 128]
 DECODE_BATCHES = [1, 4, 8]
 DECODE_CONTEXTS = [64, 512]
-
-
-@dataclass(frozen=True)
-class Grid:
-    batches: list[int]
-    tokens: list[int]  # prompt length (prefill) or context length (decode)
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    device: str  # e.g. "cpu" or "cuda:0"
-    device_name: str  # e.g. "NVIDIA H100 80GB HBM3"
-    model: str  # model key (config hash)
-    dtype: str
-    versions: dict[str, str]
-    hidden_size: int
-    kv_bytes_per_token: int  # K and V of one token in one layer
-    embed_bytes: int
-    head_bytes: int
-    layer_bytes: dict[str, int]  # precision -> weight bytes of one decoder layer
-    prefill: Grid
-    decode: Grid
-    layer_ms: dict[str, dict[str, list[list[float]]]]  # phase -> precision -> [batch][tokens]
-    fixed_ms: dict[str, list[list[float]]]  # phase -> [batch][tokens]: per-step cost of a stage
-    head_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> [batch]
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> "DeviceProfile":
-        data = json.loads(Path(path).read_text())
-        data["prefill"], data["decode"] = Grid(**data["prefill"]), Grid(**data["decode"])
-        return cls(**data)
 
 
 def software_versions() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Every message that crosses a ZeroMQ socket between hosts, as frozen typed dataclasses.
 
-Control channel (leader ROUTER <-> host DEALER): Join, Refused, Assign, Ready, Failed,
-Heartbeat, Shutdown. Data path (PUSH -> PULL, leader -> stage 0 -> ... -> last stage -> leader):
+Control channel (leader ROUTER <-> host DEALER): Join, Refused, ProfileRequest, ProfileReport,
+Assign, Ready, Failed, Heartbeat, Shutdown. Data path (PUSH -> PULL, leader -> stage 0 -> ... -> last stage -> leader):
 a `Step` header frame followed by one raw tensor frame; `StepResult` from the last stage; a
 `StepFailed` travels the rest of the pipeline in place of a step that a stage could not run.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import field
 
+from ..plan.device_profile import DeviceProfile
 from .codec import message
 
 PROTOCOL_VERSION = 1
@@ -67,7 +68,21 @@ class Heartbeat:
     stats: StageStats = field(default_factory=StageStats)
 
 
+@message("profile_report")
+class ProfileReport:
+    host: str
+    profile: DeviceProfile
+
+
 # ---- control: leader -> host
+
+@message("profile_request")
+class ProfileRequest:
+    """Measure (or load the cached) profile of this model on the host's device; the leader plans."""
+
+    model: str
+    dtype: str
+
 
 @message("refused")
 class Refused:

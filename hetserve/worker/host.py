@@ -25,7 +25,8 @@ from ..model.resolve import ModelError, resolve_model
 from ..model.stage import StageModel, StageSpec, load_config
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import Assign, Failed, Heartbeat, Join, Ready, Refused, Shutdown
+from ..plan.profile import cached_profile
+from ..wire.messages import Assign, Failed, Heartbeat, Join, ProfileReport, ProfileRequest, Ready, Refused, Shutdown
 from .inventory import take_inventory
 from .stage_loop import StageLoop
 
@@ -84,7 +85,7 @@ class Host:
         while True:
             raw = await self.control.recv()
             try:
-                msg = decode(raw, expect=(Assign, Refused, Shutdown))
+                msg = decode(raw, expect=(Assign, ProfileRequest, Refused, Shutdown))
             except WireError as exc:
                 log.warning("ignored a malformed control message: %s", exc)
                 continue
@@ -93,7 +94,22 @@ class Host:
             if isinstance(msg, Shutdown):
                 log.info("leader asked to shut down: %s", msg.reason)
                 return
+            if isinstance(msg, ProfileRequest):
+                await self._profile(msg)
+                continue
             await self._assign(msg)
+
+    async def _profile(self, msg: ProfileRequest) -> None:
+        started = time.perf_counter()
+        try:
+            profile = await asyncio.get_running_loop().run_in_executor(
+                self.torch_thread, lambda: cached_profile(resolve_model(msg.model).path, self.settings.device, msg.dtype)[0])
+        except (ModelError, OSError, RuntimeError, ValueError) as exc:
+            log.error("cannot profile %s: %s", msg.model, exc)
+            await self._send(Failed(self.name, f"profiling failed: {exc}"))
+            return
+        log.info("profile of %s on %s ready in %.1f s", msg.model, profile.device_name, time.perf_counter() - started)
+        await self._send(ProfileReport(self.name, profile))
 
     async def _assign(self, msg: Assign) -> None:
         if self.stage_loop is not None:
