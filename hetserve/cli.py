@@ -401,8 +401,11 @@ def parse_fraction(text: str) -> float:
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True)
 @click.option("--remeasure", is_flag=True, help="Measure again even if a cached profile exists.")
 @click.option("--validate", is_flag=True, help="Measure held-out points and print the cost model's error.")
-def profile(model, device, dtype, remeasure, validate):
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the profile here (JSON).")
+def profile(model, device, dtype, remeasure, validate, out):
     """Measure per-layer time and memory of each precision on this device (cached)."""
+    from pathlib import Path
+
     from .model.resolve import resolve_model
     from .plan.profile import cached_profile
     from .plan.validate import validate_cost_model
@@ -410,6 +413,8 @@ def profile(model, device, dtype, remeasure, validate):
     files = resolve_model(model)
     prof, path = cached_profile(files.path, device, dtype, remeasure=remeasure)
     click.echo(f"profile of {prof.device_name} for {model} ({dtype}): {path}")
+    if out:
+        prof.save(Path(out))
     click.echo(f"{'precision':10} {'layer MiB':>9}  prefill ms/layer (batch x prompt)      decode ms/layer (batch x context)")
     for p, nbytes in prof.layer_bytes.items():
         pre = " ".join(f"{b}x{t}:{prof.layer_ms['prefill'][p][i][j]:.2f}" for i, b in enumerate(prof.prefill.batches)
@@ -443,8 +448,10 @@ def profile(model, device, dtype, remeasure, validate):
               help="Tokens of calibration text for layer sensitivity and --verify.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan here (JSON).")
 @click.option("--verify", is_flag=True, help="Measure the planned precisions' perplexity.")
+@click.option("--show", default=None, type=click.Path(dir_okay=False),
+              help="Draw the plan into this PNG (needs matplotlib).")
 def plan(model, host_specs, device, link_gbps, prompt, output, batch, max_ppl_increase, calibration_tokens, out,
-         verify):
+         verify, show):
     """Plan layers, precisions and micro-batch sizes for hosts under a quality target."""
     from pathlib import Path
 
@@ -492,6 +499,15 @@ def plan(model, host_specs, device, link_gbps, prompt, output, batch, max_ppl_in
     if out:
         result.save(Path(out))
         click.echo(f"wrote {out}")
+    if show:
+        from .plan.draw import draw_plan
+
+        try:
+            draw_plan(result, Path(show))
+        except ImportError:
+            click.echo("error: --show needs matplotlib: pip install matplotlib", err=True)
+            sys.exit(1)
+        click.echo(f"drew {show}")
 
 
 @main.group()

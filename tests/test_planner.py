@@ -109,10 +109,11 @@ def test_plan_then_serve_mixed_precision(model_dir, tmp_path):
     done = subprocess.run(hetserve_cmd() + ["plan", "--host", "worker-0=400MiB", "--host", "worker-1=200MiB",
                                             "--prompt", "64", "--output", "32", "--batch", "2",
                                             "--max-ppl-increase", "5%", "--calibration-tokens", "128",
-                                            "--out", str(plan_file), "--verify"],
+                                            "--out", str(plan_file), "--verify", "--show", str(tmp_path / "p.png")],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "verify: measured perplexity" in done.stdout and "(within the target)" in done.stdout
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plan = json.loads(plan_file.read_text())
     precisions = [p for s in plan["stages"] for p in s["precisions"]]
     assert len(precisions) == 30 and set(precisions) - {"native"}, "the memory needs some quantized layers"

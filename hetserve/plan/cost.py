@@ -90,23 +90,54 @@ class CostModel:
         return interpolate(grid.batches, [1], [[v] for v in self.profile.head_ms[phase]], batch, 1)
 
 
-def _roofline_ms(profile: DeviceProfile, spec: DeviceSpec, precision: str, phase: str, batch: int, tokens: int) -> float:
-    weights = profile.layer_bytes[precision]
-    params = profile.layer_bytes["native"] / (4 if profile.dtype == "float32" else 2)
+@dataclass(frozen=True)
+class LayerShape:
+    """What the roofline needs of a decoder layer."""
+
+    params: float  # weight parameters of one layer
+    hidden_size: int
+    kv_bytes_per_token: int
+    weight_bytes: dict[str, float]  # precision -> bytes of one layer
+
+    @classmethod
+    def of(cls, profile: DeviceProfile) -> "LayerShape":
+        itemsize = 4 if profile.dtype == "float32" else 2
+        return cls(profile.layer_bytes["native"] / itemsize, profile.hidden_size, profile.kv_bytes_per_token,
+                   dict(profile.layer_bytes))
+
+
+def roofline_ms(shape: LayerShape, spec: DeviceSpec, precision: str, phase: str, batch: int, tokens: int) -> float:
     new = tokens if phase == "prefill" else 1
-    kv = batch * tokens * profile.kv_bytes_per_token
-    flops = 2 * params * batch * new + 4 * batch * new * tokens * profile.hidden_size
-    return max((weights + kv) / (spec.bandwidth_gbs * 1e6), flops / (spec.tflops * 1e9))
+    moved = shape.weight_bytes[precision] + batch * tokens * shape.kv_bytes_per_token
+    flops = 2 * shape.params * batch * new + 4 * batch * new * tokens * shape.hidden_size
+    return max(moved / (spec.bandwidth_gbs * 1e6), flops / (spec.tflops * 1e9))
 
 
-def predict_profile(reference: DeviceProfile, reference_spec: DeviceSpec, target: DeviceSpec) -> DeviceProfile:
-    """A profile for `target` made by scaling the reference's measured times point by point."""
+def predict_profile(reference: DeviceProfile, reference_spec: DeviceSpec, target: DeviceSpec,
+                    target_shape: LayerShape | None = None) -> DeviceProfile:
+    """A profile for `target` (and optionally another layer shape) from a measured reference.
+
+    Each measured layer time is split into a floor that does not scale (launch and dispatch
+    overhead: the smallest measured time minus its roofline) and the rest, which is scaled by the
+    ratio of the two roofline times at that point: kernel efficiency carries over, the hardware
+    bound changes.
+    """
+    ref_shape = LayerShape.of(reference)
+    shape = target_shape or ref_shape
     layer_ms: dict[str, dict[str, list[list[float]]]] = {}
     for phase, by_precision in reference.layer_ms.items():
         grid = reference.prefill if phase == "prefill" else reference.decode
-        layer_ms[phase] = {
-            p: [[ms * _roofline_ms(reference, target, p, phase, b, t) / _roofline_ms(reference, reference_spec, p, phase, b, t)
-                 for ms, t in zip(row, grid.tokens)] for row, b in zip(table, grid.batches)]
-            for p, table in by_precision.items()}
-    # Fixed costs are launch/Python overhead: they follow the host, not the accelerator's roofline.
-    return replace(reference, device=f"predicted:{target.name}", device_name=target.name, layer_ms=layer_ms)
+        layer_ms[phase] = {}
+        for p, table in by_precision.items():
+            if p not in shape.weight_bytes:
+                continue
+            ref_roof = [[roofline_ms(ref_shape, reference_spec, p, phase, b, t) for t in grid.tokens] for b in grid.batches]
+            floor = max(0.0, min(ms - roof for row, roofs in zip(table, ref_roof) for ms, roof in zip(row, roofs)))
+            layer_ms[phase][p] = [
+                [round(floor + (ms - floor) * roofline_ms(shape, target, p, phase, b, t) / roof, 4)
+                 for ms, roof, t in zip(row, roofs, grid.tokens)]
+                for row, roofs, b in zip(table, ref_roof, grid.batches)]
+    # Fixed per-step costs are launch/Python overhead: they follow the host software, not the chip.
+    return replace(reference, device=f"predicted:{target.name}", device_name=target.name, layer_ms=layer_ms,
+                   hidden_size=shape.hidden_size, kv_bytes_per_token=shape.kv_bytes_per_token,
+                   layer_bytes={p: int(b) for p, b in shape.weight_bytes.items() if p in reference.layer_bytes})

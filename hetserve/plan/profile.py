@@ -24,11 +24,10 @@ from ..model.stage import StageModel, StageSpec, load_config
 from .device_profile import DeviceProfile, Grid
 from .quality import model_key
 
-# Default measurement grids: small enough for ~1 minute on a 2-core CPU.
-PREFILL_BATCHES = [1, 4]
-PREFILL_TOKENS = [32, 128]
-DECODE_BATCHES = [1, 4, 8]
-DECODE_CONTEXTS = [64, 512]
+# Measurement grids (prefill: batch x prompt; decode: batch x context). The CPU grid is small
+# enough for ~1 minute on 2 cores; the GPU grid covers serving batch sizes and long prompts.
+CPU_GRIDS = (Grid([1, 4], [32, 128]), Grid([1, 4, 8], [64, 512]))
+GPU_GRIDS = (Grid([1, 8], [128, 512, 2048]), Grid([1, 16, 64], [512, 2048]))
 
 
 def software_versions() -> dict[str, str]:
@@ -102,7 +101,7 @@ def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32"
     dev = torch.device(device)
     config = load_config(model_dir)
     precisions = precisions or supported_precisions(dev)
-    prefill, decode = grids or (Grid(PREFILL_BATCHES, PREFILL_TOKENS), Grid(DECODE_BATCHES, DECODE_CONTEXTS))
+    prefill, decode = grids or (GPU_GRIDS if dev.type == "cuda" else CPU_GRIDS)
     slots = max(prefill.batches + decode.batches)
     context = max(prefill.tokens + decode.tokens) + 1
     phases = {"prefill": prefill, "decode": decode}

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .cost import CostModel
-from .profile import DeviceProfile, _stage, _step_ms
+from .device_profile import DeviceProfile, Grid
+from .profile import _stage, _step_ms
 
-# Between the default grid points (profile.py), in both phases.
-HELD_OUT = {"prefill": [(2, 64)], "decode": [(2, 128), (6, 256)]}
+
+def held_out(grid: Grid) -> list[tuple[int, int]]:
+    """Geometric midpoints between neighbouring grid points."""
+    def mids(values: list[int]) -> list[int]:
+        return [round(math.sqrt(a * b)) for a, b in zip(values, values[1:])] or values
+    return [(b, t) for b in mids(grid.batches) for t in mids(grid.tokens)]
 
 
 def validate_cost_model(model_dir: Path, profile: DeviceProfile, repeats: int = 10):
     """[(phase, precision, batch, tokens, predicted ms, measured ms)] for a 2-layer stage."""
     cost = CostModel(profile)
+    points = {"prefill": held_out(profile.prefill), "decode": held_out(profile.decode)}
+    slots = max(b for pts in points.values() for b, _ in pts)
+    context = max(t for pts in points.values() for _, t in pts) + 1
     rows = []
     for precision in profile.layer_bytes:
-        stage = _stage(model_dir, 2, precision, profile.dtype, profile.device, 8, 1024)
-        for phase, points in HELD_OUT.items():
-            for batch, tokens in points:
+        stage = _stage(model_dir, 2, precision, profile.dtype, profile.device, slots, context)
+        for phase, pts in points.items():
+            for batch, tokens in pts:
                 predicted = cost.fixed_ms(phase, batch, tokens) + 2 * cost.layer_ms(precision, phase, batch, tokens)
                 rows.append((phase, precision, batch, tokens, predicted, _step_ms(stage, phase, batch, tokens, repeats)))
     return rows

@@ -1,0 +1,44 @@
+"""Write a model directory with random weights from a named shape (valid for speed, not quality).
+
+    python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b [--layers 3] [--device cuda]
+
+Only the shape matters for timing; `--layers` keeps fewer decoder layers (all layers of a model
+are the same shape, so a profile of 3 layers is a profile of them all).
+"""
+
+import argparse
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+SHAPES = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("out")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    config = LlamaConfig(**shape)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
+
+
+if __name__ == "__main__":
+    main()
