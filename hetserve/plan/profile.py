@@ -76,14 +76,14 @@ def _time_ms(fn, device: torch.device, repeats: int) -> float:
     return min(samples)
 
 
-def _stage(model_dir: Path, layers: int, precision: str, dtype: str, device: str, slots: int, context: int,
+def stage_for_profile(model_dir: Path, layers: int, precision: str, dtype: str, device: str, slots: int, context: int,
            last: bool = False) -> StageModel:
     spec = StageSpec(0, layers, first=False, last=last, dtype=dtype, max_seqs=slots, max_context=context,
                      precisions=(precision,) * layers)
     return StageModel(model_dir, spec, device)
 
 
-def _step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int) -> float:
+def step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int) -> float:
     dev = stage.device
     slots = torch.arange(batch, device=dev)
     if phase == "prefill":
@@ -111,15 +111,15 @@ def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32"
     fixed_ms: dict[str, list[list[float]]] = {}
     layer_bytes = {}
     for precision in precisions:
-        one = _stage(model_dir, 1, precision, dtype, device, slots, context)
-        three = _stage(model_dir, 3, precision, dtype, device, slots, context)
+        one = stage_for_profile(model_dir, 1, precision, dtype, device, slots, context)
+        three = stage_for_profile(model_dir, 3, precision, dtype, device, slots, context)
         layer_bytes[precision] = (three.weight_bytes - one.weight_bytes) // 2
         for phase, grid in phases.items():
             rows, fixed_rows = [], []
             for b in grid.batches:
                 row, fixed_row = [], []
                 for t in grid.tokens:
-                    t1, t3 = _step_ms(one, phase, b, t, repeats), _step_ms(three, phase, b, t, repeats)
+                    t1, t3 = step_ms(one, phase, b, t, repeats), step_ms(three, phase, b, t, repeats)
                     layer = max((t3 - t1) / 2, 0.5 * t1)  # noise guard: at least half a 1-layer stage
                     row.append(round(layer, 4))
                     fixed_row.append(round(max(t1 - layer, 0.0), 4))
@@ -146,7 +146,7 @@ def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32"
 
 def _head_ms(model_dir: Path, dtype: str, device: str, phases: dict[str, Grid], repeats: int) -> dict[str, list[float]]:
     """norm + lm_head + argmax for one row per request, by batch."""
-    head = _stage(model_dir, 1, "native", dtype, device, 1, 2, last=True)
+    head = stage_for_profile(model_dir, 1, "native", dtype, device, 1, 2, last=True)
     out = {}
     for phase, grid in phases.items():
         out[phase] = []

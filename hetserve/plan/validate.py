@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .cost import CostModel
 from .device_profile import DeviceProfile, Grid
-from .profile import _stage, _step_ms
+from .profile import stage_for_profile, step_ms
 
 
 def held_out(grid: Grid) -> list[tuple[int, int]]:
@@ -25,9 +25,9 @@ def validate_cost_model(model_dir: Path, profile: DeviceProfile, repeats: int = 
     context = max(t for pts in points.values() for _, t in pts) + 1
     rows = []
     for precision in profile.layer_bytes:
-        stage = _stage(model_dir, 2, precision, profile.dtype, profile.device, slots, context)
+        stage = stage_for_profile(model_dir, 2, precision, profile.dtype, profile.device, slots, context)
         for phase, pts in points.items():
             for batch, tokens in pts:
                 predicted = cost.fixed_ms(phase, batch, tokens) + 2 * cost.layer_ms(precision, phase, batch, tokens)
-                rows.append((phase, precision, batch, tokens, predicted, _step_ms(stage, phase, batch, tokens, repeats)))
+                rows.append((phase, precision, batch, tokens, predicted, step_ms(stage, phase, batch, tokens, repeats)))
     return rows
