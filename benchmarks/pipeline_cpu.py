@@ -6,7 +6,11 @@ Measures, in one run, for SmolLM2-135M in fp32:
 transformers runs in this process; each hetserve configuration is a real `hetserve up` cluster on
 127.0.0.1 driven through the line protocol. Prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/pipeline_cpu.py [--tokens 64] [--repeats 3] [--out bench-results/pipeline_cpu.json]
+    .venv/bin/python benchmarks/pipeline_cpu.py [--tokens 64] [--repeats 3] [--threads T] [--model M]
+        [--out bench-results/pipeline_cpu.json]
+
+--threads T gives transformers and every stage T threads, as if each host had T cores of its own
+(default: this machine's cores, and also a run with the cores split between the stages).
 """
 
 from __future__ import annotations
@@ -97,9 +101,9 @@ async def drive(serve: str, tokens: int, repeats: int) -> dict:
             "batch8_tokens_per_s": statistics.median(tps8)}
 
 
-def bench_hetserve(workers: int, threads: int, tokens: int, repeats: int) -> dict:
+def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats: int) -> dict:
     serve, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "hetserve", "up", "--workers", str(workers), "--threads", str(threads),
+    cmd = [sys.executable, "-m", "hetserve", "up", "--model", model, "--workers", str(workers), "--threads", str(threads),
            "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512"]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **EXTRA_ENV})
     try:
@@ -113,20 +117,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (median)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for transformers and for each stage")
+    parser.add_argument("--model", default="smollm2-135m", help="model spec (a directory works, e.g. random weights)")
     parser.add_argument("--out", default="bench-results/pipeline_cpu.json")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    model_dir = resolve_model("smollm2-135m").path
-    rows = {"transformers generate (1 process)": bench_transformers(model_dir, args.tokens, args.repeats, cores)}
-    rows[f"hetserve 1 stage ({cores} threads)"] = bench_hetserve(1, cores, args.tokens, args.repeats)
-    rows[f"hetserve 2 stages ({cores} threads each)"] = bench_hetserve(2, cores, args.tokens, args.repeats)
-    if cores > 1:
-        rows[f"hetserve 2 stages ({cores // 2} thread(s) each)"] = bench_hetserve(2, cores // 2, args.tokens, args.repeats)
-    base = rows["transformers generate (1 process)"]
-    print(f"SmolLM2-135M fp32, CPU ({cores} cores), {args.tokens} output tokens, median of {args.repeats}")
-    print(f"{'configuration':42} {'b1 ms/token':>12} {'vs HF':>7} {'b1 tok/s':>9} {'b8 tok/s':>9} {'vs HF':>7}")
+    threads = args.threads or cores
+    model_dir = resolve_model(args.model).path
+    rows = {f"transformers generate (1 process, {threads} threads)":
+            bench_transformers(model_dir, args.tokens, args.repeats, threads)}
+    rows[f"hetserve 1 stage ({threads} threads)"] = bench_hetserve(args.model, 1, threads, args.tokens, args.repeats)
+    rows[f"hetserve 2 stages ({threads} threads each)"] = bench_hetserve(args.model, 2, threads, args.tokens, args.repeats)
+    if args.threads is None and cores > 1:
+        rows[f"hetserve 2 stages ({cores // 2} thread(s) each)"] = bench_hetserve(args.model, 2, cores // 2, args.tokens,
+                                                                                 args.repeats)
+    base = next(iter(rows.values()))
+    print(f"{args.model} fp32, CPU ({cores} cores), {args.tokens} output tokens, median of {args.repeats}")
+    print(f"{'configuration':46} {'b1 ms/token':>12} {'vs HF':>7} {'b1 tok/s':>9} {'b8 tok/s':>9} {'vs HF':>7}")
     for name, r in rows.items():
-        print(f"{name:42} {r['batch1_ms_per_token']:12.1f} {r['batch1_ms_per_token'] / base['batch1_ms_per_token']:6.2f}x"
+        print(f"{name:46} {r['batch1_ms_per_token']:12.1f} {r['batch1_ms_per_token'] / base['batch1_ms_per_token']:6.2f}x"
               f" {r['batch1_tokens_per_s']:9.1f} {r['batch8_tokens_per_s']:9.1f}"
               f" {r['batch8_tokens_per_s'] / base['batch8_tokens_per_s']:6.2f}x")
     out = Path(args.out)

@@ -1,6 +1,7 @@
 """Write a model directory with random weights from a named shape (valid for speed, not quality).
 
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b [--layers 3] [--device cuda]
+    python benchmarks/random_model.py DIR DIR --dtype float32   # DIR holds config.json (+ tokenizer)
 
 Only the shape matters for timing; `--layers` keeps fewer decoder layers (all layers of a model
 are the same shape, so a profile of 3 layers is a profile of them all).
@@ -9,7 +10,7 @@ are the same shape, so a profile of 3 layers is a profile of them all).
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -24,16 +25,18 @@ SHAPES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("shape", help=f"one of {sorted(SHAPES)}, or a directory holding config.json")
     parser.add_argument("out")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
-    shape = dict(SHAPES[args.shape])
+    if args.shape in SHAPES:
+        config = LlamaConfig(**SHAPES[args.shape])
+    else:
+        config = AutoConfig.from_pretrained(args.shape)
     if args.layers:
-        shape["num_hidden_layers"] = args.layers
-    config = LlamaConfig(**shape)
+        config.num_hidden_layers = args.layers
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
     model.save_pretrained(args.out)
