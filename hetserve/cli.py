@@ -96,7 +96,7 @@ def log_options(func):
 
 
 def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, str, Limits]:
-    """A plan fixes the model, the host count, the dtype and the micro-batch sizes."""
+    """A plan fixes the model, the host count, the dtype, the KV cache and the micro-batch sizes."""
     from pathlib import Path
 
     from .plan.planner import Plan
@@ -104,7 +104,11 @@ def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, st
     plan = Plan.load(Path(plan_file))
     if model != DEFAULT_MODEL and model != plan.model:
         raise click.UsageError(f"--model {model} but the plan is for {plan.model}")
-    limits = dataclasses.replace(limits, prefill_seqs=plan.prefill_microbatch, decode_seqs=plan.decode_microbatch)
+    # The plan budgeted each host's memory for this KV cache: allocate exactly that.
+    limits = dataclasses.replace(limits, prefill_seqs=plan.prefill_microbatch, decode_seqs=plan.decode_microbatch,
+                                 max_seqs=plan.workload.batch,
+                                 max_context=plan.workload.prompt_tokens + plan.workload.output_tokens,
+                                 default_max_tokens=min(limits.default_max_tokens, plan.workload.output_tokens))
     return plan.model, len(plan.stages), plan.dtype, limits
 
 
@@ -113,12 +117,14 @@ def run_daemon(main, settings, role: str, log_level: str, log_json: bool) -> Non
     from .leader.daemon import LeaderError
     from .lifecycle import setup_logging
     from .model.resolve import ModelError
+    import zmq
+
     from .worker.host import HostError
 
     setup_logging(log_level, role, log_json)
     try:
         main(settings)
-    except (LeaderError, HostError, ModelError, ValueError, OSError) as exc:
+    except (LeaderError, HostError, ModelError, ValueError, OSError, zmq.ZMQError) as exc:
         click.echo(f"hetserve {role}: error: {exc}", err=True)
         sys.exit(1)
 
@@ -170,9 +176,15 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
                               advertise=advertise, plan=plan_file, planner=planner, limits=limits)
     local = None
     if device:
-        port = listen.rpartition(":")[2]
+        from .transport.sockets import local_ip_towards, split_hostport
+
+        host, port = split_hostport(listen, 5555)
+        wildcard = host in ("0.0.0.0", "::")
+        # Other hosts push micro-batches to this stage: advertise an address they can reach.
+        reachable = advertise or (local_ip_towards("192.0.2.1") if wildcard else host)
         local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
-                                  "--device", device, "--name", "leader-stage", "--log-level", log_level])
+                             "--device", device, "--name", "leader-stage", "--advertise", reachable,
+                             "--log-level", log_level])
     try:
         run_daemon(run_leader, settings, "leader", log_level, log_json)
     finally:

@@ -9,6 +9,7 @@ from .model.resolve import DEFAULT_MODEL
 DEFAULT_LISTEN = "0.0.0.0:5555"  # where hosts join (control channel)
 DEFAULT_SERVE = "127.0.0.1:5556"  # client line protocol; loopback unless the operator says otherwise
 MAX_LINE_BYTES = 1 << 20  # longest client line (1 MiB), newline excluded
+STEP_TIMEOUT_S = 120.0  # a micro-batch not back by then fails its requests (a stage lost it)
 MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: a prefill micro-batch of
 #                               hidden states (tokens x hidden x 4 bytes) fits with room to spare
 

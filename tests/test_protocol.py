@@ -183,3 +183,15 @@ async def test_overload_refuses_excess_and_completes_the_rest(shared_cluster, cl
     assert len(completed) == 8 and len(refused) == 8
     assert all(f["usage"]["completion_tokens"] == 8 or f["finish_reason"] == "stop" for f in completed)
     await wait_idle(client)
+
+
+async def test_tiny_temperature_is_greedy_not_a_failure(client):
+    greedy = (await client.call({"prompt": "The sky is", "max_tokens": 6}))[-1]
+    tiny = (await client.call({"prompt": "The sky is", "max_tokens": 6, "temperature": 1e-39, "seed": 1}))[-1]
+    assert tiny["event"] == "done" and tiny["text"] == greedy["text"]
+
+
+async def test_chat_template_refusal_is_a_bad_request(client):
+    # SmolLM2's template accepts any roles; a template error must still come back with the id.
+    events = await client.call({"messages": [{"role": "tool", "content": "x"}], "max_tokens": 2})
+    assert events[-1]["id"] and events[-1]["event"] in ("done", "error")

@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from ..config import LeaderSettings
+from ..config import STEP_TIMEOUT_S, LeaderSettings
 from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
@@ -111,7 +111,7 @@ class Leader:
         self.num_layers = config.num_hidden_layers
         self.shape = model_shape(files.path, s.dtype)
         self.codec = TextCodec(files.path, s.limits.max_context)
-        self.engine = Engine(s.limits, self.codec.eos_ids, self.codec.decode, self._send_step)
+        self.engine = Engine(s.limits, self.codec.eos_ids, self.codec.decode, self._send_step, config.vocab_size)
 
         ctx = zmq.asyncio.Context()
         self.control = make_socket(ctx, zmq.ROUTER)
@@ -131,7 +131,7 @@ class Leader:
             self.state = "waiting for hosts"
             log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
                      s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
-            tasks = [asyncio.create_task(self._results_loop())]
+            tasks = [asyncio.create_task(self._results_loop()), asyncio.create_task(self._expire_loop())]
             await self._control_loop()
         finally:
             for task in tasks:
@@ -164,7 +164,11 @@ class Leader:
 
     async def _control_loop(self) -> None:
         while True:
-            route, frame = await self.control.recv_multipart(copy=False)
+            frames = await self.control.recv_multipart(copy=False)
+            if len(frames) != 2:
+                log.warning("ignored a control message of %d frames", len(frames))
+                continue
+            route, frame = frames
             try:
                 msg = decode(frame.bytes, expect=(Join, ProfileReport, Ready, Failed, Heartbeat))
             except WireError as exc:
@@ -185,6 +189,9 @@ class Leader:
                 log.info("host %s sent its profile (%s)", host.name, msg.profile.device_name)
                 await self._maybe_assign()
             elif isinstance(msg, Ready):
+                if host.state != "loading" or msg.stage != host.stage:
+                    log.warning("ignored Ready from %s: it was not loading stage %s", host.name, msg.stage)
+                    continue
                 host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
                 log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s",
                          host.name, msg.stage, msg.weight_bytes / 2**20, msg.kv_bytes / 2**20, msg.load_seconds)
@@ -234,12 +241,16 @@ class Leader:
         quantized = sorted({q for h in hosts for q in h.profile.layer_bytes if q != "native"})
         log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
                  p.max_ppl_increase * 100)
-        sens = sensitivity(self.model_dir, quantized, p.calibration_tokens, progress=False)
+        limits = self.settings.limits
+        # The KV cache the hosts will allocate is what the plan must budget for.
+        workload = Workload(p.prompt_tokens, p.output_tokens, p.batch, limits.max_seqs * (limits.max_context + 1))
         try:
-            plan = make_plan(self.settings.model, hosts, sens,
-                             Workload(p.prompt_tokens, p.output_tokens, p.batch), p.max_ppl_increase)
+            sens = sensitivity(self.model_dir, quantized, p.calibration_tokens, progress=False)
+            plan = make_plan(self.settings.model, hosts, sens, workload, p.max_ppl_increase)
         except PlanningError as exc:
             raise LeaderError(f"no plan: {exc}") from None
+        except Exception as exc:  # a malformed profile from a host, a failed measurement
+            raise LeaderError(f"planning failed: {type(exc).__name__}: {exc}") from None
         log.info("plan: predicted %.1f tokens/s, perplexity %.3f (base %.3f), solved in %.2f s; baselines %s",
                  plan.predicted_tokens_per_s, plan.predicted_ppl, plan.base_ppl, plan.solve_seconds, plan.baselines)
         if p.save_to:
@@ -275,6 +286,11 @@ class Leader:
             if missing or len(self.hosts) != len(self.plan.stages):
                 raise PlanError(f"the plan is for hosts {[st.host for st in self.plan.stages]}, "
                                 f"but {sorted(self.hosts)} joined")
+            bounds = [(st.start, st.end) for st in self.plan.stages]
+            if bounds[0][0] != 0 or bounds[-1][1] != self.num_layers or any(
+                    a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(self.num_layers, 0)])):
+                raise PlanError(f"the plan's layer ranges {bounds} do not cover layers 0-{self.num_layers - 1} "
+                                f"contiguously")
             order = [self.hosts[st.host] for st in self.plan.stages]
             return order, [(st.start, st.end) for st in self.plan.stages], [st.precisions for st in self.plan.stages]
         # Hosts in name order: a stable pipeline order however they raced to join.
@@ -312,10 +328,18 @@ class Leader:
             except WireError as exc:
                 log.warning("ignored a malformed result: %s", exc)
                 continue
-            if isinstance(msg, StepResult):
-                self.engine.on_result(msg)
-            else:
-                self.engine.on_failure(msg)
+            try:
+                if isinstance(msg, StepResult):
+                    self.engine.on_result(msg)
+                else:
+                    self.engine.on_failure(msg)
+            except Exception:  # one bad result must not stop every request's results
+                log.exception("failed to handle the result of micro-batch %d", msg.mb)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.engine.expire(time.monotonic() - STEP_TIMEOUT_S)
 
     # ---- clients
 
@@ -325,7 +349,7 @@ class Leader:
         try:
             await Connection(self, reader, writer).serve()
         except asyncio.CancelledError:
-            writer.close()  # the leader is stopping: the error lines went out already
+            writer.transport.abort()  # the leader is stopping; a client that stopped reading must not hold it
         finally:
             self.connections.discard(task)
 

@@ -100,8 +100,9 @@ class TokenRate:
 
 class Engine:
     def __init__(self, limits: Limits, eos_ids: set[int], decode: Callable[[list[int]], str],
-                 send: Callable[[Step, torch.Tensor], None]):
+                 send: Callable[[Step, torch.Tensor], None], vocab_size: int):
         self.limits = limits
+        self.vocab_size = vocab_size
         self.eos_ids = eos_ids
         self.decode = decode
         self._send = send
@@ -199,10 +200,14 @@ class Engine:
         self._send(step, ids)
 
     def on_result(self, result: StepResult) -> None:
-        flight = self.in_flight.pop(result.mb, None)
-        if flight is None or len(result.tokens) != len(flight.rows):
-            log.warning("dropping a result for unknown or mismatched micro-batch %d", result.mb)
+        flight = self.in_flight.get(result.mb)
+        if flight is None:
+            log.warning("dropping a result for unknown micro-batch %d", result.mb)
             return
+        if len(result.tokens) != len(flight.rows) or not all(0 <= t < self.vocab_size for t in result.tokens):
+            self.on_failure(StepFailed(result.mb, -1, "the last stage returned a malformed result"))
+            return
+        del self.in_flight[result.mb]
         self.times[flight.phase].add(result.stage_ms)
         for (request, tokens), token in zip(flight.rows, result.tokens):
             request.in_flight = False
@@ -218,12 +223,19 @@ class Engine:
         flight = self.in_flight.pop(failure.mb, None)
         if flight is None:
             return
-        log.error("stage %d failed micro-batch %d: %s", failure.stage, failure.mb, failure.error)
+        where = f"stage {failure.stage}" if failure.stage >= 0 else "the pipeline"
+        log.error("%s failed micro-batch %d: %s", where, failure.mb, failure.error)
         for request, _ in flight.rows:
             request.in_flight = False
             if not request.done:
-                self._fail(request, f"stage {failure.stage} failed: {failure.error}")
+                self._fail(request, f"{where} failed: {failure.error}")
         self.schedule()
+
+    def expire(self, older_than: float) -> None:
+        """Fail micro-batches sent before `older_than` (monotonic): a lost one must not hang its requests."""
+        for mb, flight in list(self.in_flight.items()):
+            if flight.sent < older_than:
+                self.on_failure(StepFailed(mb, -1, "the micro-batch did not come back in time"))
 
     def _accept_token(self, request: Request, token: int) -> None:
         request.generated.append(token)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
+WRITE_GRACE_S = 2.0  # on disconnect or shutdown, how long queued replies may take to flush
 
 
 class LineTooLong(Exception):
@@ -91,9 +92,14 @@ class Connection:
                 log.info("client %s disconnected; cancelled %d requests", self.peer, len(self.active))
             self.active.clear()
             self.outbox.put_nowait(None)
-            await writer_task
+            try:  # let queued replies go out, but never wait on a client that stopped reading
+                await asyncio.wait_for(asyncio.shield(writer_task), WRITE_GRACE_S)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                writer_task.cancel()
+                self.writer.transport.abort()
 
     async def _handle(self, line: bytes) -> None:
+        command = None
         try:
             command = parse_line(line)
             if isinstance(command, StatusCommand):
@@ -106,7 +112,7 @@ class Connection:
             self.send(exc.event())
         except Exception:  # never a traceback to the client, never a dead connection
             log.exception("internal error handling a client line")
-            self.send(error_event(None, "internal", "internal error; see the leader's log"))
+            self.send(error_event(getattr(command, "id", None), "internal", "internal error; see the leader's log"))
 
     def _cancel(self, command: CancelCommand) -> None:
         request = self.active.get(command.target)

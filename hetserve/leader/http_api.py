@@ -61,6 +61,10 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
         value = body.get(name)
         if not (value is None or value == neutral or (neutral is None and not value)):
             raise ProtocolError("bad_request", f"'{name}' is not supported by this server")
+    if not isinstance(body.get("stream", False), bool):
+        raise ProtocolError("bad_request", "'stream' must be true or false")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ProtocolError("bad_request", "'stream_options' must be an object")
     if body.get("model") != model_name:
         raise ProtocolError("not_found", f"the model {body.get('model')!r} does not exist; this server serves {model_name!r}")
     obj: dict = {"id": request_id}

@@ -34,8 +34,12 @@ class TextCodec:
             if not self.has_chat_template:
                 raise ProtocolError("bad_request", "this model has no chat template: send 'prompt' instead", request.id)
             messages = [{"role": role, "content": content} for role, content in request.messages]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=False)
+            except Exception as exc:  # templates raise on inputs they refuse (e.g. roles that do not alternate)
+                raise ProtocolError("bad_request", f"the model's chat template refused the messages: {exc}",
+                                    request.id) from None
         else:
             ids = self.tokenizer(request.prompt)["input_ids"]
         ids = list(ids)

@@ -12,6 +12,7 @@ import torch
 from ..wire.messages import SamplingRows
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) over the seed space
+GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (dividing by them overflows to NaN)
 
 
 def row_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -40,7 +41,7 @@ def sample(logits: torch.Tensor, rows: SamplingRows | None) -> torch.Tensor:
     if rows is None:
         return ids
     for b, temperature in enumerate(rows.temperature):
-        if temperature <= 0:
+        if temperature < GREEDY_BELOW:
             continue
         row = filter_logits(logits[b] / temperature, rows.top_k[b], rows.top_p[b])
         probs = torch.softmax(row, dim=-1)

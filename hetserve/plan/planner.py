@@ -25,6 +25,7 @@ from .quality import Sensitivity
 
 QUALITY_BINS = 200  # the quality budget is split into this many integer units (costs round up)
 MAX_EXACT_ORDERS = 120  # distinct host orders tried exhaustively; beyond, the heuristic
+MAX_PERMUTATIONS = 40320  # permutations examined to find them (8 hosts); beyond, the heuristic
 RESERVE = 0.10  # share of each host's memory kept back for activations and the runtime
 INF = float("inf")
 
@@ -46,7 +47,12 @@ class HostInput:
 class Workload:
     prompt_tokens: int = 256
     output_tokens: int = 128
-    batch: int = 8  # requests served together (KV cache is sized for them)
+    batch: int = 8  # requests served together
+    kv_tokens: int = 0  # KV-cache tokens per layer the hosts allocate; 0 = batch x (prompt + output + 1)
+
+    @property
+    def kv_tokens_per_layer(self) -> int:
+        return self.kv_tokens or self.batch * (self.prompt_tokens + self.output_tokens + 1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def host_costs(host: HostInput, precisions: list[str], workload: Workload, prefi
         name=host.name, capacity=host.memory_bytes * (1 - RESERVE),
         layer_pre=per_precision("prefill", prefill_mb, prompt), layer_dec=per_precision("decode", decode_mb, context),
         layer_bytes={p: prof.layer_bytes.get(p, INF) for p in precisions},
-        kv_bytes_per_layer=workload.batch * (workload.prompt_tokens + workload.output_tokens) * prof.kv_bytes_per_token,
+        kv_bytes_per_layer=workload.kv_tokens_per_layer * prof.kv_bytes_per_token,
         fixed_pre=cost.fixed_ms("prefill", prefill_mb, prompt), fixed_dec=cost.fixed_ms("decode", decode_mb, context),
         head_pre=cost.head_ms("prefill", prefill_mb), head_dec=cost.head_ms("decode", decode_mb),
         embed_bytes=prof.embed_bytes, head_bytes=prof.head_bytes,
@@ -129,16 +135,19 @@ def host_orders(hosts: list[HostInput]) -> list[list[HostInput]]:
         return (h.profile.device_name, h.memory_bytes, h.link_gbps)
 
     orders, seen = [], set()
-    for perm in itertools.permutations(hosts):
+    for perm in itertools.islice(itertools.permutations(hosts), MAX_PERMUTATIONS):
         key = tuple(signature(h) for h in perm)
         if key in seen:
             continue
         seen.add(key)
         orders.append(list(perm))
         if len(orders) > MAX_EXACT_ORDERS:
-            by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
-            return [by_memory, by_memory[::-1]]
-    return orders
+            break
+    else:
+        if len(orders) <= MAX_EXACT_ORDERS and math.factorial(len(hosts)) <= MAX_PERMUTATIONS:
+            return orders
+    by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
+    return [by_memory, by_memory[::-1]]
 
 
 def decode_microbatch(batch: int, stages: int) -> int:

@@ -53,5 +53,8 @@ def local_ip_towards(peer: str) -> str:
         return "127.0.0.1" if peer != "::1" else "::1"
     family = socket.AF_INET6 if ":" in peer else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((peer, 9))
+        try:
+            probe.connect((peer, 9))
+        except OSError:  # no route at all: only this machine can reach us
+            return "127.0.0.1"
         return probe.getsockname()[0]

@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from ..config import HostSettings
 from ..lifecycle import run_until_signal
-from ..model.resolve import ModelError, resolve_model
+from ..model.resolve import resolve_model
 from ..model.stage import StageModel, StageSpec, load_config
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
@@ -104,7 +104,7 @@ class Host:
         try:
             profile = await asyncio.get_running_loop().run_in_executor(
                 self.torch_thread, lambda: cached_profile(resolve_model(msg.model).path, self.settings.device, msg.dtype)[0])
-        except (ModelError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # the leader must hear it rather than wait for a profile
             log.error("cannot profile %s: %s", msg.model, exc)
             await self._send(Failed(self.name, f"profiling failed: {exc}"))
             return
@@ -119,9 +119,9 @@ class Host:
         started = time.perf_counter()
         try:
             model = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self._load, msg)
-        except (ModelError, OSError, RuntimeError, ValueError) as exc:
-            log.error("cannot load the slice: %s", exc)
-            await self._send(Failed(self.name, str(exc)))
+        except Exception as exc:  # whatever went wrong, the leader must hear it rather than wait
+            log.error("cannot load the slice: %s: %s", type(exc).__name__, exc)
+            await self._send(Failed(self.name, f"{type(exc).__name__}: {exc}"))
             return
         seconds = time.perf_counter() - started
         self.data_out.connect(msg.downstream)
