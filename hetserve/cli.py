@@ -92,7 +92,8 @@ def limits_from(kwargs: dict) -> Limits:
 
 def log_options(func):
     func = click.option("--log-json", is_flag=True, help="Log one JSON object per line.")(func)
-    return click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)(func)
+    return click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True,
+                        help="Least severe log level written.")(func)
 
 
 def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, str, Limits]:
@@ -304,7 +305,8 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 @click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
 @click.option("--max-tokens", default=None, type=click.IntRange(1), help="Completion length (default: the server's).")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Nucleus sampling: keep the most likely tokens up to this probability mass.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
 @click.option("--seed", default=None, type=click.IntRange(0), help="Same seed, same text.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
@@ -410,7 +412,7 @@ def parse_fraction(text: str) -> float:
 @config_option
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to profile.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--dtype", type=DTYPES, default="float32", show_default=True)
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype to profile.")
 @click.option("--remeasure", is_flag=True, help="Measure again even if a cached profile exists.")
 @click.option("--validate", is_flag=True, help="Measure held-out points and print the cost model's error.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the profile here (JSON).")
