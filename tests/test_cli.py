@@ -139,3 +139,20 @@ def test_json_logs_record_the_events_that_matter(model_dir, tmp_path):
     messages = " | ".join(e["msg"] for e in entries)
     for event in ("joined from", "plan: stage 0", "ready in", "serving: 1 stage", "stopped by signal"):
         assert event in messages, event
+
+
+def test_every_option_has_help():
+    import click
+
+    from hetserve.cli import main
+
+    missing = []
+
+    def walk(cmd, path):
+        missing.extend(f"{path} {p.opts[0]}" for p in cmd.params
+                       if isinstance(p, click.Option) and not p.help and p.name != "help")
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(main, "hetserve")
+    assert not missing, missing
