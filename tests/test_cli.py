@@ -156,3 +156,22 @@ def test_every_option_has_help():
 
     walk(main, "hetserve")
     assert not missing, missing
+
+
+def test_settings_precedence_cli_over_env_over_file(tmp_path):
+    config = tmp_path / "h.toml"
+    config.write_text('log_level = "debug"\n[leader]\nhosts = 2\nmax-seqs = 4\nmax_context = 1024\n')
+    env = {**__import__("os").environ, "HETSERVE_LEADER_MAX_SEQS": "16", "HETSERVE_LEADER_MAX_CONTEXT": "4096"}
+    done = subprocess.run(hetserve_cmd() + ["config", "show", "leader", "--config", str(config), "--max-context", "512"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    assert rows["hosts"] == ["2", "file", str(config)]
+    assert rows["log_level"] == ['"debug"', "file", str(config)]
+    assert rows["max_seqs"] == ["16", "env", "HETSERVE_LEADER_MAX_SEQS"]
+    assert rows["max_context"] == ["512", "command", "line"]
+    assert rows["listen"] == ['"0.0.0.0:5555"', "default"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[leader]\nbogus = 1\n")
+    refused = hetserve("leader", "--config", str(bad), timeout=60)
+    assert refused.returncode == 2 and "no option 'bogus'" in refused.stderr
