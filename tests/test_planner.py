@@ -58,9 +58,18 @@ def test_quality_units_round_up_and_ignore_negative_noise():
 def test_identical_hosts_are_ordered_once():
     prof = synthetic_profile("a", 1.0)
     hosts = [HostInput(f"h{i}", 100 * MiB, prof) for i in range(4)]
-    assert len(host_orders(hosts)) == 1
+    assert [len(o) for o in host_orders(hosts)] == [4, 3, 2, 1]  # one order per subset size
     hosts.append(HostInput("big", 400 * MiB, prof))
-    assert len(host_orders(hosts)) == 5
+    # subsets of size k: the big host in any of k places, or not there at all
+    assert len(host_orders(hosts)) == 5 + (4 + 1) + (3 + 1) + (2 + 1) + (1 + 1)
+
+
+def test_a_host_that_does_not_pay_is_left_out():
+    """A host 20x slower than the other, which fits the model alone, gets no layers."""
+    hosts = [HostInput("fast", 200 * MiB, synthetic_profile("fast", 0.1)),
+             HostInput("slow", 200 * MiB, synthetic_profile("slow", 2.0))]
+    plan = make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.02)
+    assert [s.host for s in plan.stages] == ["fast"]
 
 
 @pytest.mark.parametrize("target", [0.005, 0.02, 0.2])

@@ -277,13 +277,17 @@ class Leader:
             log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
             await self.control.send_multipart([host.route, encode(assign)])
         self.stages = order
+        for host in self.hosts.values():
+            if host not in order:  # the plan found no layers that pay on this host
+                host.state = "unused"
+                log.info("plan: host %s stays unused", host.name)
 
     def _layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
         """Pipeline order, layer ranges and per-layer precisions: from --plan, or split by memory."""
         s = self.settings
         if self.plan is not None:
             missing = [st.host for st in self.plan.stages if st.host not in self.hosts]
-            if missing or len(self.hosts) != len(self.plan.stages):
+            if missing:
                 raise PlanError(f"the plan is for hosts {[st.host for st in self.plan.stages]}, "
                                 f"but {sorted(self.hosts)} joined")
             bounds = [(st.start, st.end) for st in self.plan.stages]
@@ -300,7 +304,7 @@ class Leader:
         return order, ranges, [[] for _ in order]
 
     def _maybe_serve(self) -> None:
-        if self.state == "serving" or any(h.state != "ready" for h in self.hosts.values()):
+        if self.state == "serving" or any(h.state != "ready" for h in self.stages):
             return
         self.to_stage0.connect(self.stages[0].data_addr)
         self.state = "serving"

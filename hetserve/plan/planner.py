@@ -1,10 +1,10 @@
 """From hosts' profiles, a quality target and a workload to a Plan: which host runs which layers at
 which precision, with which prefill and decode micro-batch sizes; plus the baselines.
 
-Around the exact DP (partition.py) this tries every distinct pipeline order of the hosts (hosts
-with the same profile and memory are interchangeable, so their orders are tried once; past
-MAX_EXACT_ORDERS distinct orders it falls back to the stated heuristic: hosts by memory,
-largest first, and its reverse) and every prefill micro-batch size that divides the batch. The
+Around the exact DP (partition.py) this tries every distinct pipeline order of every non-empty
+subset of the hosts, so a host that does not pay is left out (hosts with the same profile and
+memory are interchangeable, so their orders are tried once; past MAX_EXACT_ORDERS distinct orders
+it falls back to the stated heuristic: all hosts by memory, largest first, and its reverse) and every prefill micro-batch size that divides the batch. The
 decode micro-batch is ceil(batch / stages): the scheduler keeps one decode micro-batch per stage
 in flight.
 """
@@ -131,23 +131,25 @@ def quality_units(sens: Sensitivity, precisions: list[str], max_increase: float)
 
 
 def host_orders(hosts: list[HostInput]) -> list[list[HostInput]]:
+    """Pipeline orders to try: every distinct order of every non-empty subset of the hosts (a host
+    is used only where it pays), when there are at most MAX_EXACT_ORDERS of them; otherwise the
+    heuristic, all hosts by memory largest first and its reverse."""
     def signature(h: HostInput):
         return (h.profile.device_name, h.memory_bytes, h.link_gbps)
 
-    orders, seen = [], set()
-    for perm in itertools.islice(itertools.permutations(hosts), MAX_PERMUTATIONS):
-        key = tuple(signature(h) for h in perm)
-        if key in seen:
-            continue
-        seen.add(key)
-        orders.append(list(perm))
-        if len(orders) > MAX_EXACT_ORDERS:
-            break
-    else:
-        if len(orders) <= MAX_EXACT_ORDERS and math.factorial(len(hosts)) <= MAX_PERMUTATIONS:
-            return orders
-    by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
-    return [by_memory, by_memory[::-1]]
+    orders, seen, examined = [], set(), 0
+    for size in range(len(hosts), 0, -1):
+        for subset in itertools.combinations(hosts, size):
+            for perm in itertools.permutations(subset):
+                examined += 1
+                key = tuple(signature(h) for h in perm)
+                if key not in seen:
+                    seen.add(key)
+                    orders.append(list(perm))
+                if len(orders) > MAX_EXACT_ORDERS or examined > MAX_PERMUTATIONS:
+                    by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
+                    return [by_memory, by_memory[::-1]]
+    return orders
 
 
 def decode_microbatch(batch: int, stages: int) -> int:
