@@ -201,9 +201,16 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
 @click.option("--advertise", default=None, help="Address other hosts reach this one at (default: the route to the leader).")
 @click.option("--name", default=None, help="Unique host name (default: hostname-pid).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for compute (default: torch's).")
+@click.option("--omp-wait", type=click.Choice(["active", "default"]), default="default", show_default=True,
+              help="active: OpenMP threads spin between steps instead of sleeping (for CPU hosts whose cores "
+                   "are their own; see docs/benchmarks.md). OMP_WAIT_POLICY in the environment wins.")
 @log_options
-def join(leader, device, memory, advertise, name, threads, log_level, log_json):
+def join(leader, device, memory, advertise, name, threads, omp_wait, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
+    if omp_wait == "active":
+        # Read by libgomp when torch loads, so before the import below. A stage idles while the
+        # others compute, and its OpenMP threads go to sleep; waking them costs (docs/benchmarks.md).
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
     from .worker.host import run_host
 
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
