@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cost import CostModel
-from .partition import HostCosts, Objective, Partition, partition, stage_times, total_time
 from .device_profile import DeviceProfile
+from .partition import HostCosts, Objective, Partition, partition, stage_times, total_time
 from .quality import Sensitivity
+from .split import contiguous_split
 
 QUALITY_BINS = 200  # the quality budget is split into this many integer units (costs round up)
 MAX_EXACT_ORDERS = 120  # distinct host orders tried exhaustively; beyond, the heuristic
@@ -202,23 +203,14 @@ def evaluate(order: list[HostInput], bounds: list[tuple[int, int]], precision: s
     return workload.batch * workload.output_tokens / (t / 1000)
 
 
-def split_by_weights(layers: int, weights: list[float]) -> list[tuple[int, int]]:
-    total, bounds, acc = sum(weights), [0], 0.0
-    for i, w in enumerate(weights[:-1]):
-        acc += w
-        bounds.append(max(bounds[-1] + 1, min(round(layers * acc / total), layers - (len(weights) - 1 - i))))
-    bounds.append(layers)
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
 def baselines(hosts: list[HostInput], precisions: list[str], quality: list[dict[str, int]], budget: int,
               workload: Workload, p_mb: int) -> dict[str, float]:
     """Uniform precision with an even split, and a memory-proportional split at one precision:
     for each, the fastest precision that meets the quality budget and fits."""
     layers = len(quality)
     allowed = [p for p in precisions if sum(q[p] for q in quality) <= budget]
-    splits = {"uniform precision, even split": split_by_weights(layers, [1.0] * len(hosts)),
-              "memory-proportional split": split_by_weights(layers, [h.memory_bytes for h in hosts])}
+    splits = {"uniform precision, even split": contiguous_split(layers, [1.0] * len(hosts)),
+              "memory-proportional split": contiguous_split(layers, [h.memory_bytes for h in hosts])}
     out = {}
     for name, bounds in splits.items():
         speeds = {p: evaluate(hosts, bounds, p, precisions, workload, p_mb) for p in allowed}

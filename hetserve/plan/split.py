@@ -25,6 +25,17 @@ def stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool, kv_toke
             + (shape.embed_bytes if first else 0) + (shape.head_bytes if last else 0))
 
 
+def contiguous_split(layers: int, weights: list[float]) -> list[tuple[int, int]]:
+    """[(start, end)] per weight, contiguous, covering all layers, each at least one layer, sizes in
+    proportion to the weights; cumulative rounding keeps the total exact."""
+    total, bounds, acc = sum(weights), [0], 0.0
+    for i, w in enumerate(weights[:-1]):
+        acc += w
+        bounds.append(max(bounds[-1] + 1, min(round(layers * acc / total), layers - (len(weights) - 1 - i))))
+    bounds.append(layers)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def memory_split(shape: ModelShape, capacities: list[int], kv_tokens: int) -> list[tuple[int, int]]:
     """capacities: usable bytes per host, in pipeline order. kv_tokens: slots x context.
 
@@ -43,15 +54,7 @@ def memory_split(shape: ModelShape, capacities: list[int], kv_tokens: int) -> li
         need = stage_bytes(shape, shape.num_layers, True, True, kv_tokens)
         raise PlanError(f"the hosts offer {sum(capacities) / 2**30:.2f} GiB together but the model with its "
                         f"KV cache needs {need / 2**30:.2f} GiB: add hosts, or lower --max-seqs/--max-context")
-    # Cumulative rounding keeps the ranges contiguous and the total exact.
-    bounds, acc = [0], 0
-    for i, budget in enumerate(budgets[:-1]):
-        acc += budget
-        cut = round(shape.num_layers * acc / total)
-        cut = max(bounds[-1] + 1, min(cut, shape.num_layers - (hosts - 1 - i)))
-        bounds.append(cut)
-    bounds.append(shape.num_layers)
-    ranges = list(zip(bounds[:-1], bounds[1:]))
+    ranges = contiguous_split(shape.num_layers, budgets)
     for i, ((start, end), cap) in enumerate(zip(ranges, capacities)):
         need = stage_bytes(shape, end - start, i == 0, i == hosts - 1, kv_tokens)
         if need > cap:
