@@ -30,11 +30,12 @@ from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
 from ..plan.quality import sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
+from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, ProfileReport,
                              ProfileRequest, Ready, Refused, Shutdown, StageStats, Step, StepFailed, StepResult)
 from ..wire.tensors import to_frame
-from .engine import Engine
+from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
 from .http_api import OpenAIServer
 from .tokens import TextCodec
@@ -346,6 +347,20 @@ class Leader:
             self.engine.expire(time.monotonic() - STEP_TIMEOUT_S)
 
     # ---- clients
+
+    async def admit(self, req: GenerateRequest, sink: Sink, stream: bool) -> Request:
+        """Tokenize a validated request and hand it to the engine (both front ends come here).
+
+        Raises ProtocolError (too_long, bad_request, overloaded) carrying the request's id."""
+        codec = self.codec
+        ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
+        if req.max_tokens is not None and req.max_tokens >= codec.max_context:
+            raise ProtocolError("bad_request", f"'max_tokens' must be below the context ({codec.max_context})", req.id)
+        try:
+            return self.engine.new_request(req.id, sink, ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
+                                           req.seed, req.stop, stream)
+        except Overloaded as exc:
+            raise ProtocolError("overloaded", str(exc), req.id) from None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..config import MAX_LINE_BYTES
 from ..wire.client import (CancelCommand, GenerateRequest, ProtocolError, StatusCommand, encode_event,
                            error_event, parse_line)
-from .engine import Overloaded, Request
+from .engine import Request
 
 if TYPE_CHECKING:
     from .daemon import Leader
@@ -124,15 +124,7 @@ class Connection:
     async def _generate(self, req: GenerateRequest) -> None:
         if req.id in self.active:
             raise ProtocolError("bad_request", f"id {req.id!r} is already running on this connection", req.id)
-        codec = self.leader.codec
-        ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
-        if req.max_tokens is not None and req.max_tokens >= codec.max_context:
-            raise ProtocolError("bad_request", f"'max_tokens' must be below the context ({codec.max_context})", req.id)
-        try:
-            request = self.leader.engine.new_request(req.id, self.send, ids, req.max_tokens, req.temperature,
-                                                     req.top_k, req.top_p, req.seed, req.stop, req.stream)
-        except Overloaded as exc:
-            raise ProtocolError("overloaded", str(exc), req.id) from None
+        request = await self.leader.admit(req, self.send, req.stream)
         if not request.done:
             self.active[req.id] = request
 

@@ -23,7 +23,6 @@ from aiohttp import web
 
 from ..config import MAX_LINE_BYTES
 from ..wire.client import GenerateRequest, ProtocolError, parse_object
-from .engine import Overloaded
 from .metrics import render_metrics
 
 if TYPE_CHECKING:
@@ -143,17 +142,8 @@ class OpenAIServer:
             req = translate(body, chat, self.model_name, request_id)
             if self.leader.state != "serving":
                 raise ProtocolError("unavailable", f"no capacity: the cluster is {self.leader.state}")
-            codec = self.leader.codec
-            ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
-            if req.max_tokens is not None and req.max_tokens >= codec.max_context:
-                raise ProtocolError("bad_request", f"max_tokens must be below the context ({codec.max_context})")
             events: asyncio.Queue = asyncio.Queue()
-            try:
-                engine_request = self.leader.engine.new_request(
-                    request_id, events.put_nowait, ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
-                    req.seed, req.stop, stream=True)
-            except Overloaded as exc:
-                raise ProtocolError("overloaded", str(exc)) from None
+            engine_request = await self.leader.admit(req, events.put_nowait, stream=True)
         except ProtocolError as exc:
             status = STATUS_OF[exc.code]
             code = "context_length_exceeded" if exc.code == "too_long" else (
