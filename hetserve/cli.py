@@ -160,10 +160,14 @@ HTTP_HELP = "HOST:PORT of the OpenAI-compatible HTTP API and /metrics (off unles
 @click.option("--advertise", default=None, help="Address hosts reach the leader at (default: found per host).")
 @click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A plan from `hetserve plan`: its hosts, layers, precisions and micro-batch sizes.")
+@click.option("--weights-rate", default="0", show_default=True,
+              help="Most bytes per second for streaming weights to hosts that lack them, all hosts together "
+                   "(e.g. 200MiB), so a joining host does not starve the serving links; 0 = no limit.")
 @planner_options
 @limit_options
 @log_options
-def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, log_level, log_json, **kwargs):
+def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, weights_rate, log_level, log_json,
+           **kwargs):
     """Coordinate a cluster: accept hosts, split the model over them, serve clients."""
     from .leader.daemon import run_leader
 
@@ -174,7 +178,8 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
     if plan_file:
         model, hosts, dtype, limits = apply_plan(plan_file, model, limits)
     settings = LeaderSettings(listen=listen, serve=serve, http=http, model=model, hosts=hosts, dtype=dtype,
-                              advertise=advertise, plan=plan_file, planner=planner, limits=limits)
+                              advertise=advertise, plan=plan_file, planner=planner, limits=limits,
+                              weights_rate=parse_size(weights_rate))
     local = None
     if device:
         from .transport.sockets import local_ip_towards, split_hostport
@@ -185,7 +190,7 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
         reachable = advertise or (local_ip_towards("192.0.2.1") if wildcard else host)
         local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
                              "--device", device, "--name", "leader-stage", "--advertise", reachable,
-                             "--log-level", log_level])
+                             "--model", model, "--log-level", log_level])
     try:
         run_daemon(run_leader, settings, "leader", log_level, log_json)
     finally:
@@ -201,11 +206,17 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
 @click.option("--advertise", default=None, help="Address other hosts reach this one at (default: the route to the leader).")
 @click.option("--name", default=None, help="Unique host name (default: hostname-pid).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for compute (default: torch's).")
+@click.option("--model", default=None,
+              help="This host's own copy of the model (built-in name, model directory or .gguf), used when it "
+                   "matches the leader's manifest and refused when not. Default: fetch the slice's weights from "
+                   "the leader into $HETSERVE_HOME/weights, verified and kept for the next start.")
+@click.option("--disk-limit", default=None,
+              help="Most bytes the weights cache may hold (e.g. 20GiB); default: the free disk.")
 @click.option("--omp-wait", type=click.Choice(["active", "default"]), default="default", show_default=True,
               help="active: OpenMP threads spin between steps instead of sleeping (for CPU hosts whose cores "
                    "are their own; see docs/benchmarks.md). OMP_WAIT_POLICY in the environment wins.")
 @log_options
-def join(leader, device, memory, advertise, name, threads, omp_wait, log_level, log_json):
+def join(leader, device, memory, advertise, name, threads, model, disk_limit, omp_wait, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     if omp_wait == "active":
         # Read by libgomp when torch loads, so before the import below. A stage idles while the
@@ -214,7 +225,8 @@ def join(leader, device, memory, advertise, name, threads, omp_wait, log_level, 
     from .worker.host import run_host
 
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
-                            advertise=advertise, name=name, threads=threads)
+                            advertise=advertise, name=name, threads=threads, model=model,
+                            disk_limit=parse_size(disk_limit) if disk_limit else None)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 
@@ -259,7 +271,8 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
     procs = [spawn_child(leader_cmd)]
     for i in range(workers):
         cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", device,
-               "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level, *logging_flags]
+               "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level, *logging_flags,
+               "--model", model]  # the leader's own files, on this machine: nothing to stream
         if memory:
             cmd += ["--memory", memory]
         procs.append(spawn_child(cmd))

@@ -64,6 +64,7 @@ class LeaderSettings:
     #                               leader's own address on the route to each host
     plan: str | None = None  # a plan file from `hetserve plan`; None = memory-proportional split
     planner: PlannerSettings | None = None  # plan live instead (hosts send their profiles)
+    weights_rate: float = 0.0  # bytes/s for streaming weights to hosts, all together; 0 = no limit
     limits: Limits = Limits()
 
 
@@ -76,3 +77,6 @@ class HostSettings:
     #                               address on the route to the leader
     name: str | None = None  # unique host name; None = hostname-pid
     threads: int | None = None  # torch CPU threads; None = torch's default
+    model: str | None = None  # this host's own copy of the model, checked against the leader's
+    #                           manifest; None = stream what the slice needs from the leader
+    disk_limit: int | None = None  # most bytes the weights cache may hold; None = the free disk

@@ -4,6 +4,8 @@ Sockets (all ZeroMQ, msgpack headers, raw tensor frames, nothing pickled):
   control  ROUTER bound on --listen; each host's DEALER sends Join/Ready/Failed/Heartbeat.
   to_stage0  PUSH connected to stage 0's data address: micro-batches enter the pipeline.
   results  PULL bound beside --listen; the last stage pushes StepResult / StepFailed here.
+  weights  ROUTER bound beside --listen; hosts fetch the tensors of their slice they lack
+           (hetserve/weights/: a manifest with content hashes, chunks with flow control).
 The client port is a plain asyncio TCP server (frontend.py).
 """
 
@@ -24,7 +26,7 @@ from ..config import STEP_TIMEOUT_S, LeaderSettings
 from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
-from ..model.stage import load_config
+from ..model.stage import StageSpec, load_config, stage_tensor_names
 from ..plan.device_profile import DeviceProfile
 from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
 from ..plan.quality import sensitivity
@@ -38,6 +40,8 @@ from ..wire.tensors import to_frame
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
 from .http_api import OpenAIServer
+from ..weights.manifest import load_manifest
+from ..weights.server import WeightServer
 from .tokens import TextCodec
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class HostRecord:
     weight_bytes: int = 0
     kv_bytes: int = 0
     profile: DeviceProfile | None = None  # sent on request when the leader plans live
+    fetched_bytes: int = 0  # weights it streamed from the leader for its slice
+    note: str = ""  # why it is unused, when it is
 
     def describe(self, now: float) -> dict:
         silent = now - self.last_seen
@@ -79,6 +85,7 @@ class HostRecord:
             "busy_s": round(self.stats.busy_seconds, 2),
             "load": round(self.stats.busy_seconds / max(now - self.joined, 1e-9), 3),
             "prefill_ms": round(self.stats.prefill_ms, 2), "decode_ms": round(self.stats.decode_ms, 2),
+            "fetched_bytes": self.fetched_bytes, "note": self.note,
         }
 
 
@@ -96,6 +103,7 @@ class Leader:
         self.settings = settings
         self.plan = Plan.load(Path(settings.plan)) if settings.plan else None
         self.hosts: dict[str, HostRecord] = {}
+        self.excluded: set[str] = set()  # joined hosts left out of the plan (no room for their slice)
         self.state = "starting"
         self.started = time.monotonic()
         self.connections: set[asyncio.Task] = set()
@@ -110,6 +118,10 @@ class Leader:
             raise LeaderError(f"--max-context {s.limits.max_context} exceeds the model's "
                               f"{config.max_position_embeddings} positions")
         self.num_layers = config.num_hidden_layers
+        self.config = config
+        self.manifest, sources = await loop.run_in_executor(None, load_manifest, files.path)
+        log.info("model hash %s: %d tensors, %.1f MiB", self.manifest.model_hash[:16],
+                 len(self.manifest.entries) - 1, sum(e.size for e in self.manifest.entries) / 2**20)
         self.shape = model_shape(files.path, s.dtype)
         self.codec = TextCodec(files.path, s.limits.max_context)
         self.engine = Engine(s.limits, self.codec.eos_ids, self.codec.decode, self._send_step, config.vocab_size)
@@ -118,6 +130,7 @@ class Leader:
         self.control = make_socket(ctx, zmq.ROUTER)
         self.results = make_socket(ctx, zmq.PULL)
         self.to_stage0 = make_socket(ctx, zmq.PUSH)
+        self.weights = make_socket(ctx, zmq.ROUTER)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         tasks: list[asyncio.Task] = []
         server = http_runner = None
@@ -125,6 +138,8 @@ class Leader:
             listen_host, listen_port = split_hostport(s.listen, 5555)
             bind_tcp(self.control, listen_host, listen_port)
             self.results_port = bind_tcp(self.results, listen_host)
+            self.weights_port = bind_tcp(self.weights, listen_host)
+            weight_server = WeightServer(self.weights, self.manifest, sources, s.weights_rate)
             serve_host, serve_port = split_hostport(s.serve, 5556)
             server = await asyncio.start_server(self._client, serve_host, serve_port, limit=1 << 16)
             if s.http:
@@ -132,7 +147,8 @@ class Leader:
             self.state = "waiting for hosts"
             log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
                      s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
-            tasks = [asyncio.create_task(self._results_loop()), asyncio.create_task(self._expire_loop())]
+            tasks = [asyncio.create_task(self._results_loop()), asyncio.create_task(self._expire_loop()),
+                     asyncio.create_task(weight_server.run())]
             await self._control_loop()
         finally:
             for task in tasks:
@@ -147,7 +163,7 @@ class Leader:
             if http_runner is not None:
                 await http_runner.cleanup()
             await self._shutdown_hosts("the leader is shutting down")
-            for sock in (self.control, self.results, self.to_stage0):
+            for sock in (self.control, self.results, self.to_stage0, self.weights):
                 sock.close()
             ctx.term()
             if server is not None:
@@ -194,8 +210,10 @@ class Leader:
                     log.warning("ignored Ready from %s: it was not loading stage %s", host.name, msg.stage)
                     continue
                 host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
-                log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s",
-                         host.name, msg.stage, msg.weight_bytes / 2**20, msg.kv_bytes / 2**20, msg.load_seconds)
+                host.fetched_bytes = msg.fetched_bytes
+                log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s "
+                         "(%.1f MiB fetched from the leader)", host.name, msg.stage, msg.weight_bytes / 2**20,
+                         msg.kv_bytes / 2**20, msg.load_seconds, msg.fetched_bytes / 2**20)
                 self._maybe_serve()
             elif isinstance(msg, Failed):
                 host.state = "failed"
@@ -219,7 +237,9 @@ class Leader:
         log.info("host %s joined from %s: %s (%s), %.2f GiB usable (%d/%d)", msg.host, peer_ip, msg.inventory.device,
                  msg.inventory.name, msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts)
         if self.settings.planner is not None:
-            await self.control.send_multipart([route, encode(ProfileRequest(self.settings.model, self.settings.dtype))])
+            request = ProfileRequest(self.settings.model, self.settings.dtype, self.manifest.model_hash,
+                                     self._weights_addr(self.hosts[msg.host]))
+            await self.control.send_multipart([route, encode(request)])
         await self._maybe_assign()
 
     async def _maybe_assign(self) -> None:
@@ -231,14 +251,12 @@ class Leader:
                 return
             self.state = "planning"
             self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
-            self.engine.limits = replace(self.engine.limits, prefill_seqs=self.plan.prefill_microbatch,
-                                         decode_seqs=self.plan.decode_microbatch)
         await self._assign()
 
     def _plan_live(self) -> Plan:
         p = self.settings.planner
         hosts = [HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps)
-                 for h in sorted(self.hosts.values(), key=lambda h: h.name)]
+                 for h in self._candidates()]
         quantized = sorted({q for h in hosts for q in h.profile.layer_bytes if q != "native"})
         log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
                  p.max_ppl_increase * 100)
@@ -258,12 +276,55 @@ class Leader:
             plan.save(Path(p.save_to))
         return plan
 
+    def _candidates(self) -> list[HostRecord]:
+        """Joined hosts the plan may use, in name order (stable however they raced to join)."""
+        return sorted((h for h in self.hosts.values() if h.name not in self.excluded), key=lambda h: h.name)
+
+    def _weights_addr(self, host: HostRecord) -> str:
+        return tcp(self.settings.advertise or local_ip_towards(host.peer_ip), self.weights_port)
+
+    def _disk_shortfalls(self, order: list[HostRecord], ranges: list[tuple[int, int]]) -> dict[str, str]:
+        """Hosts whose cache cannot take the weights of their slice: name -> why.
+
+        A host with its own copy (--model) needs no room. For the others the slice's stored bytes,
+        less what the host already caches of this model, must fit the room it reported."""
+        tensors = {e.name: e.size for e in self.manifest.entries if e.kind == "tensor"}
+        out = {}
+        for i, (host, (start, end)) in enumerate(zip(order, ranges)):
+            room = host.inventory.disk_free_bytes
+            if room < 0:
+                continue
+            spec = StageSpec(start, end, first=i == 0, last=i == len(order) - 1)
+            need = sum(tensors[n] for n in set(stage_tensor_names(self.config, tensors, spec).values()))
+            need -= host.inventory.cached_weights.get(self.manifest.model_hash, 0)
+            if need > room:
+                out[host.name] = (f"its slice (layers {start}-{end - 1}) needs {need / 2**20:.1f} MiB of weights "
+                                  f"on disk, it has room for {room / 2**20:.1f} MiB")
+        return out
+
     async def _assign(self) -> None:
         s = self.settings
-        try:
-            order, ranges, precisions = self._layout()
-        except PlanError as exc:
-            raise LeaderError(f"no plan fits: {exc}") from None
+        while True:
+            try:
+                order, ranges, precisions = self._layout()
+            except PlanError as exc:
+                raise LeaderError(f"no plan fits: {exc}") from None
+            short = self._disk_shortfalls(order, ranges)
+            if not short:
+                break
+            for name, why in short.items():
+                log.warning("leaving host %s out: %s", name, why)
+                self.hosts[name].note = f"no disk room: {why}"
+            if s.plan:
+                raise LeaderError(f"the plan {s.plan} cannot be loaded: " + "; ".join(short.values()))
+            self.excluded.update(short)
+            if not self._candidates():
+                raise LeaderError("no joined host has disk room for the weights of any slice")
+            if s.planner is not None:
+                self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
+        if s.planner is not None:
+            self.engine.limits = replace(self.engine.limits, prefill_seqs=self.plan.prefill_microbatch,
+                                         decode_seqs=self.plan.decode_microbatch)
         self.state = "loading"
         for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
             host.stage, host.layers, host.state = i, (start, end), "loading"
@@ -274,12 +335,13 @@ class Leader:
                 downstream = tcp(s.advertise or local_ip_towards(host.peer_ip), self.results_port)
             assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
                             num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
-                            max_context=s.limits.max_context, downstream=downstream, precisions=precs)
+                            max_context=s.limits.max_context, downstream=downstream, precisions=precs,
+                            model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host))
             log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
             await self.control.send_multipart([host.route, encode(assign)])
         self.stages = order
         for host in self.hosts.values():
-            if host not in order:  # the plan found no layers that pay on this host
+            if host not in order:  # no room for a slice, or the plan found no layers that pay here
                 host.state = "unused"
                 log.info("plan: host %s stays unused", host.name)
 
@@ -298,8 +360,7 @@ class Leader:
                                 f"contiguously")
             order = [self.hosts[st.host] for st in self.plan.stages]
             return order, [(st.start, st.end) for st in self.plan.stages], [st.precisions for st in self.plan.stages]
-        # Hosts in name order: a stable pipeline order however they raced to join.
-        order = sorted(self.hosts.values(), key=lambda h: h.name)
+        order = self._candidates()
         kv_tokens = s.limits.max_seqs * (s.limits.max_context + 1)
         ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
         return order, ranges, [[] for _ in order]

@@ -14,6 +14,7 @@ The token path through a stage, top to bottom:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def tensor_index(model_dir: Path) -> dict[str, Path]:
     return names
 
 
+def stage_tensor_names(config, stored: Iterable[str], spec: StageSpec) -> dict[str, str]:
+    """Local name -> stored name of every tensor stage `spec` loads, out of the `stored` names
+    (its layers; the embedding on the first stage; norm and lm_head, or the tied embedding, on
+    the last). Hosts fetch exactly these when weights are streamed."""
+    stored = set(stored)
+    wanted = {}
+    for i in range(spec.start, spec.end):
+        prefix = f"model.layers.{i}."
+        wanted.update({f"layers.{i - spec.start}.{n[len(prefix):]}": n for n in stored if n.startswith(prefix)})
+    if spec.first:
+        wanted["embed.weight"] = "model.embed_tokens.weight"
+    if spec.last:
+        wanted["norm.weight"] = "model.norm.weight"
+        if "lm_head.weight" in stored:
+            wanted["lm_head.weight"] = "lm_head.weight"
+        elif getattr(config, "tie_word_embeddings", False):
+            wanted["lm_head.weight"] = "model.embed_tokens.weight"
+        else:
+            raise ModelError("the model has no lm_head.weight and does not tie its embeddings")
+    return wanted
+
+
 def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, torch.Tensor]:
     """wanted: local name -> stored name. Reads only those tensors (one stored tensor may serve
     two local names, e.g. tied embedding and lm_head)."""
@@ -101,21 +124,7 @@ class StageModel:
         self.config = stage_config
 
         index = tensor_index(model_dir)
-        wanted = {}  # local name -> stored name
-        for i in range(spec.start, spec.end):
-            prefix = f"model.layers.{i}."
-            wanted.update({f"layers.{i - spec.start}.{n[len(prefix):]}": n for n in index if n.startswith(prefix)})
-        if spec.first:
-            wanted["embed.weight"] = "model.embed_tokens.weight"
-        if spec.last:
-            wanted["norm.weight"] = "model.norm.weight"
-            if "lm_head.weight" in index:
-                wanted["lm_head.weight"] = "lm_head.weight"
-            elif getattr(config, "tie_word_embeddings", False):
-                wanted["lm_head.weight"] = "model.embed_tokens.weight"
-            else:
-                raise ModelError("the model has no lm_head.weight and does not tie its embeddings")
-        tensors = read_tensors(index, wanted)
+        tensors = read_tensors(index, stage_tensor_names(config, index, spec))
 
         with torch.device("meta"):
             self.layers = torch.nn.ModuleList(

@@ -24,6 +24,7 @@ from ..model.stage import StageModel, StageSpec, load_config
 from .device_profile import DeviceProfile, Grid
 from .quality import model_key
 
+PROFILE_LAYERS = 3  # a stage of this many layers against one of 1: the difference is per-layer cost
 # Measurement grids (prefill: batch x prompt; decode: batch x context). The CPU grid is small
 # enough for ~1 minute on 2 cores; the GPU grid covers serving batch sizes and long prompts.
 CPU_GRIDS = (Grid([1, 4], [32, 128]), Grid([1, 4, 8], [64, 512]))
@@ -112,15 +113,15 @@ def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32"
     layer_bytes = {}
     for precision in precisions:
         one = stage_for_profile(model_dir, 1, precision, dtype, device, slots, context)
-        three = stage_for_profile(model_dir, 3, precision, dtype, device, slots, context)
-        layer_bytes[precision] = (three.weight_bytes - one.weight_bytes) // 2
+        three = stage_for_profile(model_dir, PROFILE_LAYERS, precision, dtype, device, slots, context)
+        layer_bytes[precision] = (three.weight_bytes - one.weight_bytes) // (PROFILE_LAYERS - 1)
         for phase, grid in phases.items():
             rows, fixed_rows = [], []
             for b in grid.batches:
                 row, fixed_row = [], []
                 for t in grid.tokens:
                     t1, t3 = step_ms(one, phase, b, t, repeats), step_ms(three, phase, b, t, repeats)
-                    layer = max((t3 - t1) / 2, 0.5 * t1)  # noise guard: at least half a 1-layer stage
+                    layer = max((t3 - t1) / (PROFILE_LAYERS - 1), 0.5 * t1)  # noise guard: at least half a 1-layer stage
                     row.append(round(layer, 4))
                     fixed_row.append(round(max(t1 - layer, 0.0), 4))
                     bar.update()

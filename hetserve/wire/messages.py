@@ -1,7 +1,9 @@
 """Every message that crosses a ZeroMQ socket between hosts, as frozen typed dataclasses.
 
 Control channel (leader ROUTER <-> host DEALER): Join, Refused, ProfileRequest, ProfileReport,
-Assign, Ready, Failed, Heartbeat, Shutdown. Data path (PUSH -> PULL, leader -> stage 0 -> ... -> last stage -> leader):
+Assign, Ready, Failed, Heartbeat, Shutdown.
+Weights channel (leader ROUTER <-> host DEALER, hetserve/weights/): GetManifest -> Manifest;
+FetchStart; GetChunk -> a `Chunk` header frame followed by one raw bytes frame. Data path (PUSH -> PULL, leader -> stage 0 -> ... -> last stage -> leader):
 a `Step` header frame followed by one raw tensor frame; `StepResult` from the last stage; a
 `StepFailed` travels the rest of the pipeline in place of a step that a stage could not run.
 """
@@ -26,6 +28,8 @@ class Inventory:
     usable_bytes: int  # what the host offers: min(free, --memory)
     gflops: float  # quick measured fp32 matmul speed
     threads: int  # CPU threads the host computes with
+    disk_free_bytes: int = -1  # room for streamed weights in its cache; -1 = it has its own copy (--model)
+    cached_weights: dict[str, int] = field(default_factory=dict)  # model hash -> bytes already cached
 
 
 # ---- control: host -> leader
@@ -45,6 +49,7 @@ class Ready:
     weight_bytes: int
     kv_bytes: int
     load_seconds: float
+    fetched_bytes: int = 0  # weights streamed from the leader for this slice (0 = all were here)
 
 
 @message("failed")
@@ -82,6 +87,8 @@ class ProfileRequest:
 
     model: str
     dtype: str
+    model_hash: str = ""  # as in Assign: a host without the model fetches what profiling needs
+    weights_addr: str = ""
 
 
 @message("refused")
@@ -102,6 +109,8 @@ class Assign:
     max_context: int
     downstream: str  # next stage's data address, or the leader's result address
     precisions: list[str] = field(default_factory=list)  # per layer of the slice; [] = all native
+    model_hash: str = ""  # the leader's manifest hash: the weights the host must load
+    weights_addr: str = ""  # the leader's weights socket, where the host fetches what it lacks
 
 
 @message("shutdown")
@@ -152,3 +161,55 @@ class StepFailed:
     mb: int
     stage: int
     error: str
+
+
+# ---- weights (leader ROUTER <-> host DEALER)
+
+@message("manifest_entry")
+class ManifestEntry:
+    """One fetchable item: a tensor (raw little-endian data as stored) or a small file."""
+
+    name: str  # tensor name, or a file name such as config.json
+    kind: str  # "tensor" | "file"
+    size: int  # bytes of data
+    sha256: str  # hex digest of those bytes
+    dtype: str = ""  # safetensors dtype (F32, BF16, ...) of a tensor
+    shape: list[int] = field(default_factory=list)
+
+
+@message("manifest")
+class Manifest:
+    model_hash: str  # sha256 over the entries (weights/manifest.py: model_hash)
+    entries: list[ManifestEntry]
+
+
+@message("get_manifest")
+class GetManifest:
+    host: str
+
+
+@message("fetch_start")
+class FetchStart:
+    """The host is about to fetch this much (for the leader's progress bar and log)."""
+
+    host: str
+    entries: int
+    total_bytes: int
+
+
+@message("get_chunk")
+class GetChunk:
+    host: str
+    name: str  # a manifest entry
+    offset: int
+    length: int
+
+
+@message("chunk")
+class Chunk:
+    """Header of a reply to GetChunk; the bytes follow as the next frame. `error` set = no bytes."""
+
+    name: str
+    offset: int
+    length: int
+    error: str = ""

@@ -1,9 +1,10 @@
 """`hetserve join`: a host registers with the leader, loads its slice and runs its stage.
 
 Lifecycle: bind the data socket (where upstream will push micro-batches) -> send Join with the
-inventory -> receive Assign -> resolve the model and load only the assigned layers -> connect
-downstream -> send Ready -> run the stage loop; Heartbeat every second throughout. A Shutdown
-from the leader, SIGINT or SIGTERM ends the process cleanly.
+inventory -> receive Assign -> get the slice's weights (its own `--model` copy checked against the
+leader's manifest, or the cache, fetching from the leader what it lacks) -> load only the assigned
+layers -> connect downstream -> send Ready -> run the stage loop; Heartbeat every second
+throughout. A Shutdown from the leader, SIGINT or SIGTERM ends the process cleanly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import zmq
@@ -21,12 +24,15 @@ import zmq.asyncio
 
 from ..config import HostSettings
 from ..lifecycle import run_until_signal
-from ..model.resolve import resolve_model
-from ..model.stage import StageModel, StageSpec, load_config
+from ..model.resolve import ModelError, resolve_model
+from ..model.stage import StageModel, StageSpec, load_config, stage_tensor_names
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
-from ..plan.profile import cached_profile
+from ..plan.profile import PROFILE_LAYERS, cached_profile
 from ..wire.messages import Assign, Failed, Heartbeat, Join, ProfileReport, ProfileRequest, Ready, Refused, Shutdown
+from ..weights.fetch import WeightFetcher
+from ..weights.manifest import describe_mismatch, load_manifest
+from ..weights.store import WeightStore, cached_weights, disk_room
 from .inventory import take_inventory
 from .stage_loop import StageLoop
 
@@ -58,10 +64,12 @@ class Host:
         leader_ip = socket.getaddrinfo(leader_host, leader_port, proto=socket.IPPROTO_TCP)[0][4][0]
         advertise = s.advertise or local_ip_towards(leader_ip)
         inventory = await loop.run_in_executor(self.torch_thread, take_inventory, s.device, s.memory)
+        if s.model is None:
+            inventory = replace(inventory, disk_free_bytes=disk_room(s.disk_limit), cached_weights=cached_weights())
         log.info("host %s: %s (%s), %.1f GiB usable, %.0f GFLOP/s", self.name, inventory.device,
                  inventory.name, inventory.usable_bytes / 2**30, inventory.gflops)
 
-        ctx = zmq.asyncio.Context()
+        ctx = self.ctx = zmq.asyncio.Context()
         self.data_in = make_socket(ctx, zmq.PULL)
         self.data_out = make_socket(ctx, zmq.PUSH)
         self.control = make_socket(ctx, zmq.DEALER)
@@ -101,9 +109,11 @@ class Host:
 
     async def _profile(self, msg: ProfileRequest) -> None:
         started = time.perf_counter()
+        # The profiler times the first PROFILE_LAYERS layers and the head (plan/profile.py).
+        spec = StageSpec(0, PROFILE_LAYERS, first=False, last=True, dtype=msg.dtype)
         try:
-            profile = await asyncio.get_running_loop().run_in_executor(
-                self.torch_thread, lambda: cached_profile(resolve_model(msg.model).path, self.settings.device, msg.dtype)[0])
+            model_dir, _ = await self._weights(msg.model_hash, msg.weights_addr, spec)
+            profile = await self._offload(lambda: cached_profile(model_dir, self.settings.device, msg.dtype)[0])
         except Exception as exc:  # the leader must hear it rather than wait for a profile
             log.error("cannot profile %s: %s", msg.model, exc)
             await self._send(Failed(self.name, f"profiling failed: {exc}"))
@@ -117,8 +127,12 @@ class Host:
             return
         log.info("assigned stage %d/%d: layers %d-%d of %s", msg.stage + 1, msg.num_stages, msg.start, msg.end - 1, msg.model)
         started = time.perf_counter()
+        spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
+                         dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
+                         precisions=tuple(msg.precisions))
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self._load, msg)
+            model_dir, fetched = await self._weights(msg.model_hash, msg.weights_addr, spec)
+            model = await self._offload(self._load, model_dir, msg, spec)
         except Exception as exc:  # whatever went wrong, the leader must hear it rather than wait
             log.error("cannot load the slice: %s: %s", type(exc).__name__, exc)
             await self._send(Failed(self.name, f"{type(exc).__name__}: {exc}"))
@@ -129,17 +143,53 @@ class Host:
         self._tasks.append(asyncio.create_task(self.stage_loop.run()))
         log.info("stage %d ready in %.1f s: %.0f MiB weights, %.0f MiB KV cache", msg.stage, seconds,
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)
-        await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3)))
+        await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3),
+                               fetched))
 
-    def _load(self, msg: Assign) -> StageModel:
-        files = resolve_model(msg.model)
-        layers = load_config(files.path).num_hidden_layers
+    async def _offload(self, fn, *args):
+        """Run blocking work (torch, hashing, file reads) on the host's torch thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.torch_thread, fn, *args)
+
+    async def _weights(self, model_hash: str, weights_addr: str, spec: StageSpec) -> tuple[Path, int]:
+        """The directory to load stage `spec` from, and the bytes fetched from the leader for it."""
+        if not model_hash or not weights_addr:
+            raise ModelError("the leader did not say which weights to load (an older leader?)")
+        fetcher = WeightFetcher(self.ctx, weights_addr, self.name, self._offload)
+        try:
+            manifest = await fetcher.manifest(model_hash)
+            if self.settings.model is not None:
+                files = await self._offload(resolve_model, self.settings.model)
+                local, _ = await self._offload(load_manifest, files.path)
+                if local.model_hash != manifest.model_hash:
+                    raise ModelError(f"--model {self.settings.model} is not the leader's model: "
+                                     f"{describe_mismatch(local, manifest)}")
+                log.info("using this host's own copy %s (it matches the leader's manifest)", files.path)
+                return files.path, 0
+            store = WeightStore(manifest.model_hash)
+            entries = {e.name: e for e in manifest.entries}
+            fetched = await fetcher.fetch(store, await self._offload(store.missing, [entries["config.json"]]), False)
+            config = await self._offload(load_config, store.root)
+            tensors = [n for n, e in entries.items() if e.kind == "tensor"]
+            needed = [entries[n] for n in dict.fromkeys(stage_tensor_names(config, tensors, spec).values())]
+            missing = await self._offload(store.missing, needed)  # hashes every cached tensor it needs
+            need = sum(m.entry.size - m.offset for m in missing)
+            room = await self._offload(disk_room, self.settings.disk_limit)
+            if need > room:
+                raise ModelError(f"the slice needs {need / 2**20:.1f} MiB more of weights on disk, but this host's "
+                                 f"cache ({store.root.parent}) has room for {room / 2**20:.1f} MiB")
+            log.info("slice weights: %d of %d tensors already cached and verified", len(needed) - len(missing),
+                     len(needed))
+            fetched += await fetcher.fetch(store, missing)
+            await self._offload(store.write_index)
+            return store.root, fetched
+        finally:
+            fetcher.close()
+
+    def _load(self, model_dir: Path, msg: Assign, spec: StageSpec) -> StageModel:
+        layers = load_config(model_dir).num_hidden_layers
         if layers != msg.num_layers:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
-        spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
-                         dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
-                         precisions=tuple(msg.precisions))
-        return StageModel(files.path, spec, self.settings.device)
+        return StageModel(model_dir, spec, self.settings.device)
 
     async def _send(self, msg) -> None:
         await self.control.send(encode(msg))

@@ -1,0 +1,161 @@
+"""A model's manifest: every tensor and file a host may need, with its size and content hash.
+
+The leader builds it from its model directory and serves it; a host checks its cache, or its own
+copy (`join --model`), against it. A tensor's hash covers its raw data as stored in safetensors
+(little-endian, stored dtype), so the same weights hash the same however they are sharded into
+files. The model hash covers every entry, so a host holding that hash holds exactly these weights.
+
+Hashing a model reads all of it (~1-2 GB/s), so a manifest is cached under
+`$HETSERVE_HOME/manifests/` keyed by the directory and reused while every file keeps its size
+and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model.resolve import ModelError, hetserve_home
+from ..wire.codec import decode, encode
+from ..wire.messages import Manifest, ManifestEntry
+
+FILES = ("config.json",)  # besides tensors, what a stage needs (it never tokenizes)
+READ_BLOCK = 8 << 20
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")  # becomes a file name on hosts
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is not one we wrote or trust
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the leader reads an entry's bytes: `size` bytes of `path` from `offset`."""
+
+    path: Path
+    offset: int
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset where tensor data starts, the JSON header) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ModelError(f"{path} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER_BYTES:
+            raise ModelError(f"{path} is not a safetensors file (header of {length} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def hash_range(path: Path, offset: int, size: int, progress=None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = size
+        while left:
+            block = f.read(min(READ_BLOCK, left))
+            if not block:
+                raise ModelError(f"{path} ends before byte {offset + size}")
+            digest.update(block)
+            left -= len(block)
+            if progress is not None:
+                progress.update(len(block))
+    return digest.hexdigest()
+
+
+def model_hash(entries: list[ManifestEntry]) -> str:
+    canonical = [[e.kind, e.name, e.size, e.sha256, e.dtype, list(e.shape)] for e in sorted(entries, key=lambda e: e.name)]
+    return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+
+
+def scan(model_dir: Path) -> tuple[list[tuple[ManifestEntry, Source]], int]:
+    """Every entry without its hash yet (sha256 ''), where to read it, and the total bytes."""
+    items = []
+    for name in FILES:
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelError(f"{model_dir} has no {name}")
+        items.append((ManifestEntry(name, "file", path.stat().st_size, ""), Source(path, 0)))
+    for file in sorted(model_dir.glob("*.safetensors")):
+        start, header = safetensors_header(file)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            items.append((ManifestEntry(name, "tensor", end - begin, "", info["dtype"], list(info["shape"])),
+                          Source(file, start + begin)))
+    return items, sum(e.size for e, _ in items)
+
+
+def build_manifest(model_dir: Path, progress: bool = True) -> tuple[Manifest, dict[str, Source]]:
+    from tqdm import tqdm
+
+    items, total = scan(model_dir)
+    entries, sources = [], {}
+    with tqdm(total=total, desc=f"hashing {model_dir.name}", unit="B", unit_scale=True, disable=not progress) as bar:
+        for entry, source in items:
+            sha = hash_range(source.path, source.offset, entry.size, bar)
+            entries.append(ManifestEntry(entry.name, entry.kind, entry.size, sha, entry.dtype, entry.shape))
+            sources[entry.name] = source
+    return Manifest(model_hash(entries), entries), sources
+
+
+def _stamps(model_dir: Path) -> dict[str, list[int]]:
+    files = [model_dir / n for n in FILES] + sorted(model_dir.glob("*.safetensors"))
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+
+
+def load_manifest(model_dir: Path, progress: bool = True) -> tuple[Manifest, dict[str, Source]]:
+    """The manifest of a model directory, from the cache while its files are unchanged."""
+    model_dir = Path(model_dir).resolve()
+    key = hashlib.sha256(str(model_dir).encode()).hexdigest()[:16]
+    cache = hetserve_home() / "manifests" / f"{key}.msgpack"
+    stamps = _stamps(model_dir)
+    if cache.is_file():
+        try:
+            stored = json.loads(cache.with_suffix(".json").read_text())
+            if stored == stamps:
+                manifest = decode(cache.read_bytes(), expect=(Manifest,))
+                items, _ = scan(model_dir)
+                return manifest, {e.name: s for e, s in items}
+        except (OSError, ValueError):
+            pass  # unreadable cache: hash again
+    manifest, sources = build_manifest(model_dir, progress)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_bytes(encode(manifest))
+    tmp.replace(cache)
+    cache.with_suffix(".json").write_text(json.dumps(stamps))
+    return manifest, sources
+
+
+def check_manifest(manifest: Manifest, expected_hash: str) -> None:
+    """Refuse a manifest whose names could escape the cache directory, or that is not the one
+    the leader assigned (the hash is recomputed, not trusted)."""
+    for e in manifest.entries:
+        if e.kind == "file" and e.name not in FILES or e.kind not in ("file", "tensor"):
+            raise ModelError(f"the manifest lists an unexpected {e.kind} {e.name!r}")
+        if not SAFE_NAME.match(e.name) or not HEX64.match(e.sha256) or e.size < 0:
+            raise ModelError(f"the manifest entry {e.name!r} is malformed")
+    if model_hash(manifest.entries) != manifest.model_hash or manifest.model_hash != expected_hash:
+        raise ModelError("the leader's manifest does not match the model hash it assigned")
+
+
+def describe_mismatch(local: Manifest, remote: Manifest) -> str:
+    """Why a host's own copy is not the leader's model, in a sentence."""
+    mine = {e.name: e for e in local.entries}
+    theirs = {e.name: e for e in remote.entries}
+    missing = sorted(set(theirs) - set(mine))
+    extra = sorted(set(mine) - set(theirs))
+    differ = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
+    parts = []
+    for label, names in (("missing", missing), ("not in the leader's model", extra), ("different", differ)):
+        if names:
+            parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+    return "; ".join(parts) or "the same entries but a different hash"

@@ -1,0 +1,121 @@
+"""The leader's side of weight streaming: answer manifest and chunk requests on a ROUTER socket.
+
+A host pulls: it asks for one chunk at a time with a few requests outstanding (credit-based flow
+control, as in the ZeroMQ guide's file-transfer pattern), so the leader never queues more than
+that window per host however large the model, and `--weights-rate` paces all transfers together
+so a joining host cannot starve the serving pipeline's links. Only entries of the manifest can be
+read, at offsets inside them: a request names a tensor, never a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import zmq.asyncio
+from tqdm import tqdm
+
+from ..wire.codec import WireError, decode, encode
+from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
+from .manifest import Source
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK = 8 << 20  # largest chunk a host may ask for
+
+
+class Pacer:
+    """Spreads sends so that they average at most `rate` bytes per second (0 = no limit)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.free_at = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        start = max(self.free_at, now)
+        self.free_at = start + nbytes / self.rate
+        await asyncio.sleep(start - now)
+
+
+class Transfer:
+    """One host's fetch as the leader sees it: a progress bar and a log line at each end."""
+
+    def __init__(self, host: str, msg: FetchStart):
+        self.host, self.total, self.sent, self.started = host, msg.total_bytes, 0, time.monotonic()
+        self.bar = tqdm(total=msg.total_bytes, desc=f"weights -> {host}", unit="B", unit_scale=True, disable=None,
+                        leave=False)
+        log.info("host %s is fetching %d weight entries, %.1f MiB", host, msg.entries, msg.total_bytes / 2**20)
+
+    def sent_bytes(self, n: int) -> bool:
+        """Count n bytes; True once everything announced is sent."""
+        self.sent += n
+        self.bar.update(n)
+        if self.sent < self.total:
+            return False
+        seconds = time.monotonic() - self.started
+        self.bar.close()
+        log.info("sent host %s %.1f MiB of weights in %.1f s (%.0f MiB/s)", self.host, self.sent / 2**20, seconds,
+                 self.sent / 2**20 / max(seconds, 1e-9))
+        return True
+
+
+class WeightServer:
+    def __init__(self, sock: zmq.asyncio.Socket, manifest: Manifest, sources: dict[str, Source], rate: float):
+        self.sock = sock
+        self.manifest = encode(manifest)
+        self.entries = {e.name: e for e in manifest.entries}
+        self.sources = sources
+        self.pacer = Pacer(rate)
+        self.transfers: dict[str, Transfer] = {}
+        self.files: dict[os.PathLike, int] = {}  # open descriptors, read with pread from a thread
+
+    async def run(self) -> None:
+        try:
+            while True:
+                frames = await self.sock.recv_multipart()
+                if len(frames) != 2:
+                    log.warning("ignored a weights request of %d frames", len(frames))
+                    continue
+                route, raw = frames
+                try:
+                    msg = decode(raw, expect=(GetManifest, FetchStart, GetChunk))
+                except WireError as exc:
+                    log.warning("ignored a malformed weights request: %s", exc)
+                    continue
+                if isinstance(msg, GetManifest):
+                    await self.sock.send_multipart([route, self.manifest])
+                elif isinstance(msg, FetchStart):
+                    self.transfers[msg.host] = Transfer(msg.host, msg)
+                else:
+                    await self._chunk(route, msg)
+        finally:
+            for fd in self.files.values():
+                os.close(fd)
+
+    async def _chunk(self, route: bytes, msg: GetChunk) -> None:
+        entry = self.entries.get(msg.name)
+        if entry is None:
+            error = f"no entry {msg.name!r} in the manifest"
+        elif not (0 <= msg.offset and 0 < msg.length <= MAX_CHUNK and msg.offset + msg.length <= entry.size):
+            error = f"bytes {msg.offset}+{msg.length} are outside {msg.name} ({entry.size} bytes, chunks <= {MAX_CHUNK})"
+        else:
+            error = ""
+        if error:
+            log.warning("refused a weights request from %s: %s", msg.host, error)
+            await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, 0, error)), b""])
+            return
+        source = self.sources[msg.name]
+        if source.path not in self.files:
+            self.files[source.path] = os.open(source.path, os.O_RDONLY)
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, os.pread, self.files[source.path], msg.length, source.offset + msg.offset)
+        await self.pacer.take(len(data))
+        await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, len(data))), data], copy=False)
+        transfer = self.transfers.get(msg.host)
+        if transfer is not None and transfer.sent_bytes(len(data)):
+            del self.transfers[msg.host]

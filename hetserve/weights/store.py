@@ -1,0 +1,147 @@
+"""A host's cache of streamed weights: `$HETSERVE_HOME/weights/<model-hash>/`.
+
+Each tensor is its own single-tensor safetensors file named after the tensor, so a stage loads it
+with the ordinary loader (a `model.safetensors.index.json` lists the complete ones). A tensor in
+transfer is written to `<name>.safetensors.part`, header first and then its data in order, so
+after a crash the part's length says where to resume. A part becomes the real file only after
+its data hashed to the manifest's digest, by an atomic rename: a host never loads a half-written
+or corrupted tensor, and a complete file that fails its hash later is deleted and fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model.resolve import ModelError, hetserve_home
+from ..wire.messages import ManifestEntry
+from .manifest import hash_range, safetensors_header
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+DISK_MARGIN = 64 << 20  # left free on the disk beyond the weights, for logs and the index
+
+
+def weights_root() -> Path:
+    return hetserve_home() / "weights"
+
+
+def cached_weights() -> dict[str, int]:
+    """Model hash -> bytes of complete tensor files, for every model in this host's cache."""
+    root = weights_root()
+    if not root.is_dir():
+        return {}
+    return {d.name: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in root.iterdir() if d.is_dir()}
+
+
+def disk_room(limit: int | None) -> int:
+    """Bytes of weights this host may still add to its cache: free disk (less a margin), and
+    at most `limit` (join --disk-limit) in the whole cache."""
+    root = weights_root()
+    root.mkdir(parents=True, exist_ok=True)
+    room = shutil.disk_usage(root).free - DISK_MARGIN
+    if limit is not None:
+        room = min(room, limit - sum(cached_weights().values()))
+    return max(0, room)
+
+
+def tensor_header(entry: ManifestEntry) -> bytes:
+    """The safetensors header of a file holding only this tensor (padded to 8 bytes, as the
+    format recommends, so the data is aligned)."""
+    meta = json.dumps({entry.name: {"dtype": entry.dtype, "shape": entry.shape, "data_offsets": [0, entry.size]}},
+                      separators=(",", ":")).encode()
+    meta += b" " * (-len(meta) % 8)
+    return struct.pack("<Q", len(meta)) + meta
+
+
+@dataclass(frozen=True)
+class Missing:
+    entry: ManifestEntry
+    offset: int  # bytes of its data already in the part file
+
+
+class WeightStore:
+    def __init__(self, model_hash: str):
+        self.root = weights_root() / model_hash
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, entry: ManifestEntry) -> Path:
+        return self.root / (entry.name if entry.kind == "file" else f"{entry.name}.safetensors")
+
+    def part(self, entry: ManifestEntry) -> Path:
+        return self.path(entry).with_name(self.path(entry).name + ".part")
+
+    def verified(self, entry: ManifestEntry) -> bool:
+        """The complete file is there and hashes right; a corrupted one is deleted."""
+        path = self.path(entry)
+        if not path.is_file():
+            return False
+        try:
+            start = 0 if entry.kind == "file" else self._data_start(path, entry)
+            ok = path.stat().st_size == start + entry.size and hash_range(path, start, entry.size) == entry.sha256
+        except ModelError:
+            ok = False
+        if not ok:
+            log.warning("cached %s is corrupted or incomplete: fetching it again", path.name)
+            path.unlink()
+        return ok
+
+    def _data_start(self, path: Path, entry: ManifestEntry) -> int:
+        start, header = safetensors_header(path)
+        info = header.get(entry.name, {})
+        if info.get("dtype") != entry.dtype or info.get("shape") != entry.shape:
+            raise ModelError(f"{path.name} holds another tensor")
+        return start
+
+    def missing(self, entries: list[ManifestEntry]) -> list[Missing]:
+        """What must still be fetched of `entries`, each from where its part file stopped."""
+        out = []
+        for entry in entries:
+            if self.verified(entry):
+                continue
+            part = self.part(entry)
+            head = b"" if entry.kind == "file" else tensor_header(entry)
+            offset = 0
+            if part.is_file():
+                have = part.stat().st_size - len(head)
+                with open(part, "rb") as f:
+                    same_head = f.read(len(head)) == head
+                if same_head and 0 <= have <= entry.size:
+                    offset = have
+                else:
+                    part.unlink()
+            out.append(Missing(entry, offset))
+        return out
+
+    def open_part(self, item: Missing):
+        """The part file, positioned to append `item`'s data from its offset."""
+        part = self.part(item.entry)
+        if item.offset == 0:
+            f = open(part, "wb")
+            if item.entry.kind == "tensor":
+                f.write(tensor_header(item.entry))
+            return f
+        return open(part, "ab")
+
+    def finish(self, entry: ManifestEntry) -> bool:
+        """Hash the completed part; rename it into place when right, delete it when wrong."""
+        part = self.part(entry)
+        start = 0 if entry.kind == "file" else len(tensor_header(entry))
+        if part.stat().st_size == start + entry.size and hash_range(part, start, entry.size) == entry.sha256:
+            os.replace(part, self.path(entry))
+            return True
+        part.unlink()
+        return False
+
+    def write_index(self) -> None:
+        """List every complete tensor so the stage loader finds it (atomically replaced)."""
+        weight_map = {f.name[: -len(".safetensors")]: f.name for f in sorted(self.root.glob("*.safetensors"))}
+        tmp = self.root / f".{INDEX}.tmp"
+        tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        os.replace(tmp, self.root / INDEX)

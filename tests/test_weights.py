@@ -1,0 +1,283 @@
+"""Weight streaming: hosts with an empty HETSERVE_HOME fetch their slice from the leader.
+
+Unit tests cover the manifest and the cache; the rest run a real leader and real hosts on
+127.0.0.1, each host with its own HETSERVE_HOME, as separate machines would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import PROMPTS, free_port, hetserve_cmd, wait_for
+from hetserve.client import LineClient
+from hetserve.model.resolve import ModelError
+from hetserve.weights.fetch import WeightFetcher
+from hetserve.weights.manifest import build_manifest, check_manifest, describe_mismatch, load_manifest
+from hetserve.weights.server import WeightServer
+from hetserve.weights.store import WeightStore, tensor_header
+from hetserve.wire.codec import decode, encode
+from hetserve.wire.messages import Chunk, GetChunk, Manifest, ManifestEntry
+
+MAX_NEW = 12
+
+
+def tiny_model(path: Path, seed: int = 0, shard: str | None = None) -> Path:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return path
+
+
+# ---- manifest and cache, no sockets
+
+def test_manifest_hashes_content_not_files(tmp_path):
+    one = build_manifest(tiny_model(tmp_path / "one"), progress=False)[0]
+    sharded_dir = tiny_model(tmp_path / "sharded", shard="100KB")
+    assert len(list(sharded_dir.glob("*.safetensors"))) > 1
+    sharded = build_manifest(sharded_dir, progress=False)[0]
+    other = build_manifest(tiny_model(tmp_path / "other", seed=1), progress=False)[0]
+    assert one.model_hash == sharded.model_hash != other.model_hash
+    assert "different" in describe_mismatch(other, one)
+    check_manifest(one, one.model_hash)
+    with pytest.raises(ModelError, match="does not match"):
+        check_manifest(one, other.model_hash)
+    evil = Manifest(one.model_hash, [ManifestEntry("../../etc/passwd", "tensor", 1, "0" * 64)])
+    with pytest.raises(ModelError, match="malformed"):
+        check_manifest(evil, one.model_hash)
+    with pytest.raises(ModelError, match="unexpected"):
+        check_manifest(Manifest("", [ManifestEntry("run.sh", "file", 1, "0" * 64)]), "")
+
+
+def test_manifest_cache_follows_the_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETSERVE_HOME", str(tmp_path / "home"))
+    model = tiny_model(tmp_path / "m")
+    first, sources = load_manifest(model, progress=False)
+    assert load_manifest(model, progress=False)[0] == first
+    assert sources["config.json"].path == model.resolve() / "config.json"
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("\n", "\n ", 1))
+    assert load_manifest(model, progress=False)[0].model_hash != first.model_hash
+
+
+def test_store_resumes_parts_and_drops_corruption(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETSERVE_HOME", str(tmp_path))
+    data = bytes(range(256)) * 40
+    entry = ManifestEntry("w", "tensor", len(data), hashlib.sha256(data).hexdigest(), "U8", [len(data)])
+    store = WeightStore("abc")
+    (item,) = store.missing([entry])
+    assert item.offset == 0
+    with store.open_part(item) as f:
+        f.write(data[:1000])
+    (item,) = store.missing([entry])
+    assert item.offset == 1000, "a part resumes where it stopped"
+    with store.open_part(item) as f:
+        f.write(data[1000:])
+    assert store.finish(entry) and store.missing([entry]) == []
+    blob = bytearray(store.path(entry).read_bytes())
+    blob[-1] ^= 0xFF
+    store.path(entry).write_bytes(bytes(blob))
+    assert [m.offset for m in store.missing([entry])] == [0], "a corrupted file is fetched again"
+    assert not store.path(entry).exists()
+    with store.open_part(store.missing([entry])[0]) as f:
+        f.write(b"x" * len(data))
+    assert not store.finish(entry) and not store.part(entry).exists(), "wrong data never becomes the file"
+    part = store.part(entry)
+    part.write_bytes(tensor_header(ManifestEntry("w", "tensor", 9, "0" * 64, "U8", [9])) + b"abc")
+    assert store.missing([entry])[0].offset == 0, "a part of another tensor is discarded"
+
+
+async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETSERVE_HOME", str(tmp_path / "home"))
+    manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    server = asyncio.create_task(WeightServer(router, manifest, sources, 0).run())
+    fetcher = WeightFetcher(ctx, f"tcp://127.0.0.1:{port}", "h", lambda fn, *a: asyncio.to_thread(fn, *a))
+    try:
+        got = await fetcher.manifest(manifest.model_hash)
+        store = WeightStore(got.model_hash)
+        total = sum(e.size for e in got.entries)
+        assert await fetcher.fetch(store, store.missing(got.entries)) == total
+        assert store.missing(got.entries) == [] and await fetcher.fetch(store, []) == 0
+
+        for bad in (GetChunk("h", "nope", 0, 1), GetChunk("h", "config.json", 0, 10**9),
+                    GetChunk("h", "config.json", -1, 1)):
+            await fetcher.sock.send(encode(bad))
+            head, body = await fetcher.sock.recv_multipart()
+            assert decode(head, expect=(Chunk,)).error and body == b""
+        await fetcher.sock.send(b"\x93garbage")  # ignored, and the server keeps answering
+        await fetcher.sock.send(encode(GetChunk("h", "config.json", 0, 2)))
+        head, body = await fetcher.sock.recv_multipart()
+        assert decode(head).length == 2 and body == (tmp_path / "m" / "config.json").read_bytes()[:2]
+    finally:
+        fetcher.close()
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        router.close()
+        ctx.term()
+
+
+# ---- real processes
+
+class Daemons:
+    """A leader and hosts as separate processes; each host has its own HETSERVE_HOME."""
+
+    def __init__(self, model_dir: Path, hosts: int, *leader_args: str):
+        self.listen, self.serve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        self.model_dir, self.hosts = model_dir, hosts
+        self.leader_args = leader_args
+        self.procs: list[subprocess.Popen] = []
+        self.leader = self._spawn(["leader", "--listen", self.listen, "--serve", self.serve, "--model", str(model_dir),
+                                   "--hosts", str(hosts), "--max-context", "256", *leader_args])
+
+    def _spawn(self, args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(hetserve_cmd() + args + ["--log-level", "info"], env={**os.environ, **(env or {})},
+                                start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def join(self, name: str, home: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
+        out = open(log, "w") if log else None
+        return self._spawn(["join", "--leader", self.listen, "--name", name, "--threads", "1", *args],
+                           {"HETSERVE_HOME": str(home)}, stderr=out)
+
+    async def client(self) -> LineClient:
+        client = await LineClient.connect(self.serve, wait=120)
+        await client.wait_serving(180)
+        return client
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemons] = []
+
+    def start(*args, **kw) -> Daemons:
+        started.append(Daemons(*args, **kw))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+async def serve_and_check(d: Daemons, reference) -> dict:
+    """Greedy output equals transformers; returns the status."""
+    client = await d.client()
+    try:
+        for prompt in PROMPTS[:2]:
+            events = await client.call({"prompt": prompt, "max_tokens": MAX_NEW})
+            ids = [e["token_id"] for e in events if e["event"] == "token"]
+            assert ids == reference(reference.tokenizer(prompt)["input_ids"], MAX_NEW), prompt
+        return await client.status()
+    finally:
+        await client.close()
+
+
+def manifest_sizes(model_dir: Path) -> dict[str, int]:
+    return {e.name: e.size for e in load_manifest(model_dir, progress=False)[0].entries}
+
+
+async def test_fresh_hosts_fetch_their_slices_then_nothing(daemons, model_dir, reference, tmp_path):
+    homes = [tmp_path / "a", tmp_path / "b"]
+    d = daemons(model_dir, 2)
+    for i, home in enumerate(homes):
+        d.join(f"h{i}", home)
+    status = await serve_and_check(d, reference)
+    fetched = [h["fetched_bytes"] for h in status["hosts"]]
+    sizes = manifest_sizes(model_dir)
+    model_bytes = sum(sizes.values()) - sizes["config.json"]
+    # Each host fetched only its slice and config.json: together the model once, plus the tied
+    # embedding the first stage embeds with and the last stage projects with.
+    assert sum(fetched) == model_bytes + sizes["model.embed_tokens.weight"] + 2 * sizes["config.json"]
+    assert all(0 < f < model_bytes for f in fetched)
+    d.stop()
+
+    # Corrupt a cached tensor of h0; start everything again.
+    victim = next((homes[0] / "weights").glob("*/model.layers.1.mlp.up_proj.weight.safetensors"))
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    d = daemons(model_dir, 2)
+    logs = [tmp_path / f"h{i}.log" for i in range(2)]
+    for i, home in enumerate(homes):
+        d.join(f"h{i}", home, log=logs[i])
+    status = await serve_and_check(d, reference)
+    assert [h["fetched_bytes"] for h in status["hosts"]] == [sizes["model.layers.1.mlp.up_proj.weight"], 0]
+    assert "corrupted" in logs[0].read_text()
+
+
+async def test_host_killed_mid_transfer_resumes(daemons, model_dir, reference, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    d = daemons(model_dir, 1, "--weights-rate", "100MiB")
+    host = d.join("h0", home)
+    cache = home / "weights"
+    def mid_tensor() -> bool:  # well into the transfer, with a tensor half-written
+        files = [f for f in cache.glob("*/*") if f.is_file()]
+        return sum(f.stat().st_size for f in files) > 150 << 20 and any(
+            f.suffix == ".part" and f.stat().st_size > 1 << 20 for f in files)
+
+    assert wait_for(mid_tensor, 60, interval=0.01)
+    host.send_signal(signal.SIGKILL)
+    host.wait()
+    d.stop()
+    store_dir = next(cache.iterdir())
+    assert list(store_dir.glob("*.part")), "the kill came in the middle of a tensor"
+    sizes = manifest_sizes(model_dir)
+    have = sum(f.stat().st_size for f in store_dir.glob("*.safetensors"))
+
+    d = daemons(model_dir, 1)
+    log = tmp_path / "h0.log"
+    d.join("h0", home, log=log)
+    status = await serve_and_check(d, reference)
+    fetched = status["hosts"][0]["fetched_bytes"]
+    assert 0 < fetched < sum(sizes.values()) - have, "only what was missing was fetched"
+    assert "resuming" in log.read_text()
+    assert not list(store_dir.glob("*.part"))
+    manifest, _ = load_manifest(model_dir, progress=False)
+    monkeypatch.setenv("HETSERVE_HOME", str(home))
+    assert WeightStore(manifest.model_hash).missing(manifest.entries) == [], "every cached file hash-matches"
+
+
+async def test_host_without_disk_room_is_left_out(daemons, model_dir, reference, tmp_path):
+    d = daemons(model_dir, 2)
+    d.join("h0", tmp_path / "a", "--disk-limit", "10MiB")
+    d.join("h1", tmp_path / "b")
+    status = await serve_and_check(d, reference)
+    h0, h1 = status["hosts"]
+    assert h0["state"] == "unused" and "disk" in h0["note"]
+    assert h1["layers"] == [0, 30]
+    assert not list((tmp_path / "a" / "weights").glob("*/*.safetensors")), "h0 fetched nothing"
+
+
+def test_mismatching_local_copy_is_refused(daemons, model_dir, tmp_path):
+    d = daemons(model_dir, 1)
+    log = tmp_path / "h0.log"
+    host = d.join("h0", tmp_path / "home", "--model", str(tiny_model(tmp_path / "tiny")), log=log)
+    assert d.leader.wait(120) == 1, "the leader stops: its only host cannot serve"
+    host.wait(30)
+    assert "is not the leader's model" in log.read_text()
