@@ -74,41 +74,57 @@ class WeightFetcher:
         started, received = time.monotonic(), 0
         with tqdm(total=total, desc="weights", unit="B", unit_scale=True, disable=None if announce else True,
                   leave=False) as bar:
-            for item in items:
-                for _ in range(RETRIES + 1):
-                    received += await self._fetch_one(store, item, bar)
-                    if await self.offload(store.finish, item.entry):
-                        break
-                    log.warning("%s failed its hash after the transfer; fetching it again", item.entry.name)
-                    item = Missing(item.entry, 0)
-                else:
-                    raise ModelError(f"{item.entry.name} keeps failing its hash: the leader's copy changed or "
-                                     f"the link corrupts data")
+            for _ in range(RETRIES + 1):
+                got, failed = await self._stream(store, items, bar)
+                received += got
+                if not failed:
+                    break
+                log.warning("%d fetched entries failed their hash (e.g. %s); fetching them again", len(failed),
+                            failed[0].entry.name)
+                items = [Missing(item.entry, 0) for item in failed]
+            else:
+                raise ModelError(f"{items[0].entry.name} keeps failing its hash: the leader's copy changed or "
+                                 f"the link corrupts data")
         seconds = time.monotonic() - started
         if announce:
             log.info("fetched %.1f MiB of weights in %.1f s (%.0f MiB/s)", received / 2**20, seconds,
                      received / 2**20 / max(seconds, 1e-9))
         return received
 
-    async def _fetch_one(self, store: WeightStore, item: Missing, bar: tqdm) -> int:
-        name, size = item.entry.name, item.entry.size
-        offsets = iter(range(item.offset, size, CHUNK))
-        pending: deque[tuple[int, int]] = deque()
+    async def _stream(self, store: WeightStore, items: list[Missing], bar: tqdm) -> tuple[int, list[Missing]]:
+        """One pass: every chunk of every item, WINDOW requests outstanding across item
+        boundaries; a finished item is hashed off the loop while the next ones stream.
+        Returns the bytes received and the items whose data failed the hash."""
+        chunks = iter([(item, offset, min(CHUNK, item.entry.size - offset))
+                       for item in items for offset in range(item.offset, item.entry.size, CHUNK)])
+        pending: deque[tuple[Missing, int, int]] = deque()
+        files = {}
+        checks: list[tuple[Missing, asyncio.Future]] = []
+        received = 0
 
         async def ask() -> None:
-            offset = next(offsets, None)
-            if offset is not None:
-                length = min(CHUNK, size - offset)
-                pending.append((offset, length))
-                await self.sock.send(encode(GetChunk(self.host, name, offset, length)))
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending.append(chunk)
+                await self.sock.send(encode(GetChunk(self.host, chunk[0].entry.name, chunk[1], chunk[2])))
 
-        received = 0
-        with store.open_part(item) as part:
+        def done(item: Missing) -> None:
+            if item.entry.name in files:
+                files.pop(item.entry.name).close()
+            else:  # nothing to receive (empty, or complete before a crash): just the check
+                store.open_part(item).close()
+            checks.append((item, asyncio.ensure_future(self.offload(store.finish, item.entry))))
+
+        try:
+            for item in items:
+                if item.offset == item.entry.size:
+                    done(item)
             for _ in range(WINDOW):
                 await ask()
             while pending:
                 frames = await self._recv()
-                offset, length = pending.popleft()
+                item, offset, length = pending.popleft()
+                name = item.entry.name
                 try:
                     head = decode(frames[0], expect=(Chunk,))
                 except WireError as exc:
@@ -118,8 +134,16 @@ class WeightFetcher:
                 if len(frames) != 2 or (head.name, head.offset, head.length) != (name, offset, length) \
                         or len(frames[1]) != length:
                     raise ModelError(f"the leader sent the wrong chunk of {name} (wanted bytes {offset}+{length})")
-                part.write(frames[1])
+                if name not in files:
+                    files[name] = store.open_part(item)
+                files[name].write(frames[1])
                 received += length
                 bar.update(length)
+                if offset + length == item.entry.size:
+                    done(item)
                 await ask()
-        return received
+        finally:
+            for f in files.values():
+                f.close()
+        results = [(item, await check) for item, check in checks]
+        return received, [item for item, ok in results if not ok]
