@@ -281,3 +281,25 @@ def test_mismatching_local_copy_is_refused(daemons, model_dir, tmp_path):
     assert d.leader.wait(120) == 1, "the leader stops: its only host cannot serve"
     host.wait(30)
     assert "is not the leader's model" in log.read_text()
+
+
+async def test_streaming_host_profiles_then_serves_a_live_plan(daemons, model_dir, reference, tmp_path):
+    """Asked for a profile, a host without the model fetches the layers the profiler times."""
+    import shutil
+
+    from hetserve.model.resolve import hetserve_home
+
+    home = tmp_path / "home"
+    if (hetserve_home() / "profiles").is_dir():  # skip the minute of measuring when it was done before
+        shutil.copytree(hetserve_home() / "profiles", home / "profiles")
+    d = daemons(model_dir, 1, "--max-ppl-increase", "5%", "--calibration-tokens", "128", "--plan-prompt", "64",
+                "--plan-output", "32", "--plan-batch", "2")
+    log = tmp_path / "h0.log"
+    d.join("h0", home, log=log)
+    client = await LineClient.connect(d.serve, wait=120)
+    await client.wait_serving(600)
+    await client.close()
+    status = await serve_and_check(d, reference)
+    assert status["plan"] is not None and status["hosts"][0]["fetched_bytes"] > 0
+    text = log.read_text()
+    assert text.count("slice weights:") == 2, "once for the profile (layers 0-2 and the head), once for the slice"
