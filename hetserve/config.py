@@ -48,7 +48,7 @@ class PlannerSettings:
     output_tokens: int = 128
     batch: int = 8  # requests served together
     calibration_tokens: int = 512  # calibration text scored for layer sensitivity
-    link_gbps: float = 10.0  # assumed bandwidth between stages
+    link_gbps: float = 10.0  # bandwidth between stages where the leader could not measure it
     save_to: str | None = None  # also write the plan here
 
 

@@ -208,6 +208,7 @@ async def test_fresh_hosts_fetch_their_slices_then_nothing(daemons, model_dir, r
     for i, home in enumerate(homes):
         d.join(f"h{i}", home)
     status = await serve_and_check(d, reference)
+    assert all(h["link_gbps"] > 0 and h["link_ms"] > 0 for h in status["hosts"]), "the leader measured its links"
     fetched = [h["fetched_bytes"] for h in status["hosts"]]
     sizes = manifest_sizes(model_dir)
     model_bytes = sum(sizes.values()) - sizes["config.json"]

@@ -12,6 +12,7 @@ The client port is a plain asyncio TCP server (frontend.py).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -34,12 +35,14 @@ from ..plan.split import PlanError, memory_split
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, ProfileReport,
-                             ProfileRequest, Ready, Refused, Shutdown, StageStats, Step, StepFailed, StepResult)
+from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, Probe, ProbeReply,
+                             ProfileReport, ProfileRequest, Ready, Refused, Shutdown, StageStats, Step, StepFailed,
+                             StepResult)
 from ..wire.tensors import to_frame
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
 from .http_api import OpenAIServer
+from .link import LARGE_BYTES, LARGE_PROBES, PROBE_TIMEOUT_S, SMALL_PROBES, Link, link_from_round_trips
 from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer
 from .tokens import TextCodec
@@ -71,6 +74,7 @@ class HostRecord:
     kv_bytes: int = 0
     profile: DeviceProfile | None = None  # sent on request when the leader plans live
     fetched_bytes: int = 0  # weights it streamed from the leader for its slice
+    link: Link | None = None  # measured from the leader after it joined
     note: str = ""  # why it is unused, when it is
 
     def describe(self, now: float) -> dict:
@@ -86,6 +90,7 @@ class HostRecord:
             "load": round(self.stats.busy_seconds / max(now - self.joined, 1e-9), 3),
             "prefill_ms": round(self.stats.prefill_ms, 2), "decode_ms": round(self.stats.decode_ms, 2),
             "fetched_bytes": self.fetched_bytes, "note": self.note,
+            "link_ms": self.link.latency_ms if self.link else None, "link_gbps": self.link.gbps if self.link else None,
         }
 
 
@@ -107,6 +112,9 @@ class Leader:
         self.state = "starting"
         self.started = time.monotonic()
         self.connections: set[asyncio.Task] = set()
+        self.probes: dict[int, asyncio.Future] = {}  # nonce -> the ProbeReply awaited
+        self.nonces = itertools.count()
+        self.background: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         s = self.settings
@@ -151,9 +159,9 @@ class Leader:
                      asyncio.create_task(weight_server.run())]
             await self._control_loop()
         finally:
-            for task in tasks:
+            for task in [*tasks, *self.background]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.background, return_exceptions=True)
             if server is not None:
                 server.close()
             self.engine.fail_all("the leader is shutting down")
@@ -187,7 +195,7 @@ class Leader:
                 continue
             route, frame = frames
             try:
-                msg = decode(frame.bytes, expect=(Join, ProfileReport, Ready, Failed, Heartbeat))
+                msg = decode(frame.bytes, expect=(Join, ProbeReply, ProfileReport, Ready, Failed, Heartbeat))
             except WireError as exc:
                 log.warning("ignored a malformed control message: %s", exc)
                 continue
@@ -201,6 +209,10 @@ class Leader:
             host.last_seen = time.monotonic()
             if isinstance(msg, Heartbeat):
                 host.stats = msg.stats
+            elif isinstance(msg, ProbeReply):
+                waiter = self.probes.get(msg.nonce)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
             elif isinstance(msg, ProfileReport):
                 host.profile = msg.profile
                 log.info("host %s sent its profile (%s)", host.name, msg.profile.device_name)
@@ -236,11 +248,36 @@ class Leader:
                                           self.settings.dtype, last_seen=now)
         log.info("host %s joined from %s: %s (%s), %.2f GiB usable (%d/%d)", msg.host, peer_ip, msg.inventory.device,
                  msg.inventory.name, msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts)
+        task = asyncio.create_task(self._measure_link(self.hosts[msg.host]))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        await self._maybe_assign()
+
+    async def _round_trip(self, host: HostRecord, payload: bytes) -> float:
+        nonce = next(self.nonces)
+        self.probes[nonce] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        try:
+            await self.control.send_multipart([host.route, encode(Probe(nonce, payload))])
+            await asyncio.wait_for(self.probes[nonce], PROBE_TIMEOUT_S)
+        finally:
+            del self.probes[nonce]
+        return time.perf_counter() - started
+
+    async def _measure_link(self, host: HostRecord) -> None:
+        """Time probes to the host, then (when planning live) ask for its profile."""
+        try:
+            small = [await self._round_trip(host, b"") for _ in range(SMALL_PROBES)]
+            large = [await self._round_trip(host, bytes(LARGE_BYTES)) for _ in range(LARGE_PROBES)]
+            host.link = link_from_round_trips(small, large)
+            log.info("link to host %s: %.3f ms, %.2f Gbit/s", host.name, host.link.latency_ms, host.link.gbps)
+        except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+            log.warning("could not measure the link to host %s (%s); planning assumes --link-gbps",
+                        host.name, type(exc).__name__)
         if self.settings.planner is not None:
             request = ProfileRequest(self.settings.model, self.settings.dtype, self.manifest.model_hash,
-                                     self._weights_addr(self.hosts[msg.host]))
-            await self.control.send_multipart([route, encode(request)])
-        await self._maybe_assign()
+                                     self._weights_addr(host))
+            await self.control.send_multipart([host.route, encode(request)])
 
     async def _maybe_assign(self) -> None:
         """Assign slices once every host joined (and, when planning live, sent its profile)."""
@@ -255,8 +292,8 @@ class Leader:
 
     def _plan_live(self) -> Plan:
         p = self.settings.planner
-        hosts = [HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps)
-                 for h in self._candidates()]
+        hosts = [HostInput(h.name, h.inventory.usable_bytes, h.profile, h.link.gbps, h.link.latency_ms) if h.link
+                 else HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps) for h in self._candidates()]
         quantized = sorted({q for h in hosts for q in h.profile.layer_bytes if q != "native"})
         log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
                  p.max_ppl_increase * 100)

@@ -1,7 +1,7 @@
 """Every message that crosses a ZeroMQ socket between hosts, as frozen typed dataclasses.
 
-Control channel (leader ROUTER <-> host DEALER): Join, Refused, ProfileRequest, ProfileReport,
-Assign, Ready, Failed, Heartbeat, Shutdown.
+Control channel (leader ROUTER <-> host DEALER): Join, Refused, Probe, ProbeReply, ProfileRequest,
+ProfileReport, Assign, Ready, Failed, Heartbeat, Shutdown.
 Weights channel (leader ROUTER <-> host DEALER, hetserve/weights/): GetManifest -> Manifest;
 FetchStart; GetChunk -> a `Chunk` header frame followed by one raw bytes frame. Data path (PUSH -> PULL, leader -> stage 0 -> ... -> last stage -> leader):
 a `Step` header frame followed by one raw tensor frame; `StepResult` from the last stage; a
@@ -73,6 +73,12 @@ class Heartbeat:
     stats: StageStats = field(default_factory=StageStats)
 
 
+@message("probe_reply")
+class ProbeReply:
+    host: str
+    nonce: int
+
+
 @message("profile_report")
 class ProfileReport:
     host: str
@@ -89,6 +95,14 @@ class ProfileRequest:
     dtype: str
     model_hash: str = ""  # as in Assign: a host without the model fetches what profiling needs
     weights_addr: str = ""
+
+
+@message("probe")
+class Probe:
+    """Answered at once with ProbeReply: the leader times round trips to measure the link."""
+
+    nonce: int
+    payload: bytes = b""  # a few MiB when measuring bandwidth
 
 
 @message("refused")

@@ -29,7 +29,8 @@ from ..model.stage import StageModel, StageSpec, load_config, stage_tensor_names
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
 from ..plan.profile import PROFILE_LAYERS, cached_profile
-from ..wire.messages import Assign, Failed, Heartbeat, Join, ProfileReport, ProfileRequest, Ready, Refused, Shutdown
+from ..wire.messages import (Assign, Failed, Heartbeat, Join, Probe, ProbeReply, ProfileReport, ProfileRequest, Ready,
+                             Refused, Shutdown)
 from ..weights.fetch import WeightFetcher
 from ..weights.manifest import describe_mismatch, load_manifest
 from ..weights.store import WeightStore, cached_weights, disk_room
@@ -93,7 +94,7 @@ class Host:
         while True:
             raw = await self.control.recv()
             try:
-                msg = decode(raw, expect=(Assign, ProfileRequest, Refused, Shutdown))
+                msg = decode(raw, expect=(Assign, Probe, ProfileRequest, Refused, Shutdown))
             except WireError as exc:
                 log.warning("ignored a malformed control message: %s", exc)
                 continue
@@ -102,6 +103,9 @@ class Host:
             if isinstance(msg, Shutdown):
                 log.info("leader asked to shut down: %s", msg.reason)
                 return
+            if isinstance(msg, Probe):
+                await self._send(ProbeReply(self.name, msg.nonce))
+                continue
             if isinstance(msg, ProfileRequest):
                 await self._profile(msg)
                 continue
