@@ -55,13 +55,17 @@ def planner_options(func):
         click.option("--calibration-tokens", default=512, show_default=True, type=click.IntRange(16),
                      help="Calibration tokens for layer sensitivity."),
         click.option("--plan-out", default=None, type=click.Path(dir_okay=False), help="Also write the live plan here."),
+        click.option("--profile-budget", default=300.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Seconds a joining host without a cached profile may spend measuring one; precisions "
+                          "that would run past it are left out of its profile (0 = no limit)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-PLANNER_KEYS = ("max_ppl_increase", "plan_prompt", "plan_output", "plan_batch", "calibration_tokens", "plan_out")
+PLANNER_KEYS = ("max_ppl_increase", "plan_prompt", "plan_output", "plan_batch", "calibration_tokens", "plan_out",
+                "profile_budget")
 
 
 def planner_from(kwargs: dict) -> PlannerSettings | None:
@@ -69,7 +73,8 @@ def planner_from(kwargs: dict) -> PlannerSettings | None:
     if values["max_ppl_increase"] is None:
         return None
     return PlannerSettings(parse_fraction(values["max_ppl_increase"]), values["plan_prompt"], values["plan_output"],
-                           values["plan_batch"], values["calibration_tokens"], save_to=values["plan_out"])
+                           values["plan_batch"], values["calibration_tokens"], save_to=values["plan_out"],
+                           profile_budget_s=values["profile_budget"])
 
 
 def limit_options(func):

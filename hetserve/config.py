@@ -48,6 +48,8 @@ class PlannerSettings:
     output_tokens: int = 128
     batch: int = 8  # requests served together
     calibration_tokens: int = 512  # calibration text scored for layer sensitivity
+    profile_budget_s: float = 300.0  # a host without a cached profile measures for about this
+    #                                  long; precisions that would run past it are left out
     link_gbps: float = 10.0  # bandwidth between stages where the leader could not measure it
     save_to: str | None = None  # also write the plan here
 

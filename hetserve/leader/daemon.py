@@ -276,7 +276,7 @@ class Leader:
                         host.name, type(exc).__name__)
         if self.settings.planner is not None:
             request = ProfileRequest(self.settings.model, self.settings.dtype, self.manifest.model_hash,
-                                     self._weights_addr(host))
+                                     self._weights_addr(host), self.settings.planner.profile_budget_s)
             await self.control.send_multipart([host.route, encode(request)])
 
     async def _maybe_assign(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from ..model.resolve import hetserve_home
 from ..model.stage import StageModel, StageSpec, load_config
 from .device_profile import DeviceProfile, Grid
 from .quality import model_key
+
+log = logging.getLogger(__name__)
 
 PROFILE_LAYERS = 3  # a stage of this many layers against one of 1: the difference is per-layer cost
 # Measurement grids (prefill: batch x prompt; decode: batch x context). The CPU grid is small
@@ -96,8 +99,15 @@ def step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int
 
 
 def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32", precisions: list[str] | None = None,
-                    repeats: int = 10, progress: bool = True, grids: tuple[Grid, Grid] | None = None) -> DeviceProfile:
+                    repeats: int = 10, progress: bool = True, grids: tuple[Grid, Grid] | None = None,
+                    budget_s: float = 0.0) -> DeviceProfile:
+    """Per-layer times over the grids for each precision. With `budget_s`, a precision that would
+    end past the budget (judged by the native one's time) is left out of the profile, so the
+    planner does not use it on this device: a host joins in bounded time, and a profile that
+    lacks a precision is never cached (the next join measures again)."""
     from tqdm import tqdm
+
+    started = time.perf_counter()
 
     dev = torch.device(device)
     config = load_config(model_dir)
@@ -111,7 +121,14 @@ def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32"
     layer_ms: dict[str, dict[str, list[list[float]]]] = {phase: {} for phase in phases}
     fixed_ms: dict[str, list[list[float]]] = {}
     layer_bytes = {}
+    measured = []
     for precision in precisions:
+        elapsed = time.perf_counter() - started
+        if budget_s and measured and elapsed + elapsed / len(measured) > budget_s:
+            log.warning("profile: %s left out, it would end past the %.0f s budget", precision, budget_s)
+            bar.update(points)
+            continue
+        measured.append(precision)
         one = stage_for_profile(model_dir, 1, precision, dtype, device, slots, context)
         three = stage_for_profile(model_dir, PROFILE_LAYERS, precision, dtype, device, slots, context)
         layer_bytes[precision] = (three.weight_bytes - one.weight_bytes) // (PROFILE_LAYERS - 1)
@@ -158,10 +175,11 @@ def _head_ms(model_dir: Path, dtype: str, device: str, phases: dict[str, Grid], 
 
 
 def cached_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32", progress: bool = True,
-                   remeasure: bool = False) -> tuple[DeviceProfile, Path]:
+                   remeasure: bool = False, budget_s: float = 0.0) -> tuple[DeviceProfile, Path]:
     path = profile_path(model_dir, torch.device(device), dtype)
     if path.is_file() and not remeasure:
         return DeviceProfile.load(path), path
-    profile = measure_profile(model_dir, device, dtype, progress=progress)
-    profile.save(path)
+    profile = measure_profile(model_dir, device, dtype, progress=progress, budget_s=budget_s)
+    if set(profile.layer_bytes) == set(supported_precisions(torch.device(device))):
+        profile.save(path)
     return profile, path

@@ -95,6 +95,7 @@ class ProfileRequest:
     dtype: str
     model_hash: str = ""  # as in Assign: a host without the model fetches what profiling needs
     weights_addr: str = ""
+    budget_s: float = 0.0  # measuring may take about this long; precisions past it are left out
 
 
 @message("probe")

@@ -117,7 +117,8 @@ class Host:
         spec = StageSpec(0, PROFILE_LAYERS, first=False, last=True, dtype=msg.dtype)
         try:
             model_dir, _ = await self._weights(msg.model_hash, msg.weights_addr, spec)
-            profile = await self._offload(lambda: cached_profile(model_dir, self.settings.device, msg.dtype)[0])
+            profile = await self._offload(
+                lambda: cached_profile(model_dir, self.settings.device, msg.dtype, budget_s=msg.budget_s)[0])
         except Exception as exc:  # the leader must hear it rather than wait for a profile
             log.error("cannot profile %s: %s", msg.model, exc)
             await self._send(Failed(self.name, f"profiling failed: {exc}"))
