@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hetserve.client import LineClient
 from hetserve.model.resolve import resolve_model
 
 PROMPTS = [
@@ -114,8 +115,6 @@ def shared_cluster(model_dir, request):
 
 
 async def connect(cluster: Cluster, timeout: float = 180.0):
-    from hetserve.client import LineClient
-
     client = await LineClient.connect(cluster.serve, wait=timeout)
     await client.wait_serving(timeout)
     return client
@@ -128,3 +127,61 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
             return True
         time.sleep(interval)
     return False
+
+
+class Daemons:
+    """A leader and hosts as separate processes; each host has its own HETSERVE_HOME."""
+
+    def __init__(self, model_dir: Path, hosts: int, *leader_args: str, leader_log: Path | None = None):
+        self.listen, self.serve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        self.model_dir, self.hosts = model_dir, hosts
+        self.leader_args = leader_args
+        self.procs: list[subprocess.Popen] = []
+        self.start_leader(leader_log)
+
+    def start_leader(self, log: Path | None = None) -> subprocess.Popen:
+        """(Again, after a crash: the same addresses.)"""
+        self.leader = self._spawn(["leader", "--listen", self.listen, "--serve", self.serve, "--model",
+                                   str(self.model_dir), "--hosts", str(self.hosts), "--max-context", "256",
+                                   *self.leader_args], stderr=open(log, "a") if log else None)
+        return self.leader
+
+    def _spawn(self, args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(hetserve_cmd() + args + ["--log-level", "info"], env={**os.environ, **(env or {})},
+                                start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def join(self, name: str, home: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
+        out = open(log, "a") if log else None
+        return self._spawn(["join", "--leader", self.listen, "--name", name, "--threads", "1", *args],
+                           {"HETSERVE_HOME": str(home)}, stderr=out)
+
+    async def client(self) -> LineClient:
+        client = await LineClient.connect(self.serve, wait=120)
+        await client.wait_serving(180)
+        return client
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemons] = []
+
+    def start(*args, **kw) -> Daemons:
+        started.append(Daemons(*args, **kw))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.stop()

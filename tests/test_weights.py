@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import zmq
 import zmq.asyncio
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import PROMPTS, free_port, hetserve_cmd, wait_for
+from conftest import PROMPTS, Daemons, wait_for
 from hetserve.client import LineClient
 from hetserve.model.resolve import ModelError
 from hetserve.weights.fetch import WeightFetcher
@@ -132,58 +130,6 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
 
 
 # ---- real processes
-
-class Daemons:
-    """A leader and hosts as separate processes; each host has its own HETSERVE_HOME."""
-
-    def __init__(self, model_dir: Path, hosts: int, *leader_args: str):
-        self.listen, self.serve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        self.model_dir, self.hosts = model_dir, hosts
-        self.leader_args = leader_args
-        self.procs: list[subprocess.Popen] = []
-        self.leader = self._spawn(["leader", "--listen", self.listen, "--serve", self.serve, "--model", str(model_dir),
-                                   "--hosts", str(hosts), "--max-context", "256", *leader_args])
-
-    def _spawn(self, args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(hetserve_cmd() + args + ["--log-level", "info"], env={**os.environ, **(env or {})},
-                                start_new_session=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def join(self, name: str, home: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
-        out = open(log, "w") if log else None
-        return self._spawn(["join", "--leader", self.listen, "--name", name, "--threads", "1", *args],
-                           {"HETSERVE_HOME": str(home)}, stderr=out)
-
-    async def client(self) -> LineClient:
-        client = await LineClient.connect(self.serve, wait=120)
-        await client.wait_serving(180)
-        return client
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemons] = []
-
-    def start(*args, **kw) -> Daemons:
-        started.append(Daemons(*args, **kw))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.stop()
-
 
 async def serve_and_check(d: Daemons, reference) -> dict:
     """Greedy output equals transformers; returns the status."""

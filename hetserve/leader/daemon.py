@@ -35,7 +35,7 @@ from ..plan.split import PlanError, memory_split
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Assign, Failed, Heartbeat, Inventory, Join, Probe, ProbeReply,
+from ..wire.messages import (PROTOCOL_VERSION, Alive, Assign, Failed, Heartbeat, Inventory, Join, Probe, ProbeReply,
                              ProfileReport, ProfileRequest, Ready, Refused, Shutdown, StageStats, Step, StepFailed,
                              StepResult)
 from ..wire.tensors import to_frame
@@ -49,7 +49,7 @@ from .tokens import TextCodec
 
 log = logging.getLogger(__name__)
 
-DEAD_AFTER_SECONDS = 3.0  # a host silent this long shows as "silent" in status
+DEAD_AFTER_SECONDS = 3.0  # a host silent this long (it heartbeats every second) is dead
 
 
 class LeaderError(Exception):
@@ -65,7 +65,7 @@ class HostRecord:
     data_addr: str
     joined: float
     precision: str  # compute dtype of its layers
-    state: str = "joined"  # joined -> loading -> ready | failed
+    state: str = "joined"  # joined -> loading -> ready | unused | failed | dead
     stage: int | None = None
     layers: tuple[int, int] | None = None
     last_seen: float = 0.0
@@ -75,6 +75,8 @@ class HostRecord:
     profile: DeviceProfile | None = None  # sent on request when the leader plans live
     fetched_bytes: int = 0  # weights it streamed from the leader for its slice
     link: Link | None = None  # measured from the leader after it joined
+    current: Assign | None = None  # the slice it held when it (re)joined: adopted when still valid
+    planned: bool = False  # a layout has considered this host (else a new one triggers a re-plan)
     note: str = ""  # why it is unused, when it is
 
     def describe(self, now: float) -> dict:
@@ -84,7 +86,7 @@ class HostRecord:
             "usable_gib": round(self.inventory.usable_bytes / 2**30, 2), "gflops": self.inventory.gflops,
             "stage": self.stage, "layers": list(self.layers) if self.layers else None,
             "precision": self.precision, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
-            "state": self.state, "health": "ok" if silent < DEAD_AFTER_SECONDS else "silent",
+            "state": self.state, "health": "ok" if silent < DEAD_AFTER_SECONDS else "dead",
             "last_seen_s": round(silent, 1), "steps": self.stats.steps,
             "busy_s": round(self.stats.busy_seconds, 2),
             "load": round(self.stats.busy_seconds / max(now - self.joined, 1e-9), 3),
@@ -109,6 +111,10 @@ class Leader:
         self.plan = Plan.load(Path(settings.plan)) if settings.plan else None
         self.hosts: dict[str, HostRecord] = {}
         self.excluded: set[str] = set()  # joined hosts left out of the plan (no room for their slice)
+        self.stages: list[HostRecord] = []  # the pipeline, in order
+        self.stage0_addr: str | None = None  # where to_stage0 is connected
+        self.served = False  # serving began once: later faults recover instead of stopping the leader
+        self.lost_at: float | None = None  # when the pipeline was lost, for the recovery time
         self.state = "starting"
         self.started = time.monotonic()
         self.connections: set[asyncio.Task] = set()
@@ -156,8 +162,11 @@ class Leader:
             log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
                      s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
             tasks = [asyncio.create_task(self._results_loop()), asyncio.create_task(self._expire_loop()),
-                     asyncio.create_task(weight_server.run())]
-            await self._control_loop()
+                     asyncio.create_task(weight_server.run()), asyncio.create_task(self._control_loop())]
+            # Any of them failing (a LeaderError before serving began) stops the leader.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
         finally:
             for task in [*tasks, *self.background]:
                 task.cancel()
@@ -218,40 +227,62 @@ class Leader:
                 log.info("host %s sent its profile (%s)", host.name, msg.profile.device_name)
                 await self._maybe_assign()
             elif isinstance(msg, Ready):
-                if host.state != "loading" or msg.stage != host.stage:
-                    log.warning("ignored Ready from %s: it was not loading stage %s", host.name, msg.stage)
+                if host.state != "loading" or msg.stage != host.stage or msg.epoch != self.engine.epoch:
+                    log.warning("ignored Ready from %s: it was not loading stage %s of epoch %d", host.name,
+                                msg.stage, msg.epoch)
                     continue
                 host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
                 host.fetched_bytes = msg.fetched_bytes
                 log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s "
                          "(%.1f MiB fetched from the leader)", host.name, msg.stage, msg.weight_bytes / 2**20,
                          msg.kv_bytes / 2**20, msg.load_seconds, msg.fetched_bytes / 2**20)
-                self._maybe_serve()
+                await self._maybe_serve()
             elif isinstance(msg, Failed):
-                host.state = "failed"
-                raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
+                if not self.served:
+                    host.state = "failed"
+                    raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
+                await self._host_lost(host, f"failed: {msg.reason}", "failed")
 
     async def _join(self, route: bytes, peer_ip: str, msg: Join) -> None:
+        """A new host, or one coming back (a restarted process, or one that lost touch with us)."""
         reason = None
+        previous = self.hosts.get(msg.host)
+        if previous is not None and previous.route == route:
+            return  # the same connection joining twice: nothing new
         if msg.version != PROTOCOL_VERSION:
             reason = f"protocol version {msg.version}, the leader speaks {PROTOCOL_VERSION}"
-        elif msg.host in self.hosts:
-            reason = f"a host named {msg.host!r} already joined"
-        elif len(self.hosts) >= self.settings.hosts:
-            reason = f"the cluster is full ({self.settings.hosts} hosts); start the leader with a larger --hosts"
         if reason:
             log.warning("refused host %s: %s", msg.host, reason)
-            await self.control.send_multipart([route, encode(Refused(reason))])
+            try:
+                await self.control.send_multipart([route, encode(Refused(reason))], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # it is gone already
             return
         now = time.monotonic()
         self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
-                                          self.settings.dtype, last_seen=now)
-        log.info("host %s joined from %s: %s (%s), %.2f GiB usable (%d/%d)", msg.host, peer_ip, msg.inventory.device,
-                 msg.inventory.name, msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts)
+                                          self.settings.dtype, last_seen=now, current=msg.current)
+        self.excluded.discard(msg.host)
+        log.info("host %s %s from %s: %s (%s), %.2f GiB usable (%d/%d)%s", msg.host,
+                 "rejoined" if previous else "joined", peer_ip, msg.inventory.device, msg.inventory.name,
+                 msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts,
+                 f", holding layers {msg.current.start}-{msg.current.end - 1}" if msg.current else "")
+        if previous is not None and previous in self.stages and previous.state != "dead":
+            # Its old process is gone (it would not join again otherwise): its stage with it.
+            self.stages = [self.hosts[msg.host] if h is previous else h for h in self.stages]
+            await self._pipeline_lost(f"host {msg.host} restarted")
         task = asyncio.create_task(self._measure_link(self.hosts[msg.host]))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         await self._maybe_assign()
+
+    async def _send_host(self, host: HostRecord, msg) -> None:
+        """Send on the control channel; a host whose connection is gone is left to the dead-host
+        check (within a second) rather than failing whoever was sending."""
+        try:
+            await self.control.send_multipart([host.route, encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("cannot reach host %s (%s)", host.name, exc)
+            host.last_seen = -float("inf")
 
     async def _round_trip(self, host: HostRecord, payload: bytes) -> float:
         nonce = next(self.nonces)
@@ -277,17 +308,18 @@ class Leader:
         if self.settings.planner is not None:
             request = ProfileRequest(self.settings.model, self.settings.dtype, self.manifest.model_hash,
                                      self._weights_addr(host), self.settings.planner.profile_budget_s)
-            await self.control.send_multipart([host.route, encode(request)])
+            await self._send_host(host, request)
 
     async def _maybe_assign(self) -> None:
-        """Assign slices once every host joined (and, when planning live, sent its profile)."""
-        if len(self.hosts) < self.settings.hosts or self.state != "waiting for hosts":
-            return
-        if self.settings.planner is not None:
-            if any(h.profile is None for h in self.hosts.values()):
+        """Lay the pipeline out once every host joined (and, when planning live, sent its
+        profile); later, again whenever a host that no layout has considered is ready to plan."""
+        if self.state == "waiting for hosts":
+            if len(self.hosts) < self.settings.hosts:
                 return
-            self.state = "planning"
-            self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
+        elif self.state not in ("serving", "degraded") or all(h.planned for h in self._candidates()):
+            return  # a layout is in progress (it is redone when it ends if needed), or nothing is new
+        if self.settings.planner is not None and any(h.profile is None for h in self._candidates()):
+            return
         await self._assign()
 
     def _plan_live(self) -> Plan:
@@ -315,7 +347,8 @@ class Leader:
 
     def _candidates(self) -> list[HostRecord]:
         """Joined hosts the plan may use, in name order (stable however they raced to join)."""
-        return sorted((h for h in self.hosts.values() if h.name not in self.excluded), key=lambda h: h.name)
+        return sorted((h for h in self.hosts.values() if h.name not in self.excluded and h.state not in ("dead", "failed")),
+                      key=lambda h: h.name)
 
     def _weights_addr(self, host: HostRecord) -> str:
         return tcp(self.settings.advertise or local_ip_towards(host.peer_ip), self.weights_port)
@@ -340,29 +373,27 @@ class Leader:
         return out
 
     async def _assign(self) -> None:
+        """Lay the pipeline out over the live hosts and send every stage its slice. Requests in
+        flight are replayed into the new pipeline (engine.replay_all). Before serving began a
+        layout that cannot be made stops the leader; after, the cluster waits degraded."""
         s = self.settings
-        while True:
-            try:
-                order, ranges, precisions = self._layout()
-            except PlanError as exc:
-                raise LeaderError(f"no plan fits: {exc}") from None
-            short = self._disk_shortfalls(order, ranges)
-            if not short:
-                break
-            for name, why in short.items():
-                log.warning("leaving host %s out: %s", name, why)
-                self.hosts[name].note = f"no disk room: {why}"
-            if s.plan:
-                raise LeaderError(f"the plan {s.plan} cannot be loaded: " + "; ".join(short.values()))
-            self.excluded.update(short)
-            if not self._candidates():
-                raise LeaderError("no joined host has disk room for the weights of any slice")
-            if s.planner is not None:
-                self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
-        if s.planner is not None:
+        epoch = self.engine.replay_all()
+        self.state = "planning"
+        try:
+            order, ranges, precisions = await self._fitting_layout()
+        except LeaderError as exc:
+            if not self.served:
+                raise
+            self.state = "degraded"
+            self.engine.fail_all(f"the cluster cannot hold the model now: {exc}")
+            log.error("degraded: %s; requests are refused until a host (re)joins", exc)
+            return
+        if s.planner is not None and self.plan is not None:
             self.engine.limits = replace(self.engine.limits, prefill_seqs=self.plan.prefill_microbatch,
                                          decode_seqs=self.plan.decode_microbatch)
         self.state = "loading"
+        for host in self._candidates():
+            host.planned = True
         for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
             host.stage, host.layers, host.state = i, (start, end), "loading"
             host.precision = _describe_precisions(precs, s.dtype)
@@ -373,19 +404,68 @@ class Leader:
             assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
                             num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
                             max_context=s.limits.max_context, downstream=downstream, precisions=precs,
-                            model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host))
+                            model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host), epoch=epoch)
             log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
-            await self.control.send_multipart([host.route, encode(assign)])
+            await self._send_host(host, assign)
         self.stages = order
         for host in self.hosts.values():
-            if host not in order:  # no room for a slice, or the plan found no layers that pay here
-                host.state = "unused"
+            if host not in order and host.state not in ("dead", "failed"):
+                host.state = "unused"  # no room for a slice, or the plan found no layers that pay here
+                host.stage = host.layers = None
                 log.info("plan: host %s stays unused", host.name)
 
-    def _layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
-        """Pipeline order, layer ranges and per-layer precisions: from --plan, or split by memory."""
+    async def _fitting_layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
+        """A layout whose every host has disk room for its slice (hosts without are left out)."""
         s = self.settings
-        if self.plan is not None:
+        while True:
+            if not self._candidates():
+                raise LeaderError("no live host can take a slice")
+            layout = self._adoptable()
+            if layout is None:
+                if s.planner is not None:
+                    self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
+                try:
+                    layout = self._layout()
+                except PlanError as exc:
+                    raise LeaderError(f"no plan fits: {exc}") from None
+            short = self._disk_shortfalls(*layout[:2])
+            if not short:
+                return layout
+            for name, why in short.items():
+                log.warning("leaving host %s out: %s", name, why)
+                self.hosts[name].note = f"no disk room: {why}"
+            if s.plan:
+                raise LeaderError(f"the plan {s.plan} cannot be loaded: " + "; ".join(short.values()))
+            self.excluded.update(short)
+
+    def _adoptable(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]] | None:
+        """The layout the live hosts already hold (they rejoined a restarted leader), when it is
+        a whole pipeline of this model and these limits: adopting it reloads nothing."""
+        hosts = self._candidates()
+        held = [h.current for h in hosts]
+        s = self.settings
+        if not hosts or any(a is None for a in held):
+            return None
+        pairs = sorted(zip(held, hosts), key=lambda p: p[0].stage)
+        bounds = [(a.start, a.end) for a, _ in pairs]
+        if ([a.stage for a, _ in pairs] != list(range(len(pairs))) or any(a.num_stages != len(pairs) for a, _ in pairs)
+                or bounds[0][0] != 0 or bounds[-1][1] != self.num_layers
+                or any(x[1] != y[0] for x, y in zip(bounds, bounds[1:]))
+                or any((a.model_hash, a.dtype, a.max_seqs, a.max_context) !=
+                       (self.manifest.model_hash, s.dtype, s.limits.max_seqs, s.limits.max_context) for a in held)):
+            return None
+        log.info("adopting the layout the hosts hold: %s", ", ".join(f"{h.name} {a.start}-{a.end - 1}" for a, h in pairs))
+        return [h for _, h in pairs], bounds, [list(a.precisions) for a, _ in pairs]
+
+    def _layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
+        """Pipeline order, layer ranges and per-layer precisions: from the plan (--plan or live),
+        or split by memory. A --plan whose hosts are not all alive falls back to the split."""
+        s = self.settings
+        plan_hosts = [] if self.plan is None else [st.host for st in self.plan.stages]
+        if self.plan is not None and s.planner is None and self.served and \
+                any(self.hosts.get(h) not in self._candidates() for h in plan_hosts):
+            log.warning("the plan's hosts are not all alive: splitting by memory over the live ones")
+        elif self.plan is not None:
             missing = [st.host for st in self.plan.stages if st.host not in self.hosts]
             if missing:
                 raise PlanError(f"the plan is for hosts {[st.host for st in self.plan.stages]}, "
@@ -402,13 +482,41 @@ class Leader:
         ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
         return order, ranges, [[] for _ in order]
 
-    def _maybe_serve(self) -> None:
-        if self.state == "serving" or any(h.state != "ready" for h in self.stages):
+    async def _maybe_serve(self) -> None:
+        if self.state != "loading" or any(h.state != "ready" for h in self.stages):
             return
-        self.to_stage0.connect(self.stages[0].data_addr)
+        if self.stage0_addr != self.stages[0].data_addr:
+            if self.stage0_addr is not None:  # PUSH would share micro-batches among both: never
+                self.to_stage0.disconnect(self.stage0_addr)
+            self.stage0_addr = self.stages[0].data_addr
+            self.to_stage0.connect(self.stage0_addr)
         self.state = "serving"
-        log.info("serving: %d stage(s) ready after %.1f s", len(self.stages), time.monotonic() - self.started)
+        if self.lost_at is not None:
+            log.warning("recovered: serving again on %d stage(s) %.1f s after the fault, replaying %d request(s)",
+                        len(self.stages), time.monotonic() - self.lost_at, len(self.engine.requests))
+            self.lost_at = None
+        else:
+            log.info("serving: %d stage(s) ready after %.1f s", len(self.stages), time.monotonic() - self.started)
+        self.served = True
         self.engine.pipeline_ready(len(self.stages))
+        await self._maybe_assign()  # a host that joined meanwhile
+
+    async def _host_lost(self, host: HostRecord, why: str, state: str = "dead") -> None:
+        """A host stopped heartbeating, failed or restarted: re-plan without it, replay requests."""
+        log.error("host %s is %s (%s); it was %s%s", host.name, state, why, host.state,
+                  f", stage {host.stage} with layers {host.layers[0]}-{host.layers[1] - 1}" if host.layers else "")
+        was_stage = host in self.stages and host.state in ("loading", "ready")
+        host.state, host.note = state, why
+        if not self.served and self.state == "waiting for hosts":
+            del self.hosts[host.name]  # room for a replacement to join
+        elif was_stage:
+            await self._pipeline_lost(f"host {host.name} is {state}")
+
+    async def _pipeline_lost(self, why: str) -> None:
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
+        log.warning("the pipeline is broken (%s): re-planning over %d live host(s)", why, len(self._candidates()))
+        await self._assign()
 
     async def _shutdown_hosts(self, reason: str) -> None:
         for host in self.hosts.values():
@@ -440,16 +548,36 @@ class Leader:
                 log.exception("failed to handle the result of micro-batch %d", msg.mb)
 
     async def _expire_loop(self) -> None:
+        """Every second: expire lost micro-batches, beat to the hosts, bury the silent ones."""
         while True:
             await asyncio.sleep(1.0)
             self.engine.expire(time.monotonic() - STEP_TIMEOUT_S)
+            now = time.monotonic()
+            for host in list(self.hosts.values()):
+                if host.state in ("dead", "failed"):
+                    continue
+                if now - host.last_seen > DEAD_AFTER_SECONDS:
+                    await self._host_lost(host, f"silent for {now - host.last_seen:.1f} s")
+                    continue
+                try:
+                    await self.control.send_multipart([host.route, encode(Alive())], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # its connection is gone: the silence above will tell
 
     # ---- clients
+
+    @property
+    def accepting(self) -> bool:
+        """New requests are taken: serving, or rebuilding the pipeline after a fault (they wait)."""
+        return self.state == "serving" or (self.served and self.state in ("planning", "loading"))
 
     async def admit(self, req: GenerateRequest, sink: Sink, stream: bool) -> Request:
         """Tokenize a validated request and hand it to the engine (both front ends come here).
 
-        Raises ProtocolError (too_long, bad_request, overloaded) carrying the request's id."""
+        Raises ProtocolError (too_long, bad_request, overloaded, unavailable) carrying the request's id."""
+        if self.state == "degraded":
+            raise ProtocolError("unavailable", "the cluster lost the hosts it needs to hold the model; "
+                                "try again when a host rejoins", req.id)
         codec = self.codec
         ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
         if req.max_tokens is not None and req.max_tokens >= codec.max_context:

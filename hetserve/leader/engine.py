@@ -46,6 +46,7 @@ class Request:
     stream: bool
     text: TextStream
     slot: int | None = None
+    prefill_len: int = 0  # tokens to cache before decoding: the prompt, or after a fault the whole history
     cached: int = 0  # tokens whose K/V every stage holds
     generated: list[int] = field(default_factory=list)
     in_flight: bool = False
@@ -54,7 +55,7 @@ class Request:
 
     @property
     def prompt_left(self) -> int:
-        return max(0, len(self.prompt_ids) - self.cached)
+        return max(0, max(self.prefill_len, len(self.prompt_ids)) - self.cached)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Engine:
         self.free_slots = list(range(limits.max_seqs))
         self.in_flight: dict[int, InFlight] = {}
         self.num_stages = 0  # 0 until the pipeline is ready; nothing is sent before
+        self.epoch = 0  # pipeline generation, bumped when a fault destroys the pipeline
         self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
         self.generated_tokens = 0
         self.token_rate = TokenRate()
@@ -160,6 +162,21 @@ class Engine:
         self.num_stages = num_stages
         self.schedule()
 
+    def replay_all(self) -> int:
+        """The pipeline is gone (a host died, or the layout changes): stop sending, forget the
+        micro-batches in flight, and make every live request re-prefill its whole history
+        (prompt + tokens generated so far) into the next pipeline. Sampling is seeded by
+        (seed, token index), so each continues exactly where it stopped; its client sees a
+        stall. Returns the next epoch, for the new pipeline."""
+        self.num_stages = 0
+        self.in_flight.clear()
+        self.epoch += 1
+        for request in self.requests.values():
+            request.in_flight = False
+            request.cached = 0
+            request.prefill_len = len(request.prompt_ids) + len(request.generated)
+        return self.epoch
+
     def schedule(self) -> None:
         if not self.num_stages:
             return
@@ -192,7 +209,7 @@ class Engine:
                 top_p=[r.top_p for r, _ in rows], seed=[r.seed for r, _ in rows],
                 step=[len(r.generated) for r, _ in rows],
             ),
-            tensor=TensorMeta("int64", list(ids.shape)),
+            tensor=TensorMeta("int64", list(ids.shape)), epoch=self.epoch,
         )
         self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic())
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
@@ -201,11 +218,11 @@ class Engine:
 
     def on_result(self, result: StepResult) -> None:
         flight = self.in_flight.get(result.mb)
-        if flight is None:
+        if flight is None or result.epoch != self.epoch:
             log.warning("dropping a result for unknown micro-batch %d", result.mb)
             return
         if len(result.tokens) != len(flight.rows) or not all(0 <= t < self.vocab_size for t in result.tokens):
-            self.on_failure(StepFailed(result.mb, -1, "the last stage returned a malformed result"))
+            self.on_failure(StepFailed(result.mb, -1, "the last stage returned a malformed result", self.epoch))
             return
         del self.in_flight[result.mb]
         self.times[flight.phase].add(result.stage_ms)
@@ -220,6 +237,8 @@ class Engine:
         self.schedule()
 
     def on_failure(self, failure: StepFailed) -> None:
+        if failure.epoch != self.epoch:
+            return
         flight = self.in_flight.pop(failure.mb, None)
         if flight is None:
             return
@@ -235,7 +254,7 @@ class Engine:
         """Fail micro-batches sent before `older_than` (monotonic): a lost one must not hang its requests."""
         for mb, flight in list(self.in_flight.items()):
             if flight.sent < older_than:
-                self.on_failure(StepFailed(mb, -1, "the micro-batch did not come back in time"))
+                self.on_failure(StepFailed(mb, -1, "the micro-batch did not come back in time", self.epoch))
 
     def _accept_token(self, request: Request, token: int) -> None:
         request.generated.append(token)

@@ -140,7 +140,7 @@ class OpenAIServer:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ProtocolError("bad_request", "the request body is not valid JSON") from None
             req = translate(body, chat, self.model_name, request_id)
-            if self.leader.state != "serving":
+            if not self.leader.accepting:
                 raise ProtocolError("unavailable", f"no capacity: the cluster is {self.leader.state}")
             events: asyncio.Queue = asyncio.Queue()
             engine_request = await self.leader.admit(req, events.put_nowait, stream=True)

@@ -40,6 +40,7 @@ class Join:
     inventory: Inventory
     data_addr: str  # tcp://ADDR:PORT where this host receives micro-batches from upstream
     version: int = PROTOCOL_VERSION
+    current: Assign | None = None  # the slice it still holds when rejoining (a leader restart can adopt it)
 
 
 @message("ready")
@@ -50,6 +51,7 @@ class Ready:
     kv_bytes: int
     load_seconds: float
     fetched_bytes: int = 0  # weights streamed from the leader for this slice (0 = all were here)
+    epoch: int = 0  # of the Assign it answers
 
 
 @message("failed")
@@ -106,6 +108,11 @@ class Probe:
     payload: bytes = b""  # a few MiB when measuring bandwidth
 
 
+@message("alive")
+class Alive:
+    """The leader's heartbeat to each host; a host that hears nothing for a while rejoins."""
+
+
 @message("refused")
 class Refused:
     reason: str
@@ -126,6 +133,7 @@ class Assign:
     precisions: list[str] = field(default_factory=list)  # per layer of the slice; [] = all native
     model_hash: str = ""  # the leader's manifest hash: the weights the host must load
     weights_addr: str = ""  # the leader's weights socket, where the host fetches what it lacks
+    epoch: int = 0  # pipeline generation: stages drop micro-batches of another epoch
 
 
 @message("shutdown")
@@ -162,6 +170,7 @@ class Step:
     sampling: SamplingRows
     tensor: TensorMeta  # token ids [B, T] int64 into stage 0, hidden [B, T, H] after
     stage_ms: list[float] = field(default_factory=list)  # compute time of each stage so far
+    epoch: int = 0  # the pipeline it was sent into (Assign.epoch)
 
 
 @message("step_result")
@@ -169,6 +178,7 @@ class StepResult:
     mb: int
     tokens: list[int]  # one sampled id per row [B]
     stage_ms: list[float]
+    epoch: int = 0
 
 
 @message("step_failed")
@@ -176,6 +186,7 @@ class StepFailed:
     mb: int
     stage: int
     error: str
+    epoch: int = 0
 
 
 # ---- weights (leader ROUTER <-> host DEALER)

@@ -5,6 +5,12 @@ inventory -> receive Assign -> get the slice's weights (its own `--model` copy c
 leader's manifest, or the cache, fetching from the leader what it lacks) -> load only the assigned
 layers -> connect downstream -> send Ready -> run the stage loop; Heartbeat every second
 throughout. A Shutdown from the leader, SIGINT or SIGTERM ends the process cleanly.
+
+Faults: a later Assign (the leader rebuilt the pipeline after losing a host, or to use a new one)
+replaces the stage, keeping the loaded weights when the slice is unchanged. A leader that answered
+and then fell silent for LEADER_DEAD_S (it sends Alive every second) is presumed gone: the host
+keeps its weights and joins again on a fresh connection (ZeroMQ reconnects with backoff until a
+leader listens), telling the new leader which slice it holds so that it can be adopted.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from ..model.stage import StageModel, StageSpec, load_config, stage_tensor_names
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
 from ..plan.profile import PROFILE_LAYERS, cached_profile
-from ..wire.messages import (Assign, Failed, Heartbeat, Join, Probe, ProbeReply, ProfileReport, ProfileRequest, Ready,
-                             Refused, Shutdown)
+from ..wire.messages import (Alive, Assign, Failed, Heartbeat, Join, Probe, ProbeReply, ProfileReport, ProfileRequest,
+                             Ready, Refused, Shutdown)
 from ..weights.fetch import WeightFetcher
 from ..weights.manifest import describe_mismatch, load_manifest
 from ..weights.store import WeightStore, cached_weights, disk_room
@@ -40,6 +46,16 @@ from .stage_loop import StageLoop
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
+LEADER_DEAD_S = 3.0  # no message from the leader for this long: rejoin
+RECONNECT_MAX_MS = 10_000  # ZeroMQ's reconnect interval doubles up to this while no leader listens
+
+
+def same_slice(a: Assign, b: Assign) -> bool:
+    """Would b load exactly the weights and cache a holds? Then the loaded stage is kept."""
+    def key(m: Assign):
+        return (m.start, m.end, m.stage == 0, m.stage == m.num_stages - 1, m.dtype, m.max_seqs, m.max_context,
+                tuple(m.precisions), m.model_hash)
+    return key(a) == key(b)
 
 
 class HostError(Exception):
@@ -51,6 +67,11 @@ class Host:
         self.settings = settings
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self.stage_loop: StageLoop | None = None
+        self.stage_task: asyncio.Task | None = None
+        self.model: StageModel | None = None
+        self.current: Assign | None = None  # the slice loaded now
+        self.downstream: str | None = None
+        self.control: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         # Every torch call of this host runs on this one thread: a second thread doing torch
         # work brings a second OpenMP team and made decode ~1.6x slower on a 2-core CPU.
@@ -73,36 +94,54 @@ class Host:
         ctx = self.ctx = zmq.asyncio.Context()
         self.data_in = make_socket(ctx, zmq.PULL)
         self.data_out = make_socket(ctx, zmq.PUSH)
-        self.control = make_socket(ctx, zmq.DEALER)
         try:
             port = bind_tcp(self.data_in, advertise)
-            self.control.connect(tcp(leader_ip, leader_port))
-            await self.control.send(encode(Join(self.name, inventory, tcp(advertise, port))))
             log.info("joining leader %s:%d; receiving micro-batches on %s:%d", leader_host, leader_port, advertise, port)
             self._tasks.append(asyncio.create_task(self._heartbeat()))
-            await self._control_loop()
+            while True:
+                self.control = make_socket(ctx, zmq.DEALER)
+                self.control.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+                self.control.connect(tcp(leader_ip, leader_port))
+                # Queued until a leader listens, then delivered: joining needs no retry loop.
+                await self._send(Join(self.name, inventory, tcp(advertise, port), current=self.current))
+                if not await self._control_loop():
+                    return
+                self.control.close()
+                self.control = None
+                log.warning("no word from the leader for %.0f s: joining again%s", LEADER_DEAD_S,
+                            f" (keeping layers {self.current.start}-{self.current.end - 1})" if self.current else "")
         finally:
-            for task in self._tasks:
+            for task in [*self._tasks, *([self.stage_task] if self.stage_task else [])]:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, *([self.stage_task] if self.stage_task else []), return_exceptions=True)
             for sock in (self.data_in, self.data_out, self.control):
-                sock.close()
+                if sock is not None:
+                    sock.close()
             ctx.term()
             self.torch_thread.shutdown(wait=False, cancel_futures=True)
 
-    async def _control_loop(self) -> None:
+    async def _control_loop(self) -> bool:
+        """Serve one leader session: False when told to shut down, True when the leader, having
+        answered, fell silent. Before its first word there is no deadline (it may not be up yet)."""
+        heard = False
         while True:
-            raw = await self.control.recv()
             try:
-                msg = decode(raw, expect=(Assign, Probe, ProfileRequest, Refused, Shutdown))
+                raw = await asyncio.wait_for(self.control.recv(), LEADER_DEAD_S if heard else None)
+            except asyncio.TimeoutError:
+                return True
+            heard = True
+            try:
+                msg = decode(raw, expect=(Alive, Assign, Probe, ProfileRequest, Refused, Shutdown))
             except WireError as exc:
                 log.warning("ignored a malformed control message: %s", exc)
+                continue
+            if isinstance(msg, Alive):
                 continue
             if isinstance(msg, Refused):
                 raise HostError(f"the leader refused this host: {msg.reason}")
             if isinstance(msg, Shutdown):
                 log.info("leader asked to shut down: %s", msg.reason)
-                return
+                return False
             if isinstance(msg, Probe):
                 await self._send(ProbeReply(self.name, msg.nonce))
                 continue
@@ -127,29 +166,45 @@ class Host:
         await self._send(ProfileReport(self.name, profile))
 
     async def _assign(self, msg: Assign) -> None:
-        if self.stage_loop is not None:
-            await self._send(Failed(self.name, "this host already runs a stage; restart it to take a new slice"))
-            return
-        log.info("assigned stage %d/%d: layers %d-%d of %s", msg.stage + 1, msg.num_stages, msg.start, msg.end - 1, msg.model)
+        log.info("assigned stage %d/%d: layers %d-%d of %s (epoch %d)", msg.stage + 1, msg.num_stages, msg.start,
+                 msg.end - 1, msg.model, msg.epoch)
         started = time.perf_counter()
-        spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
-                         dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
-                         precisions=tuple(msg.precisions))
-        try:
-            model_dir, fetched = await self._weights(msg.model_hash, msg.weights_addr, spec)
-            model = await self._offload(self._load, model_dir, msg, spec)
-        except Exception as exc:  # whatever went wrong, the leader must hear it rather than wait
-            log.error("cannot load the slice: %s: %s", type(exc).__name__, exc)
-            await self._send(Failed(self.name, f"{type(exc).__name__}: {exc}"))
-            return
+        await self._stop_stage()
+        fetched = 0
+        if self.model is not None and self.current is not None and same_slice(self.current, msg):
+            log.info("keeping the loaded slice: it is unchanged")
+        else:
+            self.model = self.current = None  # free the old slice before loading the new one
+            spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
+                             dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
+                             precisions=tuple(msg.precisions))
+            try:
+                model_dir, fetched = await self._weights(msg.model_hash, msg.weights_addr, spec)
+                self.model = await self._offload(self._load, model_dir, msg, spec)
+            except Exception as exc:  # whatever went wrong, the leader must hear it rather than wait
+                log.error("cannot load the slice: %s: %s", type(exc).__name__, exc)
+                await self._send(Failed(self.name, f"{type(exc).__name__}: {exc}"))
+                return
+        model, self.current = self.model, msg
         seconds = time.perf_counter() - started
-        self.data_out.connect(msg.downstream)
-        self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out, self.torch_thread)
-        self._tasks.append(asyncio.create_task(self.stage_loop.run()))
+        if self.downstream != msg.downstream:
+            if self.downstream is not None:
+                self.data_out.disconnect(self.downstream)
+            self.data_out.connect(msg.downstream)
+            self.downstream = msg.downstream
+        self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out, self.torch_thread, msg.epoch)
+        self.stage_task = asyncio.create_task(self.stage_loop.run())
         log.info("stage %d ready in %.1f s: %.0f MiB weights, %.0f MiB KV cache", msg.stage, seconds,
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)
         await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3),
-                               fetched))
+                               fetched, msg.epoch))
+
+    async def _stop_stage(self) -> None:
+        """Stop serving micro-batches (a step computing now finishes on the torch thread first)."""
+        if self.stage_task is not None:
+            self.stage_task.cancel()
+            await asyncio.gather(self.stage_task, return_exceptions=True)
+            self.stage_task = self.stage_loop = None
 
     async def _offload(self, fn, *args):
         """Run blocking work (torch, hashing, file reads) on the host's torch thread."""
@@ -197,7 +252,8 @@ class Host:
         return StageModel(model_dir, spec, self.settings.device)
 
     async def _send(self, msg) -> None:
-        await self.control.send(encode(msg))
+        if self.control is not None:  # None between a lost leader and the next rejoin
+            await self.control.send(encode(msg))
 
     async def _heartbeat(self) -> None:
         while True:

@@ -2,7 +2,9 @@
 
 Compute runs on the host's torch thread (torch releases the GIL), so the event loop keeps answering the
 control channel and ZeroMQ's I/O thread keeps receiving the next micro-batch meanwhile. Micro-batches
-are computed strictly in arrival order: the KV cache depends on it.
+are computed strictly in arrival order: the KV cache depends on it. Each carries the epoch of the
+pipeline it was sent into; one from an earlier epoch (still on its way when the leader rebuilt the
+pipeline after a fault) is dropped, so it can never write into the rebuilt pipeline's KV cache.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def _long(values: list[int], device: torch.device) -> torch.Tensor:
 
 class StageLoop:
     def __init__(self, model: StageModel, index: int, data_in: zmq.asyncio.Socket, data_out: zmq.asyncio.Socket,
-                 torch_thread: ThreadPoolExecutor):
+                 torch_thread: ThreadPoolExecutor, epoch: int = 0):
         self.model = model
         self.index = index
+        self.epoch = epoch
         self.data_in = data_in
         self.data_out = data_out
         self.stats = StageStats()
@@ -66,6 +69,9 @@ class StageLoop:
             except WireError as exc:
                 log.warning("dropped a malformed micro-batch header: %s", exc)
                 continue
+            if header.epoch != self.epoch:
+                log.debug("dropped micro-batch %d of epoch %d (now %d)", header.mb, header.epoch, self.epoch)
+                continue
             if isinstance(header, StepFailed):
                 await self.data_out.send(encode(header))
                 continue
@@ -73,7 +79,7 @@ class StageLoop:
                 out = await loop.run_in_executor(self._executor, self._compute, header, frames[1:])
             except Exception as exc:  # a bad batch must not kill the stage; tell the leader
                 log.exception("micro-batch %d failed on stage %d", header.mb, self.index)
-                out = [encode(StepFailed(header.mb, self.index, f"{type(exc).__name__}: {exc}"))]
+                out = [encode(StepFailed(header.mb, self.index, f"{type(exc).__name__}: {exc}", self.epoch))]
             await self.data_out.send_multipart(out, copy=False)
 
     def _compute(self, step: Step, frames: list) -> list:
@@ -98,9 +104,10 @@ class StageLoop:
         self._record(step.phase, elapsed, sum(step.lengths))
         stage_ms = step.stage_ms + [round(elapsed * 1000, 3)]
         if model.norm is not None:
-            return [encode(StepResult(step.mb, out.tolist(), stage_ms))]
+            return [encode(StepResult(step.mb, out.tolist(), stage_ms, step.epoch))]
         meta, frame = to_frame(out)
-        header = Step(step.mb, step.phase, step.slots, step.starts, step.lengths, step.sampling, meta, stage_ms)
+        header = Step(step.mb, step.phase, step.slots, step.starts, step.lengths, step.sampling, meta, stage_ms,
+                      step.epoch)
         return [encode(header), frame]
 
     def _record(self, phase: str, seconds: float, tokens: int) -> None:
