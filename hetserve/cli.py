@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -39,6 +40,23 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 8GiB, 512MiB or 40G")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def token_option(help_text: str):
+    return click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False), help=help_text)
+
+
+def read_token(path: str | None) -> str | None:
+    """The token in a file (surrounding whitespace ignored); None without a file."""
+    if path is None:
+        return None
+    token = Path(path).read_text().strip()
+    if not token or len(token) > 4096:
+        raise click.BadParameter(f"{path} must hold one token of 1..4096 characters", param_hint="--token-file")
+    return token
+
+
+CLIENT_TOKEN_HELP = "File holding the server's client token (when it was started with --token-file)."
 
 
 def planner_options(func):
@@ -168,11 +186,13 @@ HTTP_HELP = "HOST:PORT of the OpenAI-compatible HTTP API and /metrics (off unles
 @click.option("--weights-rate", default="0", show_default=True,
               help="Most bytes per second for streaming weights to hosts that lack them, all hosts together "
                    "(e.g. 200MiB), so a joining host does not starve the serving links; 0 = no limit.")
+@token_option("Clients must present this token (first line, or HTTP bearer); needed when --serve or --http "
+              "is not a loopback address.")
 @planner_options
 @limit_options
 @log_options
-def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, weights_rate, log_level, log_json,
-           **kwargs):
+def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, weights_rate, token_file, log_level,
+           log_json, **kwargs):
     """Coordinate a cluster: accept hosts, split the model over them, serve clients."""
     from .leader.daemon import run_leader
 
@@ -184,7 +204,7 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
         model, hosts, dtype, limits = apply_plan(plan_file, model, limits)
     settings = LeaderSettings(listen=listen, serve=serve, http=http, model=model, hosts=hosts, dtype=dtype,
                               advertise=advertise, plan=plan_file, planner=planner, limits=limits,
-                              weights_rate=parse_size(weights_rate))
+                              weights_rate=parse_size(weights_rate), token=read_token(token_file))
     local = None
     if device:
         from .transport.sockets import local_ip_towards, split_hostport
@@ -250,10 +270,12 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, om
               help="CPU threads per host (default: this machine's cores / --workers).")
 @click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A plan whose hosts are named worker-0, worker-1, ... (sets --workers).")
+@token_option("Clients must present this token (as for `hetserve leader`).")
 @planner_options
 @limit_options
 @log_options
-def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan_file, log_level, log_json, **kwargs):
+def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan_file, token_file, log_level, log_json,
+       **kwargs):
     """Run a leader and N hosts on this machine (demo and development). Ctrl-C stops all."""
     limits = limits_from(kwargs)
     if plan_file:
@@ -267,6 +289,8 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
     leader_cmd += logging_flags + (["--http", http] if http else [])
     if plan_file:
         leader_cmd += ["--plan", plan_file]
+    if token_file:
+        leader_cmd += ["--token-file", token_file]
     if kwargs["max_ppl_increase"] is not None:
         for key in PLANNER_KEYS:
             if kwargs[key] is not None:
@@ -338,7 +362,8 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 @click.option("--raw", is_flag=True, help="Send PROMPT as raw text instead of a chat message.")
 @click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Seconds to wait for the cluster to come up and serve.")
-def generate(prompt, server, max_tokens, temperature, top_p, top_k, seed, stop, raw, wait):
+@token_option(CLIENT_TOKEN_HELP)
+def generate(prompt, server, max_tokens, temperature, top_p, top_k, seed, stop, raw, wait, token_file):
     """Stream a completion of PROMPT (a chat message unless --raw)."""
     from .client import ClientError, LineClient
 
@@ -350,7 +375,7 @@ def generate(prompt, server, max_tokens, temperature, top_p, top_k, seed, stop, 
         body["seed"] = seed
 
     async def stream() -> int:
-        client = await LineClient.connect(server, wait)
+        client = await LineClient.connect(server, wait, read_token(token_file))
         try:
             if wait:
                 await client.wait_serving(max(1.0, wait))
@@ -380,12 +405,13 @@ def generate(prompt, server, max_tokens, temperature, top_p, top_k, seed, stop, 
 @config_option
 @click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object.")
-def status(server, as_json):
+@token_option(CLIENT_TOKEN_HELP)
+def status(server, as_json, token_file):
     """Show the cluster: hosts, their slices and health, queue and batches."""
     from .client import ClientError, LineClient
 
     async def fetch() -> dict:
-        client = await LineClient.connect(server)
+        client = await LineClient.connect(server, token=read_token(token_file))
         try:
             return await client.status()
         finally:

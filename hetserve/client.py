@@ -26,18 +26,26 @@ class LineClient:
         self._reader_task = asyncio.create_task(self._read())
 
     @classmethod
-    async def connect(cls, server: str, wait: float = 0.0) -> "LineClient":
-        """Connect to HOST:PORT, retrying for up to `wait` seconds while nothing listens."""
+    async def connect(cls, server: str, wait: float = 0.0, token: str | None = None) -> "LineClient":
+        """Connect to HOST:PORT, retrying for up to `wait` seconds while nothing listens; with a
+        token, authenticate first."""
         host, port = split_hostport(server, 5556)
         deadline = time.monotonic() + wait
         while True:
             try:
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 24)
-                return cls(reader, writer)
+                break
             except OSError as exc:
                 if time.monotonic() >= deadline:
                     raise ClientError(f"cannot reach hetserve at {server}: {exc.strerror or exc}") from None
                 await asyncio.sleep(0.2)
+        client = cls(reader, writer)
+        if token is not None:
+            reply = (await client.call({"cmd": "auth", "token": token}))[-1]
+            if reply.get("event") != "authenticated":
+                await client.close()
+                raise ClientError(f"the server refused the token: {reply.get('error', {}).get('message')}")
+        return client
 
     async def _read(self) -> None:
         try:

@@ -9,6 +9,8 @@ from .model.resolve import DEFAULT_MODEL
 DEFAULT_LISTEN = "0.0.0.0:5555"  # where hosts join (control channel)
 DEFAULT_SERVE = "127.0.0.1:5556"  # client line protocol; loopback unless the operator says otherwise
 MAX_LINE_BYTES = 1 << 20  # longest client line (1 MiB), newline excluded
+MAX_REQUESTS_PER_CONNECTION = 256  # running on one client connection; more get `overloaded`
+MAX_AUTH_FAILURES = 3  # wrong tokens on one connection before it is closed
 STEP_TIMEOUT_S = 120.0  # a micro-batch not back by then fails its requests (a stage lost it)
 MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: a prefill micro-batch of
 #                               hidden states (tokens x hidden x 4 bytes) fits with room to spare
@@ -67,6 +69,8 @@ class LeaderSettings:
     plan: str | None = None  # a plan file from `hetserve plan`; None = memory-proportional split
     planner: PlannerSettings | None = None  # plan live instead (hosts send their profiles)
     weights_rate: float = 0.0  # bytes/s for streaming weights to hosts, all together; 0 = no limit
+    token: str | None = None  # clients must present it (line protocol `auth`, HTTP bearer); None =
+    #                           no check, allowed only while the client ports are on loopback
     limits: Limits = Limits()
 
 

@@ -32,7 +32,7 @@ from ..plan.device_profile import DeviceProfile
 from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
 from ..plan.quality import sensitivity
 from ..plan.split import PlanError, memory_split
-from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
+from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import (PROTOCOL_VERSION, Alive, Assign, Failed, Heartbeat, Inventory, Join, Probe, ProbeReply,
@@ -107,6 +107,10 @@ def _describe_precisions(precisions: list[str], dtype: str) -> str:
 class Leader:
     def __init__(self, settings: LeaderSettings):
         settings.limits.check()
+        for name, address in (("--serve", settings.serve), ("--http", settings.http)):
+            if address and settings.token is None and not is_loopback(split_hostport(address, 0)[0]):
+                raise LeaderError(f"{name} {address} is reachable from other machines: give --token-file "
+                                  "so that clients must authenticate, or bind it to 127.0.0.1")
         self.settings = settings
         self.plan = Plan.load(Path(settings.plan)) if settings.plan else None
         self.hosts: dict[str, HostRecord] = {}

@@ -9,11 +9,12 @@ its running requests are cancelled and their KV slots freed.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import TYPE_CHECKING
 
-from ..config import MAX_LINE_BYTES
-from ..wire.client import (CancelCommand, GenerateRequest, ProtocolError, StatusCommand, encode_event,
+from ..config import MAX_AUTH_FAILURES, MAX_LINE_BYTES, MAX_REQUESTS_PER_CONNECTION
+from ..wire.client import (AuthCommand, CancelCommand, GenerateRequest, ProtocolError, StatusCommand, encode_event,
                            error_event, parse_line)
 from .engine import Request
 
@@ -28,6 +29,11 @@ WRITE_GRACE_S = 2.0  # on disconnect or shutdown, how long queued replies may ta
 
 class LineTooLong(Exception):
     pass
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison: the time taken says nothing about how much of a guess was right."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 async def read_lines(reader: asyncio.StreamReader, limit: int):
@@ -67,6 +73,8 @@ class Connection:
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.active: dict[str, Request] = {}  # client id -> running request
         self.peer = writer.get_extra_info("peername")
+        self.authenticated = leader.settings.token is None
+        self.auth_failures = 0
 
     def send(self, event: dict) -> None:
         if event.get("event") in ("done", "error") and event.get("id") in self.active:
@@ -83,6 +91,9 @@ class Connection:
                     self.send(error_event(None, "too_long", f"line longer than {MAX_LINE_BYTES} bytes"))
                     continue
                 await self._handle(line)
+                if self.auth_failures >= MAX_AUTH_FAILURES:
+                    log.warning("client %s closed after %d wrong tokens", self.peer, self.auth_failures)
+                    break
         except ConnectionError:
             pass
         finally:
@@ -102,7 +113,12 @@ class Connection:
         command = None
         try:
             command = parse_line(line)
-            if isinstance(command, StatusCommand):
+            if isinstance(command, AuthCommand):
+                self._auth(command)
+            elif not self.authenticated:
+                raise ProtocolError("unauthorized", 'this server needs a token first: {"id": ..., "cmd": "auth", '
+                                    '"token": ...}', command.id)
+            elif isinstance(command, StatusCommand):
                 self.send({"id": command.id, "event": "status", **self.leader.status()})
             elif isinstance(command, CancelCommand):
                 self._cancel(command)
@@ -114,6 +130,14 @@ class Connection:
             log.exception("internal error handling a client line")
             self.send(error_event(getattr(command, "id", None), "internal", "internal error; see the leader's log"))
 
+    def _auth(self, command: AuthCommand) -> None:
+        expected = self.leader.settings.token
+        if expected is not None and not token_matches(command.token, expected):
+            self.auth_failures += 1
+            raise ProtocolError("unauthorized", "wrong token", command.id)
+        self.authenticated = True
+        self.send({"id": command.id, "event": "authenticated"})
+
     def _cancel(self, command: CancelCommand) -> None:
         request = self.active.get(command.target)
         if request is None:
@@ -124,6 +148,9 @@ class Connection:
     async def _generate(self, req: GenerateRequest) -> None:
         if req.id in self.active:
             raise ProtocolError("bad_request", f"id {req.id!r} is already running on this connection", req.id)
+        if len(self.active) >= MAX_REQUESTS_PER_CONNECTION:
+            raise ProtocolError("overloaded", f"{MAX_REQUESTS_PER_CONNECTION} requests already run on this "
+                                "connection; open another or wait", req.id)
         request = await self.leader.admit(req, self.send, req.stream)
         if not request.done:
             self.active[req.id] = request

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from ..config import MAX_LINE_BYTES
 from ..wire.client import GenerateRequest, ProtocolError, parse_object
+from .frontend import token_matches
 from .metrics import render_metrics
 
 if TYPE_CHECKING:
@@ -30,10 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATUS_OF = {"bad_request": 400, "too_long": 400, "not_found": 404, "overloaded": 429, "unavailable": 503,
-             "internal": 500}
-TYPE_OF = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-           503: "server_error", 500: "server_error"}
+STATUS_OF = {"bad_request": 400, "too_long": 400, "unauthorized": 401, "not_found": 404, "overloaded": 429,
+             "unavailable": 503, "internal": 500}
+TYPE_OF = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+           429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+OPEN_PATHS = {"/health"}  # answered without a token (load balancers' probes)
 # Accepted and ignored when at their neutral value; anything else is refused as unsupported.
 NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "frequency_penalty": 0,
            "presence_penalty": 0, "logit_bias": None, "suffix": None, "tools": None, "tool_choice": None,
@@ -106,13 +108,23 @@ class OpenAIServer:
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_LINE_BYTES)
+        app = web.Application(client_max_size=MAX_LINE_BYTES, middlewares=[self._authenticate])
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
         return app
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler):
+        """With --token-file, every path but OPEN_PATHS needs `Authorization: Bearer <token>`."""
+        expected = self.leader.settings.token
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if expected is None or request.path in OPEN_PATHS or (
+                scheme.lower() == "bearer" and token_matches(given.strip(), expected)):
+            return await handler(request)
+        return error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)", "unauthorized")
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import zmq
@@ -31,6 +32,16 @@ def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """An address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def tcp(host: str, port: int) -> str:

@@ -98,7 +98,9 @@ def build_manifest(model_dir: Path, progress: bool = True) -> tuple[Manifest, di
 
     items, total = scan(model_dir)
     entries, sources = [], {}
-    with tqdm(total=total, desc=f"hashing {model_dir.name}", unit="B", unit_scale=True, disable=not progress) as bar:
+    # On a terminal only: in a daemon's log a bar is noise.
+    with tqdm(total=total, desc=f"hashing {model_dir.name}", unit="B", unit_scale=True,
+              disable=None if progress else True) as bar:
         for entry, source in items:
             sha = hash_range(source.path, source.offset, entry.size, bar)
             entries.append(ManifestEntry(entry.name, entry.kind, entry.size, sha, entry.dtype, entry.shape))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 MAX_ID_CHARS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_TOKEN_CHARS = 4096
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -53,6 +54,12 @@ class CancelCommand:
     target: str
 
 
+@dataclass(frozen=True)
+class AuthCommand:
+    id: str
+    token: str
+
+
 GENERATE_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
 
 
@@ -66,7 +73,7 @@ def parse_line(line: bytes) -> GenerateRequest | StatusCommand | CancelCommand:
     return parse_object(obj)
 
 
-def parse_object(obj) -> GenerateRequest | StatusCommand | CancelCommand:
+def parse_object(obj) -> GenerateRequest | StatusCommand | CancelCommand | AuthCommand:
     """Validate one decoded JSON value (also used by the HTTP API after renaming its fields)."""
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a line must be a JSON object")
@@ -81,7 +88,7 @@ def parse_object(obj) -> GenerateRequest | StatusCommand | CancelCommand:
     return _parse_generate(obj, request_id)
 
 
-def _parse_command(obj: dict, request_id: str) -> StatusCommand | CancelCommand:
+def _parse_command(obj: dict, request_id: str) -> StatusCommand | CancelCommand | AuthCommand:
     cmd = obj["cmd"]
     if cmd == "status":
         _only(obj, {"id", "cmd"}, request_id)
@@ -92,7 +99,13 @@ def _parse_command(obj: dict, request_id: str) -> StatusCommand | CancelCommand:
         if not isinstance(target, str) or not target:
             raise ProtocolError("bad_request", "'target' must be the id of a request", request_id)
         return CancelCommand(request_id, target)
-    raise ProtocolError("bad_request", "'cmd' must be 'status' or 'cancel'", request_id)
+    if cmd == "auth":
+        _only(obj, {"id", "cmd", "token"}, request_id)
+        token = obj.get("token")
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise ProtocolError("bad_request", "'token' must be a non-empty string", request_id)
+        return AuthCommand(request_id, token)
+    raise ProtocolError("bad_request", "'cmd' must be 'status', 'cancel' or 'auth'", request_id)
 
 
 def _only(obj: dict, allowed: set[str], request_id: str) -> None:

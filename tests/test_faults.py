@@ -1,0 +1,115 @@
+"""Serving through faults (real processes on 127.0.0.1): a stage host killed mid-generation, a host
+coming back, the leader restarting, and losing the capacity to hold the model."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+
+from conftest import PROMPTS
+from hetserve.client import LineClient
+
+MAX_NEW = 40
+
+
+async def generate(client: LineClient, prompt: str, max_tokens: int = MAX_NEW) -> list[int]:
+    events = await client.call({"prompt": prompt, "max_tokens": max_tokens})
+    assert events[-1]["event"] == "done", events[-1]
+    return [e["token_id"] for e in events if e["event"] == "token"]
+
+
+async def wait_status(client: LineClient, predicate, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await client.status()
+        if predicate(status) or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.1)
+
+
+def started_hosts(d, names, home, log):
+    return {name: d.join(name, home, "--model", str(d.model_dir), log=log) for name in names}
+
+
+async def test_killed_stage_host_requests_finish_identically(daemons, model_dir, reference, tmp_path):
+    leader_log = tmp_path / "leader.log"
+    d = daemons(model_dir, 3, leader_log=leader_log)
+    hosts = started_hosts(d, ["h0", "h1", "h2"], tmp_path / "home", tmp_path / "hosts.log")
+    client = await d.client()
+    try:
+        prompts = PROMPTS[:4]
+        runs = [asyncio.create_task(generate(client, p)) for p in prompts]
+        status = await wait_status(client, lambda s: s["generated_tokens"] >= 12)
+        assert status["generated_tokens"] < 4 * MAX_NEW, "the kill must come mid-generation"
+        hosts["h1"].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*runs), 180)
+        done = time.monotonic() - killed
+        for prompt, ids in zip(prompts, results):
+            assert ids == reference(reference.tokenizer(prompt)["input_ids"], MAX_NEW), prompt
+        status = await client.status()
+        states = {h["name"]: h["state"] for h in status["hosts"]}
+        assert states == {"h0": "ready", "h1": "dead", "h2": "ready"}
+        assert sorted(h["layers"] for h in status["hosts"] if h["state"] == "ready") == [[0, 15], [15, 30]]
+        recovered = re.search(r"serving again on 2 stage\(s\) ([0-9.]+) s after the fault", leader_log.read_text())
+        assert recovered, "the leader logs its recovery"
+        print(f"\nrecovery: {float(recovered.group(1)):.1f} s from detection to serving; "
+              f"{done:.1f} s from the kill to every request done")
+
+        # The host comes back: the leader re-plans over three again while requests run.
+        hosts["h1"] = d.join("h1", tmp_path / "home", "--model", str(d.model_dir))
+        runs = [asyncio.create_task(generate(client, p)) for p in prompts]
+        status = await wait_status(client, lambda s: s["state"] == "serving" and sum(
+            1 for h in s["hosts"] if h["state"] == "ready") == 3, 120)
+        assert [h["state"] for h in status["hosts"]] == ["ready"] * 3
+        for prompt, ids in zip(prompts, await asyncio.wait_for(asyncio.gather(*runs), 180)):
+            assert ids == reference(reference.tokenizer(prompt)["input_ids"], MAX_NEW), prompt
+    finally:
+        await client.close()
+
+
+async def test_leader_restart_adopts_the_hosts_without_reloading(daemons, model_dir, reference, tmp_path):
+    host_log = tmp_path / "hosts.log"
+    d = daemons(model_dir, 2)
+    started_hosts(d, ["h0", "h1"], tmp_path / "home", host_log)
+    client = await d.client()
+    prompt = PROMPTS[0]
+    want = reference(reference.tokenizer(prompt)["input_ids"], 8)
+    assert await generate(client, prompt, 8) == want
+    before = {h["name"]: h["layers"] for h in (await client.status())["hosts"]}
+    await client.close()
+
+    d.leader.send_signal(signal.SIGKILL)
+    d.leader.wait()
+    d.start_leader()
+    client = await d.client()
+    try:
+        status = await client.status()
+        assert {h["name"]: h["layers"] for h in status["hosts"]} == before
+        assert await generate(client, prompt, 8) == want
+        assert host_log.read_text().count("keeping the loaded slice") == 2, "neither host reloaded"
+    finally:
+        await client.close()
+
+
+async def test_without_capacity_requests_fail_clearly_until_a_host_returns(daemons, model_dir, reference, tmp_path):
+    d = daemons(model_dir, 1)
+    host = d.join("h0", tmp_path / "home", "--model", str(model_dir))
+    client = await d.client()
+    try:
+        run = asyncio.create_task(client.call({"prompt": PROMPTS[2], "max_tokens": 200}))
+        await wait_status(client, lambda s: s["generated_tokens"] >= 4)
+        host.send_signal(signal.SIGKILL)
+        events = await asyncio.wait_for(run, 60)
+        assert events[-1]["event"] == "error" and "cannot hold the model" in events[-1]["error"]["message"]
+        refused = await client.call({"prompt": "Hello", "max_tokens": 4})
+        assert refused[-1]["error"]["code"] == "unavailable"
+
+        d.join("h0", tmp_path / "home", "--model", str(model_dir))
+        assert (await wait_status(client, lambda s: s["state"] == "serving", 120))["state"] == "serving"
+        prompt = PROMPTS[0]
+        assert await generate(client, prompt, 8) == reference(reference.tokenizer(prompt)["input_ids"], 8)
+    finally:
+        await client.close()
