@@ -71,7 +71,8 @@ async def fetch_all(addr: str, model_hash: str) -> tuple[float, int]:
     from hetserve.weights.fetch import WeightFetcher
     from hetserve.weights.store import WeightStore
 
-    fetcher = WeightFetcher(zmq.asyncio.Context.instance(), f"tcp://{addr}", "bench", asyncio.to_thread)
+    fetcher = WeightFetcher(zmq.asyncio.Context.instance().socket(zmq.DEALER), f"tcp://{addr}", "bench",
+                            asyncio.to_thread)
     manifest = await fetcher.manifest(model_hash)
     store = WeightStore(model_hash)
     start = time.perf_counter()

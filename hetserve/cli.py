@@ -42,6 +42,17 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def keys_options(holds: str):
+    """--keys and --insecure, for the two daemons that talk ZeroMQ."""
+    def add(func):
+        func = click.option("--insecure", is_flag=True,
+                            help="Allow plain text and unauthenticated hosts beyond loopback (logged loudly).")(func)
+        return click.option("--keys", default=None, type=click.Path(exists=True, file_okay=False),
+                            help=f"CURVE keys directory (hetserve keygen) holding {holds}. Encrypts and "
+                                 "authenticates every socket between hosts; needed beyond loopback.")(func)
+    return add
+
+
 def token_option(help_text: str):
     return click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False), help=help_text)
 
@@ -188,11 +199,12 @@ HTTP_HELP = "HOST:PORT of the OpenAI-compatible HTTP API and /metrics (off unles
                    "(e.g. 200MiB), so a joining host does not starve the serving links; 0 = no limit.")
 @token_option("Clients must present this token (first line, or HTTP bearer); needed when --serve or --http "
               "is not a loopback address.")
+@keys_options("this leader's *.key_secret, and hosts/*.key: the public keys of the hosts allowed to join")
 @planner_options
 @limit_options
 @log_options
-def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, weights_rate, token_file, log_level,
-           log_json, **kwargs):
+def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_file, weights_rate, token_file, keys,
+           insecure, log_level, log_json, **kwargs):
     """Coordinate a cluster: accept hosts, split the model over them, serve clients."""
     from .leader.daemon import run_leader
 
@@ -204,7 +216,8 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
         model, hosts, dtype, limits = apply_plan(plan_file, model, limits)
     settings = LeaderSettings(listen=listen, serve=serve, http=http, model=model, hosts=hosts, dtype=dtype,
                               advertise=advertise, plan=plan_file, planner=planner, limits=limits,
-                              weights_rate=parse_size(weights_rate), token=read_token(token_file))
+                              weights_rate=parse_size(weights_rate), token=read_token(token_file), keys=keys,
+                              insecure=insecure)
     local = None
     if device:
         from .transport.sockets import local_ip_towards, split_hostport
@@ -215,7 +228,8 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
         reachable = advertise or (local_ip_towards("192.0.2.1") if wildcard else host)
         local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
                              "--device", device, "--name", "leader-stage", "--advertise", reachable,
-                             "--model", model, "--log-level", log_level])
+                             "--model", model, "--log-level", log_level,
+                             *(["--keys", keys] if keys else []), *(["--insecure"] if insecure else [])])
     try:
         run_daemon(run_leader, settings, "leader", log_level, log_json)
     finally:
@@ -237,11 +251,13 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
                    "the leader into $HETSERVE_HOME/weights, verified and kept for the next start.")
 @click.option("--disk-limit", default=None,
               help="Most bytes the weights cache may hold (e.g. 20GiB); default: the free disk.")
+@keys_options("this host's *.key_secret, and leader.key: the leader's public key")
 @click.option("--omp-wait", type=click.Choice(["active", "default"]), default="default", show_default=True,
               help="active: OpenMP threads spin between steps instead of sleeping (for CPU hosts whose cores "
                    "are their own; see docs/benchmarks.md). OMP_WAIT_POLICY in the environment wins.")
 @log_options
-def join(leader, device, memory, advertise, name, threads, model, disk_limit, omp_wait, log_level, log_json):
+def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, log_level,
+         log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     if omp_wait == "active":
         # Read by libgomp when torch loads, so before the import below. A stage idles while the
@@ -251,7 +267,7 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, om
 
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads, model=model,
-                            disk_limit=parse_size(disk_limit) if disk_limit else None)
+                            disk_limit=parse_size(disk_limit) if disk_limit else None, keys=keys, insecure=insecure)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 
@@ -602,8 +618,6 @@ def config_show(ctx, command, args):
 @click.argument("dst", type=click.Path())
 def convert(src, dst):
     """Convert a GGUF file SRC into a safetensors model directory DST (once; loads ~100x faster)."""
-    from pathlib import Path
-
     from .model.resolve import ModelError, convert_gguf
 
     try:
@@ -616,3 +630,19 @@ def convert(src, dst):
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="Whose keys: `leader`, or a host's name (files NAME.key, NAME.key_secret).")
+def keygen(directory, name):
+    """Make a CURVE key pair for --keys: NAME.key (public, to share) and NAME.key_secret (keep it here).
+
+    On the leader: its leader.key_secret, and every host's public key in DIRECTORY/hosts/.
+    On a host: its own NAME.key_secret and the leader's leader.key."""
+    from .transport.security import keygen as make_keys
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise click.BadParameter("use letters, digits, '.', '_' or '-'", param_hint="--name")
+    public, secret = make_keys(Path(directory), name)
+    click.echo(f"public key: {public} (give it to the peers)\nsecret key: {secret} (keep it here, mode 0600)")

@@ -23,6 +23,7 @@ class LineClient:
         self.reader = reader
         self.writer = writer
         self._queues: dict[str | None, asyncio.Queue] = {}
+        self.closed = False  # the server closed the connection
         self._reader_task = asyncio.create_task(self._read())
 
     @classmethod
@@ -58,6 +59,7 @@ class LineClient:
         except ConnectionError:
             pass
         finally:
+            self.closed = True
             for queue in self._queues.values():
                 queue.put_nowait(None)
 
@@ -67,6 +69,8 @@ class LineClient:
 
     async def request(self, body: dict):
         """Send one request; yield its events up to and including the last (done/error/...)."""
+        if self.closed:
+            raise ClientError("the server closed the connection")
         body = dict(body)
         body.setdefault("id", f"c{next(_ids)}")
         queue = self._queues.setdefault(body["id"], asyncio.Queue())

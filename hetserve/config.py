@@ -69,6 +69,8 @@ class LeaderSettings:
     plan: str | None = None  # a plan file from `hetserve plan`; None = memory-proportional split
     planner: PlannerSettings | None = None  # plan live instead (hosts send their profiles)
     weights_rate: float = 0.0  # bytes/s for streaming weights to hosts, all together; 0 = no limit
+    keys: str | None = None  # CURVE keys directory (transport/security.py); None = plain text
+    insecure: bool = False  # allow plain text beyond loopback
     token: str | None = None  # clients must present it (line protocol `auth`, HTTP bearer); None =
     #                           no check, allowed only while the client ports are on loopback
     limits: Limits = Limits()
@@ -86,3 +88,5 @@ class HostSettings:
     model: str | None = None  # this host's own copy of the model, checked against the leader's
     #                           manifest; None = stream what the slice needs from the leader
     disk_limit: int | None = None  # most bytes the weights cache may hold; None = the free disk
+    keys: str | None = None  # CURVE keys directory (transport/security.py); None = plain text
+    insecure: bool = False  # allow plain text to a leader beyond loopback

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from pathlib import Path
 
 from conftest import free_port, hetserve_cmd
 from hetserve.client import ClientError, LineClient
@@ -71,3 +72,108 @@ async def test_line_protocol_and_http_ask_for_the_token(guarded_leader):
     assert (await asyncio.to_thread(http_get, f"{base}/v1/models", "guess"))[0] == 401
     assert (await asyncio.to_thread(http_get, f"{base}/v1/models", "s3cret-token"))[0] == 200
     assert (await asyncio.to_thread(http_get, f"{base}/health"))[0] == 503  # open, and not serving yet
+
+
+class Relay:
+    """A TCP relay that records every byte a host and the leader exchange."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.seen = bytearray()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _pipe(self, reader, writer):
+        host, port = self.target.rsplit(":", 1)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:  # the leader is gone (the test is ending)
+            writer.close()
+            return
+
+        async def copy(src, dst):
+            while data := await src.read(65536):
+                self.seen += data
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer), return_exceptions=True)
+
+    def close(self):
+        self.server.close()
+
+
+async def joined_through_relay(daemons, model_dir, tmp_path, keys: dict[str, str], leader_args=()) -> bytes:
+    """Start a leader, join host h0 through a relay; the bytes seen once h0 has joined."""
+    d = daemons(model_dir, 2, *leader_args)
+    relay = Relay(d.listen)
+    address = await relay.start()
+    host = subprocess.Popen(hetserve_cmd() + ["join", "--leader", address, "--name", "h0", "--model",
+                                              str(model_dir), *keys.get("h0", ()), "--log-level", "warning"],
+                            start_new_session=True)
+    try:
+        for _ in range(600):
+            if b"inventory" in relay.seen:
+                break
+            await asyncio.sleep(0.1)
+        return bytes(relay.seen)
+    finally:
+        host.terminate()
+        host.wait(30)
+        relay.close()
+
+
+def make_keys(tmp_path, hosts: list[str]) -> dict[str, Path]:
+    from hetserve.transport.security import keygen
+
+    dirs = {name: tmp_path / f"keys-{name}" for name in ["leader", *hosts]}
+    keygen(dirs["leader"], "leader")
+    for name in hosts:
+        public, _ = keygen(dirs[name], name)
+        (dirs["leader"] / "hosts").mkdir(exist_ok=True)
+        public.rename(dirs["leader"] / "hosts" / public.name)
+        (dirs[name] / "leader.key").write_bytes((dirs["leader"] / "leader.key").read_bytes())
+    return dirs
+
+
+async def test_hosts_talk_curve_and_unknown_keys_cannot_join(daemons, model_dir, reference, tmp_path):
+    plain = await joined_through_relay(daemons, model_dir, tmp_path, {})
+    assert b"inventory" in plain, "without keys the Join crosses the wire readable (the check below can fail)"
+
+    dirs = make_keys(tmp_path, ["h0", "h1"])
+    stranger = tmp_path / "keys-stranger"
+    from hetserve.transport.security import keygen
+    keygen(stranger, "stranger")
+    (stranger / "leader.key").write_bytes((dirs["leader"] / "leader.key").read_bytes())
+
+    leader_log = tmp_path / "leader.log"
+    d = daemons(model_dir, 2, "--keys", str(dirs["leader"]), leader_log=leader_log)
+    relay = Relay(d.listen)
+    address = await relay.start()
+    hosts = [subprocess.Popen(hetserve_cmd() + ["join", "--leader", address if name == "h0" else d.listen,
+                                                "--name", name, "--model", str(model_dir), "--keys", str(dirs[name]),
+                                                "--threads", "1", "--log-level", "warning"], start_new_session=True)
+             for name in ("h0", "h1")]
+    intruder = subprocess.Popen(hetserve_cmd() + ["join", "--leader", d.listen, "--name", "intruder", "--model",
+                                                  str(model_dir), "--keys", str(stranger), "--log-level", "warning"],
+                                start_new_session=True)
+    try:
+        client = await d.client()
+        prompt = "The capital of France is"
+        events = await client.call({"prompt": prompt, "max_tokens": 8})
+        assert [e["token_id"] for e in events if e["event"] == "token"] == \
+            reference(reference.tokenizer(prompt)["input_ids"], 8), (events[-1], leader_log.read_text()[-3000:])
+        names = {h["name"] for h in (await client.status())["hosts"]}
+        await client.close()
+        assert names == {"h0", "h1"}, "the host with an unknown key never joined"
+        assert "unknown key" in leader_log.read_text()
+        seen = bytes(relay.seen)
+        assert b"CURVE" in seen and b"inventory" not in seen
+    finally:
+        relay.close()
+        for proc in [*hosts, intruder]:
+            proc.terminate()
+            proc.wait(30)

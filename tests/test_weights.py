@@ -104,7 +104,8 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
     router = ctx.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     server = asyncio.create_task(WeightServer(router, manifest, sources, 0).run())
-    fetcher = WeightFetcher(ctx, f"tcp://127.0.0.1:{port}", "h", lambda fn, *a: asyncio.to_thread(fn, *a))
+    fetcher = WeightFetcher(ctx.socket(zmq.DEALER), f"tcp://127.0.0.1:{port}", "h",
+                            lambda fn, *a: asyncio.to_thread(fn, *a))
     try:
         got = await fetcher.manifest(manifest.model_hash)
         store = WeightStore(got.model_hash)

@@ -32,6 +32,8 @@ from ..plan.device_profile import DeviceProfile
 from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
 from ..plan.quality import sensitivity
 from ..plan.split import PlanError, memory_split
+from ..transport.security import (Identity, KeyRing, KeysError, as_client, as_server, load_allowed, load_identity,
+                                  start_authenticator)
 from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
@@ -77,6 +79,7 @@ class HostRecord:
     link: Link | None = None  # measured from the leader after it joined
     current: Assign | None = None  # the slice it held when it (re)joined: adopted when still valid
     planned: bool = False  # a layout has considered this host (else a new one triggers a re-plan)
+    public_key: str = ""  # its CURVE key (verified at join) when the cluster runs with --keys
     note: str = ""  # why it is unused, when it is
 
     def describe(self, now: float) -> dict:
@@ -111,6 +114,23 @@ class Leader:
             if address and settings.token is None and not is_loopback(split_hostport(address, 0)[0]):
                 raise LeaderError(f"{name} {address} is reachable from other machines: give --token-file "
                                   "so that clients must authenticate, or bind it to 127.0.0.1")
+        self.identity: Identity | None = None
+        if settings.keys:
+            try:
+                self.identity = load_identity(Path(settings.keys))
+                # Its own key too: a stage on this machine (--device) uses the leader's keys.
+                self.keyring = KeyRing(load_allowed(Path(settings.keys) / "hosts") | {self.identity.public},
+                                       "the leader")
+            except KeysError as exc:
+                raise LeaderError(str(exc)) from None
+            if len(self.keyring.allowed) == 1:
+                log.warning("no host keys in %s/hosts: only a stage on this machine can join", settings.keys)
+        elif not is_loopback(split_hostport(settings.listen, 5555)[0]):
+            if not settings.insecure:
+                raise LeaderError(f"--listen {settings.listen} is reachable from other machines: give --keys DIR "
+                                  "(hetserve keygen) to encrypt and authenticate hosts, or --insecure")
+            log.warning("INSECURE: hosts join %s in plain text, without authentication (--insecure); anyone who "
+                        "reaches it can join the cluster and read its traffic", settings.listen)
         self.settings = settings
         self.plan = Plan.load(Path(settings.plan)) if settings.plan else None
         self.hosts: dict[str, HostRecord] = {}
@@ -145,10 +165,14 @@ class Leader:
         self.engine = Engine(s.limits, self.codec.eos_ids, self.codec.decode, self._send_step, config.vocab_size)
 
         ctx = zmq.asyncio.Context()
+        authenticator = start_authenticator(ctx, self.keyring) if self.identity else None
         self.control = make_socket(ctx, zmq.ROUTER)
         self.results = make_socket(ctx, zmq.PULL)
         self.to_stage0 = make_socket(ctx, zmq.PUSH)
         self.weights = make_socket(ctx, zmq.ROUTER)
+        if self.identity:
+            for sock in (self.control, self.results, self.weights):
+                as_server(sock, self.identity)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         tasks: list[asyncio.Task] = []
         server = http_runner = None
@@ -186,6 +210,8 @@ class Leader:
             await self._shutdown_hosts("the leader is shutting down")
             for sock in (self.control, self.results, self.to_stage0, self.weights):
                 sock.close()
+            if authenticator is not None:
+                authenticator.stop()
             ctx.term()
             if server is not None:
                 await server.wait_closed()
@@ -214,7 +240,7 @@ class Leader:
                 continue
             host = self.hosts.get(msg.host)
             if isinstance(msg, Join):
-                await self._join(route.bytes, frame.get("Peer-Address"), msg)
+                await self._join(route.bytes, frame.get("Peer-Address"), frame.get("User-Id"), msg)
                 continue
             if host is None or host.route != route.bytes:
                 log.warning("ignored %s from unknown host %r", type(msg).__name__, msg.host)
@@ -247,7 +273,7 @@ class Leader:
                     raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
                 await self._host_lost(host, f"failed: {msg.reason}", "failed")
 
-    async def _join(self, route: bytes, peer_ip: str, msg: Join) -> None:
+    async def _join(self, route: bytes, peer_ip: str, user_id: str, msg: Join) -> None:
         """A new host, or one coming back (a restarted process, or one that lost touch with us)."""
         reason = None
         previous = self.hosts.get(msg.host)
@@ -255,6 +281,8 @@ class Leader:
             return  # the same connection joining twice: nothing new
         if msg.version != PROTOCOL_VERSION:
             reason = f"protocol version {msg.version}, the leader speaks {PROTOCOL_VERSION}"
+        elif self.identity is not None and msg.public_key != user_id:
+            reason = "the key in its Join is not the key it connected with"
         if reason:
             log.warning("refused host %s: %s", msg.host, reason)
             try:
@@ -264,7 +292,8 @@ class Leader:
             return
         now = time.monotonic()
         self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
-                                          self.settings.dtype, last_seen=now, current=msg.current)
+                                          self.settings.dtype, last_seen=now, current=msg.current,
+                                          public_key=msg.public_key)
         self.excluded.discard(msg.host)
         log.info("host %s %s from %s: %s (%s), %.2f GiB usable (%d/%d)%s", msg.host,
                  "rejoined" if previous else "joined", peer_ip, msg.inventory.device, msg.inventory.name,
@@ -398,8 +427,12 @@ class Leader:
         self.state = "loading"
         for host in self._candidates():
             host.planned = True
+        own_key = self.identity.public.decode() if self.identity else ""
+        assigns = []
         for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
             host.stage, host.layers, host.state = i, (start, end), "loading"
+            upstream_key = order[i - 1].public_key if i else own_key
+            downstream_key = order[i + 1].public_key if i + 1 < len(order) else own_key
             host.precision = _describe_precisions(precs, s.dtype)
             if i + 1 < len(order):
                 downstream = order[i + 1].data_addr
@@ -408,8 +441,13 @@ class Leader:
             assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
                             num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
                             max_context=s.limits.max_context, downstream=downstream, precisions=precs,
-                            model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host), epoch=epoch)
+                            model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host), epoch=epoch,
+                            upstream_key=upstream_key, downstream_key=downstream_key)
             log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
+            assigns.append((host, assign))
+        # Last stage first: each host admits its upstream's key as soon as its Assign arrives, so
+        # by the time an upstream host has loaded and connects, its downstream expects it.
+        for host, assign in reversed(assigns):
             await self._send_host(host, assign)
         self.stages = order
         for host in self.hosts.values():
@@ -493,6 +531,8 @@ class Leader:
             if self.stage0_addr is not None:  # PUSH would share micro-batches among both: never
                 self.to_stage0.disconnect(self.stage0_addr)
             self.stage0_addr = self.stages[0].data_addr
+            if self.identity:
+                as_client(self.to_stage0, self.identity, self.stages[0].public_key.encode())
             self.to_stage0.connect(self.stage0_addr)
         self.state = "serving"
         if self.lost_at is not None:

@@ -19,7 +19,6 @@ import zmq.asyncio
 from tqdm import tqdm
 
 from ..model.resolve import ModelError
-from ..transport.sockets import make_socket
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
 from .manifest import check_manifest
@@ -36,8 +35,9 @@ Offload = Callable[..., Awaitable]  # runs a blocking function off the event loo
 
 
 class WeightFetcher:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, host: str, offload: Offload):
-        self.sock = make_socket(ctx, zmq.DEALER)
+    def __init__(self, sock: zmq.asyncio.Socket, address: str, host: str, offload: Offload):
+        """sock: a fresh DEALER (made secure by the caller when the cluster is keyed)."""
+        self.sock = sock
         self.sock.connect(address)
         self.address, self.host, self.offload = address, host, offload
 

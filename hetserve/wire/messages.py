@@ -41,6 +41,7 @@ class Join:
     data_addr: str  # tcp://ADDR:PORT where this host receives micro-batches from upstream
     version: int = PROTOCOL_VERSION
     current: Assign | None = None  # the slice it still holds when rejoining (a leader restart can adopt it)
+    public_key: str = ""  # its CURVE key (z85) when the cluster runs with --keys; must be the one it connected with
 
 
 @message("ready")
@@ -134,6 +135,8 @@ class Assign:
     model_hash: str = ""  # the leader's manifest hash: the weights the host must load
     weights_addr: str = ""  # the leader's weights socket, where the host fetches what it lacks
     epoch: int = 0  # pipeline generation: stages drop micro-batches of another epoch
+    upstream_key: str = ""  # CURVE: the only key allowed to push into this host's data socket
+    downstream_key: str = ""  # CURVE: the key the next stage (or the leader's results socket) must hold
 
 
 @message("shutdown")

@@ -32,7 +32,9 @@ from ..config import HostSettings
 from ..lifecycle import run_until_signal
 from ..model.resolve import ModelError, resolve_model
 from ..model.stage import StageModel, StageSpec, load_config, stage_tensor_names
-from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
+from ..transport.security import (KeyRing, KeysError, as_client, as_server, load_identity, load_public,
+                                  start_authenticator)
+from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
 from ..plan.profile import PROFILE_LAYERS, cached_profile
 from ..wire.messages import (Alive, Assign, Failed, Heartbeat, Join, Probe, ProbeReply, ProfileReport, ProfileRequest,
@@ -85,6 +87,18 @@ class Host:
         leader_host, leader_port = split_hostport(s.leader, 5555)
         leader_ip = socket.getaddrinfo(leader_host, leader_port, proto=socket.IPPROTO_TCP)[0][4][0]
         advertise = s.advertise or local_ip_towards(leader_ip)
+        self.identity = self.leader_key = None
+        if s.keys:
+            try:
+                self.identity = load_identity(Path(s.keys))
+                self.leader_key = load_public(Path(s.keys) / "leader.key")
+            except KeysError as exc:
+                raise HostError(str(exc)) from None
+        elif not (is_loopback(leader_ip) and is_loopback(advertise)):
+            if not s.insecure:
+                raise HostError(f"the leader {s.leader} is on another machine: give --keys DIR (hetserve keygen) to "
+                                "encrypt and authenticate the traffic, or --insecure")
+            log.warning("INSECURE: talking to the leader and other hosts in plain text (--insecure)")
         inventory = await loop.run_in_executor(self.torch_thread, take_inventory, s.device, s.memory)
         if s.model is None:
             inventory = replace(inventory, disk_free_bytes=disk_room(s.disk_limit), cached_weights=cached_weights())
@@ -92,18 +106,24 @@ class Host:
                  inventory.name, inventory.usable_bytes / 2**30, inventory.gflops)
 
         ctx = self.ctx = zmq.asyncio.Context()
+        # Only the upstream stage the leader names may push micro-batches here.
+        self.keyring = KeyRing(set(), "this host's data socket")
+        authenticator = start_authenticator(ctx, self.keyring) if self.identity else None
         self.data_in = make_socket(ctx, zmq.PULL)
         self.data_out = make_socket(ctx, zmq.PUSH)
+        if self.identity:
+            as_server(self.data_in, self.identity)
         try:
             port = bind_tcp(self.data_in, advertise)
             log.info("joining leader %s:%d; receiving micro-batches on %s:%d", leader_host, leader_port, advertise, port)
             self._tasks.append(asyncio.create_task(self._heartbeat()))
             while True:
-                self.control = make_socket(ctx, zmq.DEALER)
+                self.control = self._to_leader(zmq.DEALER)
                 self.control.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
                 self.control.connect(tcp(leader_ip, leader_port))
                 # Queued until a leader listens, then delivered: joining needs no retry loop.
-                await self._send(Join(self.name, inventory, tcp(advertise, port), current=self.current))
+                await self._send(Join(self.name, inventory, tcp(advertise, port), current=self.current,
+                                      public_key=self.identity.public.decode() if self.identity else ""))
                 if not await self._control_loop():
                     return
                 self.control.close()
@@ -117,6 +137,8 @@ class Host:
             for sock in (self.data_in, self.data_out, self.control):
                 if sock is not None:
                     sock.close()
+            if authenticator is not None:
+                authenticator.stop()
             ctx.term()
             self.torch_thread.shutdown(wait=False, cancel_futures=True)
 
@@ -169,6 +191,8 @@ class Host:
         log.info("assigned stage %d/%d: layers %d-%d of %s (epoch %d)", msg.stage + 1, msg.num_stages, msg.start,
                  msg.end - 1, msg.model, msg.epoch)
         started = time.perf_counter()
+        if self.identity:  # at once: the upstream stage may finish loading before this one
+            self.keyring.allowed = {msg.upstream_key.encode()}
         await self._stop_stage()
         fetched = 0
         if self.model is not None and self.current is not None and same_slice(self.current, msg):
@@ -190,6 +214,8 @@ class Host:
         if self.downstream != msg.downstream:
             if self.downstream is not None:
                 self.data_out.disconnect(self.downstream)
+            if self.identity:
+                as_client(self.data_out, self.identity, msg.downstream_key.encode())
             self.data_out.connect(msg.downstream)
             self.downstream = msg.downstream
         self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out, self.torch_thread, msg.epoch)
@@ -206,6 +232,13 @@ class Host:
             await asyncio.gather(self.stage_task, return_exceptions=True)
             self.stage_task = self.stage_loop = None
 
+    def _to_leader(self, kind: int) -> zmq.asyncio.Socket:
+        """A socket for talking to the leader: CURVE with the leader's key pinned, when keyed."""
+        sock = make_socket(self.ctx, kind)
+        if self.identity:
+            as_client(sock, self.identity, self.leader_key)
+        return sock
+
     async def _offload(self, fn, *args):
         """Run blocking work (torch, hashing, file reads) on the host's torch thread."""
         return await asyncio.get_running_loop().run_in_executor(self.torch_thread, fn, *args)
@@ -214,7 +247,7 @@ class Host:
         """The directory to load stage `spec` from, and the bytes fetched from the leader for it."""
         if not model_hash or not weights_addr:
             raise ModelError("the leader did not say which weights to load (an older leader?)")
-        fetcher = WeightFetcher(self.ctx, weights_addr, self.name, self._offload)
+        fetcher = WeightFetcher(self._to_leader(zmq.DEALER), weights_addr, self.name, self._offload)
         try:
             manifest = await fetcher.manifest(model_hash)
             if self.settings.model is not None:
