@@ -1,9 +1,13 @@
-"""`hetserve bench`: statistics on hand-made timings, the workload."""
+"""`hetserve bench`: statistics on hand-made timings, the workload, and the command against a real cluster."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 
+from conftest import free_port, hetserve_cmd
 from hetserve.bench.baseline import row_lengths
 from hetserve.bench.report import format_table
 from hetserve.bench.stats import RequestResult, percentile, ratios, summarize
@@ -17,6 +21,10 @@ RESULTS = [
     RequestResult(2, 0.0, 0.3, 0.3, 0.4, 1, 8, "length"),  # TTFT 0.3, one token: no TPOT
     RequestResult(3, 2.5, None, None, 2.6, 0, None, None, "overloaded: 4 running and 4 queued"),
 ]
+
+
+def hetserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(hetserve_cmd() + list(args), capture_output=True, text=True, timeout=timeout)
 
 
 def test_percentile_interpolates_between_closest_ranks():
@@ -93,3 +101,38 @@ def test_synthetic_prompts_have_the_exact_token_count(model_dir):
         assert [token_count(tokenizer, p) for p in prompts] == [length] * 6
     # A window longer than the whole text wraps around it.
     assert token_count(tokenizer, synthetic_prompts(tokenizer, 1, 50, "one two three.")[0]) == 50
+
+
+def test_bench_against_a_cluster_with_the_hf_baseline(cluster_factory, tmp_path):
+    cluster = cluster_factory(1)
+    out = tmp_path / "bench.json"
+    done = hetserve("bench", "--server", cluster.serve, "--wait", "180", "-c", "2", "--requests", "4",
+                    "--prompt-tokens", "16", "--output-tokens", "6", "--baseline", "hf", "--threads", "1",
+                    "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "hetserve / hf" in done.stdout and "Traceback" not in done.stderr
+    report = json.loads(out.read_text())
+    for summary in (report["hetserve"], report["baseline"]["summary"]):
+        assert summary["requests"] == summary["completed"] == 4 and summary["errors"] == 0
+        assert summary["output_tokens_per_s"] > 0 and summary["requests_per_s"] > 0
+        assert 0 < summary["ttft_ms_p50"] <= summary["ttft_ms_p99"]
+        assert 0 < summary["tpot_ms_p50"] <= summary["tpot_ms_p99"]
+        assert summary["mean_prompt_tokens"] == 16  # as the server counted: the synthetic prompts fit exactly
+    # Greedy on the same model: both sides stop at the same tokens.
+    assert report["hetserve"]["output_tokens"] == report["baseline"]["summary"]["output_tokens"]
+    assert report["ratio"]["output_tokens_per_s"] > 0
+    assert report["server"]["model"] == "smollm2-135m" and report["config"]["concurrency"] == 2
+
+
+def test_bench_bad_input_is_one_clear_line(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    cases = {
+        ("--server", f"127.0.0.1:{free_port()}"): "error: cannot reach hetserve at 127.0.0.1:",
+        ("--prompts", str(prompts)): f"error: {prompts} line 2: 'prompt' must be a non-empty string",
+        ("--prompts", str(tmp_path / "missing.jsonl")): "error: cannot read",
+    }
+    for args, message in cases.items():
+        done = hetserve("bench", *args, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
