@@ -33,8 +33,13 @@ def format_table(rows: list[tuple[str, Summary]], ratio: dict[str, float | None]
         lines.append([ratio_label] + [_cell(ratio.get(field), "{:.2f}x") if field in RATIO_FIELDS else ""
                                       for _, field, _ in COLUMNS])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-                     .rstrip() for line in lines)
+    return "\n".join(_aligned(line, widths) for line in lines)
+
+
+def _aligned(cells: list[str], widths: list[int]) -> str:
+    """Names left-aligned, numbers right-aligned."""
+    padded = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
+    return "  ".join(padded).rstrip()
 
 
 def headline(config: dict, server: dict, hetserve: Summary) -> str:
