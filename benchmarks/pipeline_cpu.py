@@ -4,7 +4,9 @@ Measures, in one run, for SmolLM2-135M in fp32:
   - batch 1: time per output token (decode step, median of repeats) and tokens/s;
   - batch 8: output tokens/s with 8 concurrent requests of different prompts.
 transformers runs in this process; each hetserve configuration is a real `hetserve up` cluster on
-127.0.0.1 driven through the line protocol. Prints a table, writes JSON.
+127.0.0.1 driven through the line protocol. Both are timed by `hetserve bench`'s code
+(hetserve/bench/): the same per-token clock, and requests end at their first end-of-sequence
+token on both sides. Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/pipeline_cpu.py [--tokens 64] [--repeats 3] [--threads T] [--model M]
         [--out bench-results/pipeline_cpu.json]
@@ -24,11 +26,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
+from hetserve.bench.baseline import BaselineSpec, HFBaseline
+from hetserve.bench.load import LoadSpec, run_load, warm_up
+from hetserve.bench.stats import Summary, summarize
+from hetserve.bench.workload import RequestSpec
 from hetserve.client import LineClient
 from hetserve.model.resolve import resolve_model
 
@@ -47,58 +50,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def requests(prompts: list[str], tokens: int) -> list[RequestSpec]:
+    return [RequestSpec(p, tokens) for p in prompts]
+
+
+def medians(runs: list[tuple[Summary, Summary]]) -> dict:
+    """(batch 1, batch 8) summaries of each repeat -> the table's three numbers."""
+    for one, eight in runs:
+        if one.errors or eight.errors:
+            raise RuntimeError(f"requests failed: {one.error_codes or eight.error_codes}")
+    return {"batch1_ms_per_token": statistics.median(one.tpot_ms_p50 for one, _ in runs),
+            "batch1_tokens_per_s": statistics.median(one.output_tokens_per_s for one, _ in runs),
+            "batch8_tokens_per_s": statistics.median(eight.output_tokens_per_s for _, eight in runs)}
+
+
 def bench_transformers(model_dir: Path, tokens: int, repeats: int, threads: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def timed(prompts: list[str], n: int) -> float:
-        enc = tok(prompts, return_tensors="pt", padding=True)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-        return time.perf_counter() - start
-
-    timed(PROMPTS[:1], 4)  # warm-up
-    step_ms, tps1, tps8 = [], [], []
+    hf = HFBaseline(BaselineSpec(model_dir, "cpu", "float32", threads=threads), PROMPTS[0])
+    runs = []
     for _ in range(repeats):
-        one, full = timed(PROMPTS[:1], 1), timed(PROMPTS[:1], tokens)
-        step_ms.append((full - one) / (tokens - 1) * 1000)
-        tps1.append(tokens / full)
-        tps8.append(8 * tokens / timed(PROMPTS, tokens))
-    return {"batch1_ms_per_token": statistics.median(step_ms), "batch1_tokens_per_s": statistics.median(tps1),
-            "batch8_tokens_per_s": statistics.median(tps8)}
-
-
-async def one_request(client: LineClient, prompt: str, tokens: int) -> tuple[list[float], int]:
-    stamps = []
-    async for event in client.request({"prompt": prompt, "max_tokens": tokens}):
-        if event["event"] == "token":
-            stamps.append(time.perf_counter())
-        elif event["event"] == "error":
-            raise RuntimeError(event["error"])
-    return stamps, len(stamps)
+        one = hf.run(list(enumerate(requests(PROMPTS[:1], tokens))), 1)
+        eight = hf.run(list(enumerate(requests(PROMPTS, tokens))), len(PROMPTS))
+        runs.append((summarize(one.results, one.duration_s), summarize(eight.results, eight.duration_s)))
+    return medians(runs)
 
 
 async def drive(serve: str, tokens: int, repeats: int) -> dict:
     client = await LineClient.connect(serve, wait=300)
     await client.wait_serving(300)
-    await one_request(client, PROMPTS[0], 4)  # warm-up
-    step_ms, tps1, tps8 = [], [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        stamps, n = await one_request(client, PROMPTS[0], tokens)
-        step_ms.append((stamps[-1] - stamps[0]) / (n - 1) * 1000)
-        tps1.append(n / (stamps[-1] - start))
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, p, tokens) for p in PROMPTS))
-        tps8.append(sum(n for _, n in results) / (time.perf_counter() - start))
     await client.close()
-    return {"batch1_ms_per_token": statistics.median(step_ms), "batch1_tokens_per_s": statistics.median(tps1),
-            "batch8_tokens_per_s": statistics.median(tps8)}
+    await warm_up(serve, requests(PROMPTS[:1], tokens), 1)
+    runs = []
+    for _ in range(repeats):
+        one = await run_load(LoadSpec(serve, 1, 1, None), requests(PROMPTS[:1], tokens))
+        eight = await run_load(LoadSpec(serve, len(PROMPTS), len(PROMPTS), None), requests(PROMPTS, tokens))
+        runs.append((summarize(one.results, one.duration_s), summarize(eight.results, eight.duration_s)))
+    return medians(runs)
 
 
 def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats: int) -> dict:

@@ -459,6 +459,72 @@ def status(server, as_json, token_file):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
+@main.command()
+@config_option
+@click.option("--server", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the leader's client port.")
+@click.option("-c", "--concurrency", default=1, show_default=True, type=click.IntRange(1),
+              help="Clients at once, each with its own connection, sending its next request when one is done.")
+@click.option("--requests", default=None, type=click.IntRange(1),
+              help="Stop after this many requests (default without --duration: each --prompts line once, "
+                   "else 4 per client).")
+@click.option("--duration", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Stop sending after this many seconds; running requests are finished.")
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(1),
+              help="Tokens per synthetic prompt (English text cut to this length with the model's tokenizer).")
+@click.option("--output-tokens", default=128, show_default=True, type=click.IntRange(1),
+              help="max_tokens of each request (of a --prompts line without its own).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help='JSONL file of {"prompt": ..., "max_tokens": ...} (max_tokens optional) instead of '
+                   "synthetic prompts; sent in order, cycling.")
+@click.option("--model", default=None,
+              help="Model for the tokenizer and the baseline (default: the model the server reports).")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 100),
+              help="0 = greedy; above, request i samples with seed i.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0),
+              help="Short untimed requests sent first.")
+@click.option("--baseline", type=click.Choice(["hf"]), default=None,
+              help="Also run the same requests through transformers generate in this process (batched "
+                   "by --concurrency, left-padded) and print hetserve / hf.")
+@click.option("--device", default="cpu", show_default=True, help="Device of the --baseline (cpu, cuda, cuda:N).")
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Dtype of the --baseline.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads of the --baseline (default: torch's).")
+@click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results here as JSON.")
+@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for the cluster to come up and serve.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+def bench(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model, temperature,
+          warmup, baseline, device, dtype, threads, json_file, wait, progress):
+    """Load a cluster with concurrent clients; report tokens/s, requests/s, TTFT and TPOT."""
+    from pathlib import Path
+
+    from .bench.run import BenchConfig, BenchError, run_bench
+
+    config = BenchConfig(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model,
+                         temperature, warmup, baseline, device, dtype, threads, wait, progress)
+    try:
+        report = run_bench(config)
+    except BenchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    click.echo(report.table)
+    for note in report.notes:
+        click.echo(note, err=True)
+    if json_file:
+        try:
+            Path(json_file).write_text(json.dumps(report.document, indent=2) + "\n")
+        except OSError as exc:
+            click.echo(f"error: cannot write {json_file}: {exc.strerror}", err=True)
+            sys.exit(1)
+        click.echo(f"wrote {json_file}", err=True)
+    if report.hetserve.completed == 0:
+        click.echo("error: no request completed", err=True)
+        sys.exit(1)
+
+
 def parse_host(text: str) -> tuple[str, int, str | None]:
     """NAME=MEMORY[@PROFILE.json] -> (name, bytes, profile path)."""
     name, sep, rest = text.partition("=")
@@ -597,7 +663,7 @@ def config():
 
 
 @config.command("show", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("command", type=click.Choice(["leader", "join", "up", "generate", "status"]))
+@click.argument("command", type=click.Choice(["leader", "join", "up", "generate", "status", "bench"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def config_show(ctx, command, args):

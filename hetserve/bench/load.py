@@ -1,0 +1,123 @@
+"""N concurrent clients sending a workload over the line protocol and timing every token.
+
+Each client has its own connection and sends its next request when the previous one is done
+(a closed loop), so at most N requests are in the server at once. Requests are handed out in
+workload order, cycling, until the request count is reached or the duration has passed; requests
+running at the deadline are finished, not cut, so every measured request is whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..client import ClientError, LineClient
+from .stats import RequestResult
+from .workload import RequestSpec
+
+WARMUP_TOKENS = 4  # output tokens of a warm-up request: enough to run prefill and decode once
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    server: str
+    concurrency: int
+    requests: int | None  # stop after this many; None = until the duration has passed
+    duration_s: float | None  # stop sending after this long; None = until the request count
+    temperature: float = 0.0  # 0 = greedy
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    results: list[RequestResult]
+    duration_s: float  # first request sent -> last one finished
+
+
+class _Dispenser:
+    """Hands out (index, spec) in workload order until the count or the deadline is reached."""
+
+    def __init__(self, specs: list[RequestSpec], limit: int | None, deadline: float | None):
+        self.specs, self.limit, self.deadline, self.issued = specs, limit, deadline, 0
+
+    def next(self) -> tuple[int, RequestSpec] | None:
+        if self.limit is not None and self.issued >= self.limit:
+            return None
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            return None
+        index = self.issued
+        self.issued += 1
+        return index, self.specs[index % len(self.specs)]
+
+
+def request_body(index: int, spec: RequestSpec, temperature: float) -> dict:
+    # A seed per request makes a sampled run repeatable; greedy ignores it.
+    return {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": temperature, "seed": index}
+
+
+async def timed_request(client: LineClient, index: int, body: dict, origin: float) -> RequestResult:
+    """Send one request; the times of its first and last token events, and how it ended."""
+    sent = time.perf_counter() - origin
+    first = last = None
+    tokens, prompt_tokens, finish, error = 0, None, None, None
+    try:
+        async for event in client.request(body):
+            kind = event.get("event")
+            if kind == "token":
+                last = time.perf_counter() - origin
+                first = last if first is None else first
+                tokens += 1
+            elif kind == "done":
+                prompt_tokens, finish = event["usage"]["prompt_tokens"], event["finish_reason"]
+            elif kind == "error":
+                error = f"{event['error']['code']}: {event['error']['message']}"
+    except ClientError as exc:
+        error = f"connection: {exc}"
+    return RequestResult(index, sent, first, last, time.perf_counter() - origin, tokens, prompt_tokens, finish, error)
+
+
+async def _client_loop(server: str, dispenser: _Dispenser, temperature: float, origin: float,
+                       on_result: Callable[[RequestResult], None]) -> None:
+    client = await LineClient.connect(server)
+    try:
+        while (item := dispenser.next()) is not None:
+            index, spec = item
+            result = await timed_request(client, index, request_body(index, spec, temperature), origin)
+            on_result(result)
+            if result.error and result.error.startswith("connection:"):
+                return  # this connection is gone; the others report for themselves
+    finally:
+        await client.close()
+
+
+async def warm_up(server: str, specs: list[RequestSpec], count: int) -> None:
+    """Untimed short requests: the first steps of a fresh cluster pay one-off costs."""
+    client = await LineClient.connect(server)
+    try:
+        for i in range(count):
+            spec = specs[i % len(specs)]
+            await client.call(request_body(i, RequestSpec(spec.prompt, min(spec.max_tokens, WARMUP_TOKENS)), 0.0))
+    finally:
+        await client.close()
+
+
+async def run_load(load: LoadSpec, specs: list[RequestSpec],
+                   on_result: Callable[[RequestResult], None] = lambda r: None) -> LoadResult:
+    results: list[RequestResult] = []
+
+    def collect(result: RequestResult) -> None:
+        results.append(result)
+        on_result(result)
+
+    origin = time.perf_counter()
+    deadline = origin + load.duration_s if load.duration_s is not None else None
+    dispenser = _Dispenser(specs, load.requests, deadline)
+    await asyncio.gather(*(_client_loop(load.server, dispenser, load.temperature, origin, collect)
+                           for _ in range(load.concurrency)))
+    # Connections opened in parallel above may trail the clock start slightly; count from the
+    # first request sent, so set-up never dilutes throughput.
+    start = min((r.sent_at for r in results), default=0.0)
+    end = max((r.finished_at for r in results), default=0.0)
+    results.sort(key=lambda r: r.index)
+    return LoadResult(results, end - start)

@@ -1,0 +1,194 @@
+"""`hetserve bench` from start to end: check the server, build the workload, run it, the baseline, the report."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..client import ClientError, LineClient
+from ..model.resolve import ModelError, resolve_model
+from .baseline import BaselineSpec, HFBaseline, check_device
+from .load import LoadResult, LoadSpec, run_load, warm_up
+from .report import document, format_table, headline
+from .stats import RequestResult, Summary, ratios, summarize
+from .workload import RequestSpec, WorkloadError, load_prompts, synthetic_workload, token_count
+
+SYNTHETIC_POOL = 256  # distinct synthetic prompts at most; longer runs cycle through them
+REQUESTS_PER_CLIENT = 4  # default run length without --requests, --duration or a prompts file
+BASELINES = ("hf",)
+
+
+class BenchError(Exception):
+    """Bad input or a server that cannot be benchmarked; the message says which."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    server: str
+    concurrency: int = 1
+    requests: int | None = None  # None and no duration: each file prompt once, or 4 per client
+    duration_s: float | None = None
+    prompt_tokens: int = 128  # synthetic prompts only
+    output_tokens: int = 128  # max_tokens of synthetic prompts and of file prompts without one
+    prompts_file: str | None = None
+    model: str | None = None  # tokenizer and baseline model; None = the model the server reports
+    temperature: float = 0.0
+    warmup: int = 1
+    baseline: str | None = None  # "hf" or None
+    device: str = "cpu"  # the baseline's
+    dtype: str = "float32"  # the baseline's
+    threads: int | None = None  # the baseline's torch threads
+    wait_s: float = 0.0  # for the server to come up and serve
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    table: str
+    document: dict
+    hetserve: Summary
+    notes: list[str]  # lines to show after the table (output shorter than asked, errors)
+
+
+async def _server_status(server: str, wait_s: float) -> dict:
+    client = await LineClient.connect(server, wait_s)
+    try:
+        status = await (client.wait_serving(wait_s) if wait_s else client.status())
+    finally:
+        await client.close()
+    if status.get("state") != "serving":
+        raise BenchError(f"the cluster at {server} is not serving (state: {status.get('state')}); "
+                         "wait for it or pass --wait SECONDS")
+    return status
+
+
+def _server_info(status: dict) -> dict:
+    hosts = [{k: h.get(k) for k in ("name", "device", "device_name", "layers", "precision")} for h in status["hosts"]]
+    return {"model": status.get("model"), "dtype": status.get("dtype"), "hosts": hosts, "limits": status.get("limits")}
+
+
+def _model_dir(config: BenchConfig, status: dict) -> Path:
+    spec = config.model or status.get("model")
+    try:
+        return resolve_model(spec).path
+    except ModelError as exc:
+        hint = "" if config.model else f" (the server's model {spec!r}; pass --model with a local copy)"
+        raise BenchError(f"cannot load the tokenizer{hint}: {exc}") from None
+
+
+def _file_workload(config: BenchConfig) -> list[RequestSpec]:
+    try:
+        return load_prompts(Path(config.prompts_file), config.output_tokens)
+    except WorkloadError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def _synthetic_workload(config: BenchConfig, status: dict, model_dir: Path) -> list[RequestSpec]:
+    context = (status.get("limits") or {}).get("max_context")
+    if context is not None and config.prompt_tokens + config.output_tokens > context:
+        raise BenchError(f"--prompt-tokens {config.prompt_tokens} + --output-tokens {config.output_tokens} do not fit "
+                         f"the server's context of {context} tokens")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    count = min(config.requests or SYNTHETIC_POOL, SYNTHETIC_POOL)
+    specs = synthetic_workload(tokenizer, count, config.prompt_tokens, config.output_tokens)
+    if token_count(tokenizer, specs[0].prompt) != config.prompt_tokens:
+        raise BenchError(f"cannot build a prompt of {config.prompt_tokens} tokens with this tokenizer")
+    return specs
+
+
+def _request_limit(config: BenchConfig, specs: list[RequestSpec]) -> int | None:
+    if config.requests is not None or config.duration_s is not None:
+        return config.requests
+    return len(specs) if config.prompts_file else REQUESTS_PER_CLIENT * config.concurrency
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    """A progress bar on stderr that shows output tokens/s; returns (callback, close)."""
+    from tqdm import tqdm
+
+    # disable=None: off when stderr is not a terminal (logs, tests), where a bar is only noise.
+    bar = tqdm(total=total, desc=desc, unit="req", disable=None if enabled else True, file=sys.stderr, leave=False)
+    tokens = [0]
+
+    def update(result: RequestResult) -> None:
+        tokens[0] += result.output_tokens
+        elapsed = bar.format_dict["elapsed"]
+        bar.set_postfix_str(f"{tokens[0] / elapsed:.1f} tok/s" if elapsed else "", refresh=False)
+        bar.update()
+
+    return update, bar.close
+
+
+def _notes(name: str, summary: Summary, asked: float | None) -> list[str]:
+    """Errors by code, and output shorter than `asked` (mean max_tokens of the completed requests)."""
+    notes = [f"{name}: {count} request(s) failed with {code}" for code, count in summary.error_codes.items()]
+    if asked is not None and summary.mean_output_tokens is not None and summary.mean_output_tokens < asked - 0.5:
+        notes.append(f"{name}: {summary.mean_output_tokens:.1f} output tokens per request on average, fewer than the "
+                     f"{asked:.0f} asked for: the model ended some with its end-of-sequence token "
+                     f"({summary.finish_reasons.get('stop', 0)} request(s)); the protocol cannot ignore it")
+    return notes
+
+
+def _run_hf(config: BenchConfig, model_dir: Path, sent: list[tuple[int, RequestSpec]]) -> tuple[str, Summary, dict]:
+    spec = BaselineSpec(model_dir, config.device, config.dtype, config.temperature, config.threads)
+    try:
+        hf = HFBaseline(spec, sent[0][1].prompt)
+        update, close = _progress(len(sent), "transformers", config.progress)
+        try:
+            run = hf.run(sent, config.concurrency, update)
+        finally:
+            close()
+    except (OSError, RuntimeError, ValueError) as exc:  # device out of memory, unloadable model, ...
+        raise BenchError(f"the transformers baseline failed: {exc}") from None
+    summary = summarize(run.results, run.duration_s)
+    label = f"transformers generate ({config.device})"
+    return label, summary, {"name": "hf", "label": label, "device": config.device, "dtype": config.dtype,
+                            "batch": config.concurrency, "threads": config.threads, "summary": asdict(summary)}
+
+
+def run_bench(config: BenchConfig) -> BenchReport:
+    if config.baseline is not None and config.baseline not in BASELINES:
+        raise BenchError(f"unknown baseline {config.baseline!r}; known: {', '.join(BASELINES)}")
+    # Local input first: a bad file or device is reported without waiting for a server.
+    if config.baseline is not None:
+        try:
+            check_device(config.device)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+    specs = _file_workload(config) if config.prompts_file else None
+    try:
+        status = asyncio.run(_server_status(config.server, config.wait_s))
+    except ClientError as exc:
+        raise BenchError(str(exc)) from None
+    needs_model = config.prompts_file is None or config.baseline is not None
+    model_dir = _model_dir(config, status) if needs_model else None
+    specs = specs or _synthetic_workload(config, status, model_dir)
+    limit = _request_limit(config, specs)
+    load = LoadSpec(config.server, config.concurrency, limit, config.duration_s, config.temperature)
+    try:
+        if config.warmup:
+            asyncio.run(warm_up(config.server, specs, config.warmup))
+        update, close = _progress(limit, "hetserve", config.progress)
+        try:
+            measured: LoadResult = asyncio.run(run_load(load, specs, update))
+        finally:
+            close()
+    except ClientError as exc:
+        raise BenchError(str(exc)) from None
+    ours = summarize(measured.results, measured.duration_s)
+    # The baseline runs what hetserve completed: failed requests would give it work hetserve never did.
+    sent = [(r.index, specs[r.index % len(specs)]) for r in measured.results if r.error is None]
+    asked = sum(spec.max_tokens for _, spec in sent) / len(sent) if sent else None
+    rows, notes = [("hetserve", ours)], _notes("hetserve", ours, asked)
+    baseline = ratio = None
+    if config.baseline == "hf" and sent:
+        label, theirs, baseline = _run_hf(config, model_dir, sent)
+        ratio = ratios(ours, theirs)
+        rows.append((label, theirs))
+    server = _server_info(status)
+    table = headline(asdict(config), server, ours) + "\n" + format_table(rows, ratio, "hetserve / hf")
+    return BenchReport(table, document(asdict(config), server, ours, baseline, ratio), ours, notes)

@@ -1,0 +1,139 @@
+"""`hetserve bench`: statistics on hand-made timings, the workload, and the command against a real cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import free_port, hetserve_cmd
+from hetserve.bench.baseline import row_lengths
+from hetserve.bench.report import format_table
+from hetserve.bench.stats import RequestResult, percentile, ratios, summarize
+from hetserve.bench.workload import (SOURCE_TEXT, RequestSpec, WorkloadError, parse_prompts, synthetic_prompts,
+                                     token_count)
+
+# index, sent, first token, last token, finished, output tokens, prompt tokens, finish reason, error
+RESULTS = [
+    RequestResult(0, 0.0, 0.5, 2.5, 2.5, 5, 10, "length"),  # TTFT 0.5, TPOT 2.0 / 4 = 0.5
+    RequestResult(1, 1.0, 1.2, 1.7, 2.3, 3, 12, "stop"),  # TTFT 0.2, TPOT 0.5 / 2 = 0.25
+    RequestResult(2, 0.0, 0.3, 0.3, 0.4, 1, 8, "length"),  # TTFT 0.3, one token: no TPOT
+    RequestResult(3, 2.5, None, None, 2.6, 0, None, None, "overloaded: 4 running and 4 queued"),
+]
+
+
+def hetserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(hetserve_cmd() + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_percentile_interpolates_between_closest_ranks():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 25) == 1.75
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize_counts_completed_requests_over_the_duration():
+    s = summarize(RESULTS, duration_s=4.0)
+    assert (s.requests, s.completed, s.errors, s.error_codes) == (4, 3, 1, {"overloaded": 1})
+    assert s.output_tokens == 9 and s.output_tokens_per_s == 9 / 4 and s.requests_per_s == 3 / 4
+    assert s.ttft_ms_p50 == pytest.approx(300.0) and s.ttft_ms_p99 == pytest.approx(496.0)  # of 200, 300, 500 ms
+    assert s.tpot_ms_p50 == pytest.approx(375.0) and s.tpot_ms_p99 == pytest.approx(497.5)  # of 250, 500 ms
+    assert s.latency_ms_p50 == pytest.approx(1300.0)  # of 400, 1300, 2500 ms
+    assert s.mean_prompt_tokens == 10.0 and s.mean_output_tokens == 3.0
+    assert s.finish_reasons == {"length": 2, "stop": 1}
+
+
+def test_summarize_with_nothing_completed():
+    s = summarize(RESULTS[3:], duration_s=0.1)
+    assert (s.completed, s.output_tokens_per_s, s.ttft_ms_p50, s.tpot_ms_p99) == (0, 0.0, None, None)
+    assert s.mean_output_tokens is None
+
+
+def test_ratios_and_table():
+    ours, theirs = summarize(RESULTS, 2.0), summarize(RESULTS, 4.0)
+    ratio = ratios(ours, theirs)
+    assert ratio["output_tokens_per_s"] == 2.0 and ratio["tpot_ms_p50"] == 1.0
+    assert ratios(ours, summarize(RESULTS[3:], 1.0))["output_tokens_per_s"] is None  # nothing to divide by
+    table = format_table([("hetserve", ours), ("transformers generate (cpu)", theirs)], ratio, "hetserve / hf")
+    lines = table.splitlines()
+    assert len(lines) == 4 and "TTFT p50 ms" in lines[0] and "TPOT p99 ms" in lines[0]
+    assert lines[1].split()[:4] == ["hetserve", "4", "1", "4.5"]
+    assert lines[3].startswith("hetserve / hf") and "2.00x" in lines[3] and "1.00x" in lines[3]
+    assert "-" in format_table([("none", summarize(RESULTS[3:], 1.0))]).splitlines()[1].split()
+
+
+def test_baseline_counts_each_row_to_its_own_limit_and_first_eos():
+    generated = [[5, 2, 9, 9], [5, 6, 7, 8], [2, 0, 0, 0], [6, 6, 6, 6]]
+    assert row_lengths(generated, {2}, [4, 3, 4, 1]) == [(2, True), (3, False), (1, True), (1, False)]
+
+
+def test_prompts_file_parsing_and_errors():
+    text = '{"prompt": "a b", "max_tokens": 4}\n\n{"prompt": "c"}\n'
+    assert parse_prompts(text, "p.jsonl", 16) == [RequestSpec("a b", 4), RequestSpec("c", 16)]
+    bad = {
+        '{"prompt": "a"}\n{"prompt": "b",}': "p.jsonl line 2: invalid JSON",
+        '["a"]': "line 1: expected an object",
+        '{"prompt": "a", "temperature": 1}': "unknown fields temperature",
+        '{"prompt": ""}': "'prompt' must be a non-empty string",
+        '{"prompt": "a", "max_tokens": 0}': "'max_tokens' must be an integer",
+        '{"prompt": "a", "max_tokens": true}': "'max_tokens' must be an integer",
+        "\n\n": "holds no prompts",
+    }
+    for text, message in bad.items():
+        with pytest.raises(WorkloadError, match=message):
+            parse_prompts(text, "p.jsonl", 16)
+
+
+def test_synthetic_prompts_have_the_exact_token_count(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    source = SOURCE_TEXT.read_text()
+    for length in (1, 7, 300):
+        prompts = synthetic_prompts(tokenizer, 6, length, source)
+        assert len(set(prompts)) == 6
+        assert [token_count(tokenizer, p) for p in prompts] == [length] * 6
+    # A window longer than the whole text wraps around it.
+    assert token_count(tokenizer, synthetic_prompts(tokenizer, 1, 50, "one two three.")[0]) == 50
+
+
+def test_bench_against_a_cluster_with_the_hf_baseline(cluster_factory, tmp_path):
+    cluster = cluster_factory(1)
+    out = tmp_path / "bench.json"
+    done = hetserve("bench", "--server", cluster.serve, "--wait", "180", "-c", "2", "--requests", "4",
+                    "--prompt-tokens", "16", "--output-tokens", "6", "--baseline", "hf", "--threads", "1",
+                    "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "hetserve / hf" in done.stdout and "Traceback" not in done.stderr
+    report = json.loads(out.read_text())
+    for summary in (report["hetserve"], report["baseline"]["summary"]):
+        assert summary["requests"] == summary["completed"] == 4 and summary["errors"] == 0
+        assert summary["output_tokens_per_s"] > 0 and summary["requests_per_s"] > 0
+        assert 0 < summary["ttft_ms_p50"] <= summary["ttft_ms_p99"]
+        assert 0 < summary["tpot_ms_p50"] <= summary["tpot_ms_p99"]
+        assert summary["mean_prompt_tokens"] == 16  # as the server counted: the synthetic prompts fit exactly
+    # Greedy on the same model: both sides stop at the same tokens.
+    assert report["hetserve"]["output_tokens"] == report["baseline"]["summary"]["output_tokens"]
+    assert report["ratio"]["output_tokens_per_s"] > 0
+    assert report["server"]["model"] == "smollm2-135m" and report["config"]["concurrency"] == 2
+
+
+def test_bench_bad_input_is_one_clear_line(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    cases = {
+        ("--server", f"127.0.0.1:{free_port()}"): "error: cannot reach hetserve at 127.0.0.1:",
+        ("--prompts", str(prompts)): f"error: {prompts} line 2: 'prompt' must be a non-empty string",
+        ("--prompts", str(tmp_path / "missing.jsonl")): "error: cannot read",
+    }
+    for args, message in cases.items():
+        done = hetserve("bench", *args, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
