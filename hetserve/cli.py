@@ -493,15 +493,14 @@ def status(server, as_json, token_file):
 @click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Seconds to wait for the cluster to come up and serve.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+@token_option(CLIENT_TOKEN_HELP)
 def bench(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model, temperature,
-          warmup, baseline, device, dtype, threads, json_file, wait, progress):
+          warmup, baseline, device, dtype, threads, json_file, wait, progress, token_file):
     """Load a cluster with concurrent clients; report tokens/s, requests/s, TTFT and TPOT."""
-    from pathlib import Path
-
     from .bench.run import BenchConfig, BenchError, run_bench
 
     config = BenchConfig(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model,
-                         temperature, warmup, baseline, device, dtype, threads, wait, progress)
+                         temperature, warmup, baseline, device, dtype, threads, wait, progress, read_token(token_file))
     try:
         report = run_bench(config)
     except BenchError as exc:

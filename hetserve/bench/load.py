@@ -27,6 +27,7 @@ class LoadSpec:
     requests: int | None  # stop after this many; None = until the duration has passed
     duration_s: float | None  # stop sending after this long; None = until the request count
     temperature: float = 0.0  # 0 = greedy
+    token: str | None = None  # the server's client token (--token-file), never reported
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,10 @@ async def timed_request(client: LineClient, index: int, body: dict, origin: floa
     return RequestResult(index, sent, first, last, time.perf_counter() - origin, tokens, prompt_tokens, finish, error)
 
 
-async def _client_loop(server: str, dispenser: _Dispenser, temperature: float, origin: float,
+async def _client_loop(load: LoadSpec, dispenser: _Dispenser, origin: float,
                        on_result: Callable[[RequestResult], None]) -> None:
-    client = await LineClient.connect(server)
+    client = await LineClient.connect(load.server, token=load.token)
+    temperature = load.temperature
     try:
         while (item := dispenser.next()) is not None:
             index, spec = item
@@ -91,9 +93,9 @@ async def _client_loop(server: str, dispenser: _Dispenser, temperature: float, o
         await client.close()
 
 
-async def warm_up(server: str, specs: list[RequestSpec], count: int) -> None:
+async def warm_up(server: str, specs: list[RequestSpec], count: int, token: str | None = None) -> None:
     """Untimed short requests: the first steps of a fresh cluster pay one-off costs."""
-    client = await LineClient.connect(server)
+    client = await LineClient.connect(server, token=token)
     try:
         for i in range(count):
             spec = specs[i % len(specs)]
@@ -113,7 +115,7 @@ async def run_load(load: LoadSpec, specs: list[RequestSpec],
     origin = time.perf_counter()
     deadline = origin + load.duration_s if load.duration_s is not None else None
     dispenser = _Dispenser(specs, load.requests, deadline)
-    await asyncio.gather(*(_client_loop(load.server, dispenser, load.temperature, origin, collect)
+    await asyncio.gather(*(_client_loop(load, dispenser, origin, collect)
                            for _ in range(load.concurrency)))
     # Connections opened in parallel above may trail the clock start slightly; count from the
     # first request sent, so set-up never dilutes throughput.

@@ -42,6 +42,7 @@ class BenchConfig:
     threads: int | None = None  # the baseline's torch threads
     wait_s: float = 0.0  # for the server to come up and serve
     progress: bool = True
+    token: str | None = None  # the server's client token; left out of every report
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class BenchReport:
     notes: list[str]  # lines to show after the table (output shorter than asked, errors)
 
 
-async def _server_status(server: str, wait_s: float) -> dict:
-    client = await LineClient.connect(server, wait_s)
+async def _server_status(server: str, wait_s: float, token: str | None) -> dict:
+    client = await LineClient.connect(server, wait_s, token)
     try:
         status = await (client.wait_serving(wait_s) if wait_s else client.status())
     finally:
@@ -161,17 +162,17 @@ def run_bench(config: BenchConfig) -> BenchReport:
             raise BenchError(str(exc)) from None
     specs = _file_workload(config) if config.prompts_file else None
     try:
-        status = asyncio.run(_server_status(config.server, config.wait_s))
+        status = asyncio.run(_server_status(config.server, config.wait_s, config.token))
     except ClientError as exc:
         raise BenchError(str(exc)) from None
     needs_model = config.prompts_file is None or config.baseline is not None
     model_dir = _model_dir(config, status) if needs_model else None
     specs = specs or _synthetic_workload(config, status, model_dir)
     limit = _request_limit(config, specs)
-    load = LoadSpec(config.server, config.concurrency, limit, config.duration_s, config.temperature)
+    load = LoadSpec(config.server, config.concurrency, limit, config.duration_s, config.temperature, config.token)
     try:
         if config.warmup:
-            asyncio.run(warm_up(config.server, specs, config.warmup))
+            asyncio.run(warm_up(config.server, specs, config.warmup, config.token))
         update, close = _progress(limit, "hetserve", config.progress)
         try:
             measured: LoadResult = asyncio.run(run_load(load, specs, update))
@@ -190,5 +191,6 @@ def run_bench(config: BenchConfig) -> BenchReport:
         ratio = ratios(ours, theirs)
         rows.append((label, theirs))
     server = _server_info(status)
-    table = headline(asdict(config), server, ours) + "\n" + format_table(rows, ratio, "hetserve / hf")
-    return BenchReport(table, document(asdict(config), server, ours, baseline, ratio), ours, notes)
+    settings = {k: v for k, v in asdict(config).items() if k != "token"}
+    table = headline(settings, server, ours) + "\n" + format_table(rows, ratio, "hetserve / hf")
+    return BenchReport(table, document(settings, server, ours, baseline, ratio), ours, notes)

@@ -240,7 +240,9 @@ class Leader:
                 continue
             host = self.hosts.get(msg.host)
             if isinstance(msg, Join):
-                await self._join(route.bytes, frame.get("Peer-Address"), frame.get("User-Id"), msg)
+                # User-Id: the CURVE key ZAP admitted (the property exists only with ZAP).
+                user_id = frame.get("User-Id") if self.identity else ""
+                await self._join(route.bytes, frame.get("Peer-Address"), user_id, msg)
                 continue
             if host is None or host.route != route.bytes:
                 log.warning("ignored %s from unknown host %r", type(msg).__name__, msg.host)
