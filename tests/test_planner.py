@@ -151,9 +151,11 @@ def test_plan_then_serve_mixed_precision(model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from hetserve.model.stage import StageModel, StageSpec
+    from hetserve.plan.quality import activation_scales
 
     whole = StageModel(model_dir, StageSpec(0, 30, True, True, max_seqs=1, max_context=64,
-                                            precisions=tuple(precisions)))
+                                            precisions=tuple(precisions),
+                                            input_scales=tuple(activation_scales(model_dir))))
     prompt = AutoTokenizer.from_pretrained(model_dir)("The capital of France is")["input_ids"]
     want = [int(whole.forward(torch.tensor([0]), torch.tensor([0]), torch.tensor([len(prompt)]),
                               torch.tensor([prompt]))[0])]
@@ -189,3 +191,4 @@ def test_leader_plans_live_from_joined_hosts_profiles(model_dir, tmp_path):
     layers = {h["name"]: h["layers"] for h in status["hosts"]}
     assert layers == {s["host"]: [s["start"], s["end"]] for s in plan["stages"]}
     assert any("x" in h["precision"] for h in status["hosts"]), "300 MiB per host needs quantized layers"
+

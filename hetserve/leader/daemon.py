@@ -27,7 +27,8 @@ from ..model.shape import model_shape
 from ..model.stage import load_config
 from ..plan.device_profile import DeviceProfile
 from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
-from ..plan.quality import sensitivity
+from ..model.precision import ACTIVATIONS_QUANTIZED
+from ..plan.quality import activation_scales, sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.sockets import bind_tcp, local_ip_towards, make_socket, split_hostport, tcp
 from ..wire.client import GenerateRequest, ProtocolError
@@ -265,6 +266,14 @@ class Leader:
         except PlanError as exc:
             raise LeaderError(f"no plan fits: {exc}") from None
         self.state = "loading"
+        # w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which
+        # has the whole model, calibrates every layer once (cached) and ships each stage its own.
+        scales = []
+        if any(set(precs) & ACTIVATIONS_QUANTIZED for precs in precisions):
+            try:
+                scales = await asyncio.get_running_loop().run_in_executor(None, activation_scales, self.model_dir)
+            except Exception as exc:  # a failed measurement must reach the operator, not hang the load
+                raise LeaderError(f"w8a8 calibration failed: {type(exc).__name__}: {exc}") from None
         for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
             host.stage, host.layers, host.state = i, (start, end), "loading"
             host.precision = _describe_precisions(precs, s.dtype)
@@ -274,7 +283,9 @@ class Leader:
                 downstream = tcp(s.advertise or local_ip_towards(host.peer_ip), self.results_port)
             assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
                             num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
-                            max_context=s.limits.max_context, downstream=downstream, precisions=precs)
+                            max_context=s.limits.max_context, downstream=downstream, precisions=precs,
+                            input_scales=[scales[start + j] if p in ACTIVATIONS_QUANTIZED else {}
+                                          for j, p in enumerate(precs)])
             log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
             await self.control.send_multipart([host.route, encode(assign)])
         self.stages = order

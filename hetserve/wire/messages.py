@@ -102,6 +102,7 @@ class Assign:
     max_context: int
     downstream: str  # next stage's data address, or the leader's result address
     precisions: list[str] = field(default_factory=list)  # per layer of the slice; [] = all native
+    input_scales: list[dict[str, float]] = field(default_factory=list)  # per layer: w8a8 activation scales, else {}
 
 
 @message("shutdown")

@@ -138,7 +138,7 @@ class Host:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
         spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
                          dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
-                         precisions=tuple(msg.precisions))
+                         precisions=tuple(msg.precisions), input_scales=tuple(msg.input_scales))
         return StageModel(files.path, spec, self.settings.device)
 
     async def _send(self, msg) -> None:
