@@ -3,8 +3,9 @@
 Calibration text: hetserve/data/calibration.txt, the GNU GPL v3 text, shipped verbatim (its own
 terms allow verbatim copies). Sensitivity of layer l at precision p is the measured increase of
 mean token loss when only that layer is quantized (Δ(l, p)); a plan's perplexity is predicted as
-exp(base loss + Σ Δ(l, p_l)), i.e. layer effects are assumed additive. `validate_prediction`
-measures how well that holds on mixed plans; `hetserve quality` reports it.
+exp(base loss + Σ Δ(l, p_l)), i.e. layer effects are assumed additive.
+benchmarks/quality_prediction.py measures how well that holds on mixed plans, beside LLM-PQ's ω
+(omega.py): it ranks plans better than ω, so the planner uses it (docs/benchmarks.md).
 
 w8a8 layers also need activation scales (model/w8a8.py): calibrated once per model on the last
 SCALE_TOKENS tokens of the same text, which no perplexity here is measured on (those use its
@@ -17,7 +18,6 @@ import copy
 import hashlib
 import json
 import math
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,16 +145,3 @@ def sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, devic
     result = measure_sensitivity(model_dir, precisions, tokens, device, progress)
     _write_json(path, asdict(result))
     return result
-
-
-def validate_prediction(model_dir: Path, sens: Sensitivity, plans: int = 4, seed: int = 0,
-                        device: str = "cpu") -> list[tuple[list[str], float, float]]:
-    """Random mixed plans: (precisions, predicted ppl, measured ppl)."""
-    rng = random.Random(seed)
-    layers = len(next(iter(sens.delta.values())))
-    choices = ["native", *sens.delta]
-    rows = []
-    for _ in range(plans):
-        precisions = [rng.choice(choices) for _ in range(layers)]
-        rows.append((precisions, sens.predicted_ppl(precisions), measure_ppl(model_dir, precisions, sens.tokens, device)))
-    return rows
