@@ -63,3 +63,41 @@ async def test_chunked_prefill_and_chat_template(cluster_factory, reference):
         assert got == want[: want.index(eos) + 1] if eos in want else got == want
     finally:
         await client.close()
+
+
+async def test_mixed_precision_with_w8a8_equals_one_process(cluster_factory, reference, model_dir, tmp_path):
+    """A plan of native, int8 and w8a8 layers on two hosts: the leader calibrates the w8a8 scales
+    and ships each stage its own; greedy tokens equal the same precisions run in one process."""
+    import torch
+
+    from hetserve.plan.planner import Plan, PlannedStage, Workload
+    from hetserve.plan.quality import whole_model
+
+    precisions = [("native", "int8", "w8a8")[i % 3] for i in range(30)]
+    plan = Plan(model="smollm2-135m", dtype="float32", workload=Workload(32, 16, 2), max_ppl_increase=1.0,
+                base_ppl=0.0, predicted_ppl=0.0, prefill_microbatch=1, decode_microbatch=1, predicted_tokens_per_s=0.0,
+                stages=[PlannedStage("worker-0", 0, 14, precisions[:14], 0.0, 0.0, 0, 0),
+                        PlannedStage("worker-1", 14, 30, precisions[14:], 0.0, 0.0, 0, 0)])
+    plan.save(tmp_path / "plan.json")
+    client = await connect(cluster_factory(2, "--plan", str(tmp_path / "plan.json")))
+    try:
+        status = await client.status()
+        ids, _ = await greedy_ids(client, PROMPTS[0], 12)
+    finally:
+        await client.close()
+    assert [h["layers"] for h in status["hosts"]] == [[0, 14], [14, 30]]
+    assert all("w8a8 x" in h["precision"] and "int8 x" in h["precision"] for h in status["hosts"])
+
+    prompt = reference.tokenizer(PROMPTS[0])["input_ids"]
+    whole = whole_model(model_dir, 32, precisions=precisions)  # the scales the leader cached
+
+    def step(start: int, tokens: list[int]) -> int:
+        return int(whole.forward(torch.tensor([0]), torch.tensor([start]), torch.tensor([len(tokens)]),
+                                 torch.tensor([tokens]))[0])
+
+    want = [step(0, prompt)]
+    while len(want) < 12:
+        want.append(step(len(prompt) + len(want) - 1, [want[-1]]))
+    eos = reference.tokenizer.eos_token_id
+    assert ids == (want[: want.index(eos) + 1] if eos in want else want)
+    assert want != reference(prompt, 12), "w8a8 and int8 layers should change some greedy token"

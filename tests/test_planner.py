@@ -151,9 +151,11 @@ def test_plan_then_serve_mixed_precision(model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from hetserve.model.stage import StageModel, StageSpec
+    from hetserve.plan.quality import activation_scales
 
     whole = StageModel(model_dir, StageSpec(0, 30, True, True, max_seqs=1, max_context=64,
-                                            precisions=tuple(precisions)))
+                                            precisions=tuple(precisions),
+                                            input_scales=tuple(activation_scales(model_dir))))
     prompt = AutoTokenizer.from_pretrained(model_dir)("The capital of France is")["input_ids"]
     want = [int(whole.forward(torch.tensor([0]), torch.tensor([0]), torch.tensor([len(prompt)]),
                               torch.tensor([prompt]))[0])]
@@ -189,3 +191,26 @@ def test_leader_plans_live_from_joined_hosts_profiles(model_dir, tmp_path):
     layers = {h["name"]: h["layers"] for h in status["hosts"]}
     assert layers == {s["host"]: [s["start"], s["end"]] for s in plan["stages"]}
     assert any("x" in h["precision"] for h in status["hosts"]), "300 MiB per host needs quantized layers"
+
+
+def test_omega_of_a_hand_made_layer_is_the_closed_form():
+    """ω = s_w² · Var(x), s_w = (max W - min W) / (2^(b-1) - 1), MLP terms x4, summed per layer."""
+    from hetserve.plan.omega import Omega, collect_stats, layer_omega
+
+    layer = torch.nn.Module()
+    layer.self_attn, layer.mlp = torch.nn.Module(), torch.nn.Module()
+    layer.self_attn.q_proj = torch.nn.Linear(2, 2, bias=False)
+    layer.mlp.up_proj = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.self_attn.q_proj.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))  # range 5
+        layer.mlp.up_proj.weight.copy_(torch.tensor([[0.25, -0.75]]))  # range 1
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # population variance 1.25
+    y = torch.tensor([[0.0, 2.0], [0.0, 2.0]])  # population variance 1.0
+    stats = collect_stats(torch.nn.ModuleList([layer]), lambda: (layer.self_attn.q_proj(x), layer.mlp.up_proj(y)))
+    (linears,) = stats
+    assert [(s.name, s.ffn) for s in linears] == [("self_attn.q_proj", False), ("mlp.up_proj", True)]
+    assert linears[0].weight_range == pytest.approx(5.0) and linears[0].input_var == pytest.approx(1.25)
+    assert layer_omega(linears, 8) == pytest.approx((5 / 127) ** 2 * 1.25 + 4 * (1 / 127) ** 2 * 1.0)
+    assert layer_omega(linears, 4) == pytest.approx((5 / 7) ** 2 * 1.25 + 4 * (1 / 7) ** 2 * 1.0)
+    om = Omega("m", 2, {"int8": [1.0, 2.0], "int4": [10.0, 20.0], "w8a8": [1.0, 2.0]})
+    assert om.total(["native", "int4"]) == 20.0 and om.total(["w8a8", "int8"]) == 3.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hetserve.model.precision import module_bytes
 from hetserve.model.resolve import ModelError
 from hetserve.model.sampling import filter_logits, sample
 from hetserve.model.stage import StageModel, StageSpec
@@ -114,3 +115,47 @@ def test_sampling_rules():
     assert torch.isfinite(kept).sum() == 5
     nucleus = filter_logits(torch.tensor([3.0, 2.0, 1.0, -5.0]), top_k=0, top_p=0.8)
     assert torch.isfinite(nucleus).tolist() == [True, True, False, False]
+
+
+def test_w8a8_quantizes_the_requested_layers_only(model_dir):
+    """Layers 10-13 as native, int8, w8a8, w8a8 on real hidden states: only the w8a8 layers
+    quantize activations (with the shipped scales, outputs in float), int8 and w8a8 weights take
+    the same bytes, and the output stays close to the native stage's without equalling it."""
+    from optimum.quanto.nn import QLinear
+    from transformers import AutoTokenizer
+
+    from hetserve.model.w8a8 import input_scales
+    from hetserve.plan.quality import activation_scales
+
+    scales = activation_scales(model_dir)[10:14]
+    precisions = ("native", "int8", "w8a8", "w8a8")
+    prompt = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[2])["input_ids"]
+    rows = longs([0]), longs([0]), longs([len(prompt)])
+    embed = StageModel(model_dir, StageSpec(0, 10, first=True, last=False, max_seqs=1, max_context=32))
+    hidden = embed.forward(*rows, torch.tensor([prompt]))  # [1, T, H]: what layer 10 sees
+    native, mixed = (StageModel(model_dir, StageSpec(10, 14, first=False, last=False, max_seqs=1, max_context=32,
+                                                     precisions=p, input_scales=tuple(scales)))
+                     for p in ((), precisions))
+
+    for layer, precision in zip(mixed.layers, precisions):
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 7
+        if precision == "native":
+            assert not any(isinstance(m, QLinear) for m in linears)
+            continue
+        assert all(isinstance(m, QLinear) for m in linears)
+        assert all((m.activation_qtype is not None) == (precision == "w8a8") for m in linears)
+    assert input_scales(mixed.layers[2]) == pytest.approx(scales[2], rel=1e-6)
+    assert not mixed.layers[2].mlp.down_proj._forward_hooks, "w8a8 outputs must stay float"
+    layer_bytes = [module_bytes(layer) for layer in mixed.layers]
+    assert layer_bytes[1] == layer_bytes[2] == layer_bytes[3] < layer_bytes[0] / 3
+
+    want, got = native.forward(*rows, hidden), mixed.forward(*rows, hidden)
+    error = float((got - want).norm() / want.norm())
+    assert 1e-4 < error < 0.05, error
+
+
+def test_w8a8_refuses_to_run_without_its_scales(model_dir):
+    with pytest.raises(ModelError, match="activation scales"):
+        StageModel(model_dir, StageSpec(3, 5, first=False, last=False, max_seqs=1, max_context=8,
+                                        precisions=("int8", "w8a8")))

@@ -30,7 +30,8 @@ from ..model.shape import model_shape
 from ..model.stage import StageSpec, load_config, stage_tensor_names
 from ..plan.device_profile import DeviceProfile
 from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
-from ..plan.quality import sensitivity
+from ..model.precision import ACTIVATIONS_QUANTIZED
+from ..plan.quality import activation_scales, sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.security import (Identity, KeyRing, KeysError, as_client, as_server, load_allowed, load_identity,
                                   start_authenticator)
@@ -430,6 +431,14 @@ class Leader:
         for host in self._candidates():
             host.planned = True
         own_key = self.identity.public.decode() if self.identity else ""
+        # w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which
+        # has the whole model, calibrates every layer once (cached) and ships each stage its own.
+        scales = []
+        if any(set(precs) & ACTIVATIONS_QUANTIZED for precs in precisions):
+            try:
+                scales = await asyncio.get_running_loop().run_in_executor(None, activation_scales, self.model_dir)
+            except Exception as exc:  # a failed measurement must reach the operator, not hang the load
+                raise LeaderError(f"w8a8 calibration failed: {type(exc).__name__}: {exc}") from None
         assigns = []
         for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
             host.stage, host.layers, host.state = i, (start, end), "loading"
@@ -444,7 +453,9 @@ class Leader:
                             num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
                             max_context=s.limits.max_context, downstream=downstream, precisions=precs,
                             model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host), epoch=epoch,
-                            upstream_key=upstream_key, downstream_key=downstream_key)
+                            upstream_key=upstream_key, downstream_key=downstream_key,
+                            input_scales=[scales[start + j] if p in ACTIVATIONS_QUANTIZED else {}
+                                          for j, p in enumerate(precs)])
             log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
             assigns.append((host, assign))
         # Last stage first: each host admits its upstream's key as soon as its Assign arrives, so

@@ -42,6 +42,7 @@ class StageSpec:
     max_seqs: int = 8  # KV-cache slots: requests running at once
     max_context: int = 2048  # prompt + completion tokens per request
     precisions: tuple[str, ...] = ()  # per layer of the slice (model/precision.py); () = all native
+    input_scales: tuple[dict[str, float], ...] = ()  # per layer of the slice: w8a8 activation scales (model/w8a8.py)
 
 
 def load_config(model_dir: Path):
@@ -134,7 +135,8 @@ class StageModel:
             self.norm = arch.norm(config.hidden_size, eps=config.rms_norm_eps) if spec.last else None
             self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False) if spec.last else None
         self._assign(self.layers, tensors, "layers.")
-        apply_precisions(self.layers, list(spec.precisions) or ["native"] * len(self.layers), self.device)
+        apply_precisions(self.layers, list(spec.precisions) or ["native"] * len(self.layers), self.device,
+                         spec.input_scales)
         if self.embed is not None:
             self._assign(self.embed, tensors, "embed.")
         if self.norm is not None:

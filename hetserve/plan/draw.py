@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .planner import Plan
 
-COLOURS = {"native": "#4c72b0", "int8": "#55a868", "fp8": "#8172b2", "int4": "#c44e52"}
+COLOURS = {"native": "#4c72b0", "int8": "#55a868", "fp8": "#8172b2", "int4": "#c44e52", "w8a8": "#dd8452"}
 
 
 def draw_plan(plan: Plan, path: Path) -> None:

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..model.precision import PRECISIONS
 from .cost import CostModel
 from .device_profile import DeviceProfile
 from .partition import HostCosts, Objective, Partition, partition, stage_times, total_time
@@ -160,8 +161,7 @@ def decode_microbatch(batch: int, stages: int) -> int:
 def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: Workload, max_increase: float,
               precisions: list[str] | None = None) -> Plan:
     started = time.perf_counter()
-    precisions = precisions or sorted({p for h in hosts for p in h.profile.layer_bytes},
-                                      key=lambda p: ["native", "int8", "fp8", "int4"].index(p))
+    precisions = precisions or sorted({p for h in hosts for p in h.profile.layer_bytes}, key=PRECISIONS.index)
     quality, budget = quality_units(sens, precisions, max_increase)
     layers = len(quality)
     best: tuple[float, Partition, list[HostInput], int, int] | None = None

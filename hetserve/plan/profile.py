@@ -5,8 +5,8 @@ over (batch, context length); the layer's weight bytes; and the fixed per-step c
 (mask, rotary) and of the head (norm + lm_head on one row per request). A stage of n layers is
 then fixed + n x layer. Both are separated by timing stages of 1 and 3 layers: layer = (t3 - t1) / 2.
 
-Profiles are JSON under $HETSERVE_HOME/profiles/, keyed by device, model and software versions,
-and reused when present.
+Profiles are JSON under $HETSERVE_HOME/profiles/, keyed by device, model, software versions and
+the precisions measured, and reused when present.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..model.precision import GPU_ONLY, PRECISIONS
+from ..model.precision import ACTIVATIONS_QUANTIZED, GPU_ONLY, PRECISIONS
 from ..model.resolve import hetserve_home
 from ..model.stage import StageModel, StageSpec, load_config
+from ..model.w8a8 import calibrated_scales
 from .device_profile import DeviceProfile, Grid
 from .quality import model_key
 
@@ -51,8 +53,8 @@ def device_name(device: torch.device) -> str:
 
 
 def profile_path(model_dir: Path, device: torch.device, dtype: str) -> Path:
-    key = hashlib.sha256(json.dumps([device_name(device), model_key(model_dir), dtype, software_versions()])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([device_name(device), model_key(model_dir), dtype, software_versions(),
+                                     supported_precisions(device)]).encode()).hexdigest()[:16]
     return hetserve_home() / "profiles" / f"{device_name(device).replace(' ', '_')}-{key}.json"
 
 
@@ -84,6 +86,15 @@ def stage_for_profile(model_dir: Path, layers: int, precision: str, dtype: str, 
            last: bool = False) -> StageModel:
     spec = StageSpec(0, layers, first=False, last=last, dtype=dtype, max_seqs=slots, max_context=context,
                      precisions=(precision,) * layers)
+    if precision in ACTIVATIONS_QUANTIZED:
+        # Scales calibrated on random hidden states: an int8 x int8 product costs the same
+        # whatever the numbers, and a host has no real inputs for its layers.
+        native = StageModel(model_dir, replace(spec, precisions=()), device)
+        dev, tokens = native.device, min(32, context)
+        hidden = torch.randn(1, tokens, native.hidden_size, dtype=native.dtype, device=dev)  # [1, T, H]
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
+        scales = calibrated_scales(native.layers, lambda: native.hidden_states(zero, zero, zero + tokens, hidden))
+        spec = replace(spec, input_scales=tuple(scales))
     return StageModel(model_dir, spec, device)
 
 

@@ -3,8 +3,13 @@
 Calibration text: hetserve/data/calibration.txt, the GNU GPL v3 text, shipped verbatim (its own
 terms allow verbatim copies). Sensitivity of layer l at precision p is the measured increase of
 mean token loss when only that layer is quantized (Δ(l, p)); a plan's perplexity is predicted as
-exp(base loss + Σ Δ(l, p_l)), i.e. layer effects are assumed additive. `validate_prediction`
-measures how well that holds on mixed plans; `hetserve quality` reports it.
+exp(base loss + Σ Δ(l, p_l)), i.e. layer effects are assumed additive.
+benchmarks/quality_prediction.py measures how well that holds on mixed plans, beside LLM-PQ's ω
+(omega.py): it ranks plans better than ω, so the planner uses it (docs/benchmarks.md).
+
+w8a8 layers also need activation scales (model/w8a8.py): calibrated once per model on the last
+SCALE_TOKENS tokens of the same text, which no perplexity here is measured on (those use its
+beginning), cached beside the sensitivities and shipped to the stages that serve w8a8 layers.
 """
 
 from __future__ import annotations
@@ -13,17 +18,18 @@ import copy
 import hashlib
 import json
 import math
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..model.precision import apply_precisions
+from ..model.precision import ACTIVATIONS_QUANTIZED, apply_precisions
 from ..model.resolve import hetserve_home
 from ..model.stage import StageModel, StageSpec
+from ..model.w8a8 import calibrated_scales
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+SCALE_TOKENS = 512  # the text has ~7,600 tokens of SmolLM2's tokenizer: perplexity windows stay clear
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,14 @@ class Sensitivity:
         return math.exp(self.base_loss)
 
 
-def calibration_ids(model_dir: Path, tokens: int) -> list[int]:
+def calibration_text_ids(model_dir: Path) -> list[int]:
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model_dir)(CALIBRATION.read_text())["input_ids"]
+    return AutoTokenizer.from_pretrained(model_dir)(CALIBRATION.read_text())["input_ids"]
+
+
+def calibration_ids(model_dir: Path, tokens: int) -> list[int]:
+    ids = calibration_text_ids(model_dir)
     if len(ids) < tokens + 1:
         raise ValueError(f"the calibration text has only {len(ids)} tokens")
     return ids[: tokens + 1]
@@ -66,8 +76,34 @@ def whole_model(model_dir: Path, tokens: int, device: str = "cpu", precisions: l
     from ..model.stage import load_config
 
     layers = load_config(model_dir).num_hidden_layers
-    spec = StageSpec(0, layers, True, True, max_seqs=1, max_context=tokens + 1, precisions=tuple(precisions or ()))
+    scales = activation_scales(model_dir) if set(precisions or ()) & ACTIVATIONS_QUANTIZED else []
+    spec = StageSpec(0, layers, True, True, max_seqs=1, max_context=tokens + 1, precisions=tuple(precisions or ()),
+                     input_scales=tuple(scales))
     return StageModel(model_dir, spec, device)
+
+
+def measure_activation_scales(model_dir: Path, device: str = "cpu") -> list[dict[str, float]]:
+    """Per layer: w8a8 input scales, each layer calibrated on the native model's hidden states."""
+    ids = calibration_text_ids(model_dir)[-(SCALE_TOKENS + 1):]
+    model = whole_model(model_dir, SCALE_TOKENS, device)
+    return calibrated_scales(model.layers, lambda: mean_loss(model, ids))
+
+
+def activation_scales(model_dir: Path) -> list[dict[str, float]]:
+    """Cached under $HETSERVE_HOME/quality/; measured on CPU, once per model."""
+    path = hetserve_home() / "quality" / f"{model_key(model_dir)}-w8a8-scales-{SCALE_TOKENS}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    scales = measure_activation_scales(model_dir)
+    _write_json(path, scales)
+    return scales
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def measure_ppl(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu") -> float:
@@ -87,12 +123,13 @@ def measure_sensitivity(model_dir: Path, precisions: list[str], tokens: int = 51
     model = whole_model(model_dir, tokens, device)
     ids = calibration_ids(model_dir, tokens)
     base = mean_loss(model, ids)
+    scales = activation_scales(model_dir) if set(precisions) & ACTIVATIONS_QUANTIZED else []
     delta = {p: [] for p in precisions}
     work = [(p, i) for p in precisions for i in range(len(model.layers))]
     for precision, i in tqdm(work, desc="layer sensitivity", unit="layer", disable=not progress):
         original = model.layers[i]
         quantized = torch.nn.ModuleList([copy.deepcopy(original)])
-        apply_precisions(quantized, [precision], model.device)
+        apply_precisions(quantized, [precision], model.device, scales[i:i + 1])
         model.layers[i] = quantized[0]
         delta[precision].append(mean_loss(model, ids) - base)
         model.layers[i] = original
@@ -106,21 +143,5 @@ def sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, devic
     if path.is_file():
         return Sensitivity(**json.loads(path.read_text()))
     result = measure_sensitivity(model_dir, precisions, tokens, device, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(result)))
-    tmp.replace(path)
+    _write_json(path, asdict(result))
     return result
-
-
-def validate_prediction(model_dir: Path, sens: Sensitivity, plans: int = 4, seed: int = 0,
-                        device: str = "cpu") -> list[tuple[list[str], float, float]]:
-    """Random mixed plans: (precisions, predicted ppl, measured ppl)."""
-    rng = random.Random(seed)
-    layers = len(next(iter(sens.delta.values())))
-    choices = ["native", *sens.delta]
-    rows = []
-    for _ in range(plans):
-        precisions = [rng.choice(choices) for _ in range(layers)]
-        rows.append((precisions, sens.predicted_ppl(precisions), measure_ppl(model_dir, precisions, sens.tokens, device)))
-    return rows

@@ -137,6 +137,7 @@ class Assign:
     epoch: int = 0  # pipeline generation: stages drop micro-batches of another epoch
     upstream_key: str = ""  # CURVE: the only key allowed to push into this host's data socket
     downstream_key: str = ""  # CURVE: the key the next stage (or the leader's results socket) must hold
+    input_scales: list[dict[str, float]] = field(default_factory=list)  # per layer: w8a8 activation scales, else {}
 
 
 @message("shutdown")

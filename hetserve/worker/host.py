@@ -56,7 +56,7 @@ def same_slice(a: Assign, b: Assign) -> bool:
     """Would b load exactly the weights and cache a holds? Then the loaded stage is kept."""
     def key(m: Assign):
         return (m.start, m.end, m.stage == 0, m.stage == m.num_stages - 1, m.dtype, m.max_seqs, m.max_context,
-                tuple(m.precisions), m.model_hash)
+                tuple(m.precisions), m.model_hash, tuple(tuple(sorted(s.items())) for s in m.input_scales))
     return key(a) == key(b)
 
 
@@ -201,7 +201,7 @@ class Host:
             self.model = self.current = None  # free the old slice before loading the new one
             spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
                              dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
-                             precisions=tuple(msg.precisions))
+                             precisions=tuple(msg.precisions), input_scales=tuple(msg.input_scales))
             try:
                 model_dir, fetched = await self._weights(msg.model_hash, msg.weights_addr, spec)
                 self.model = await self._offload(self._load, model_dir, msg, spec)
