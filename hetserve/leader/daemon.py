@@ -87,6 +87,7 @@ class HostRecord:
         silent = now - self.last_seen
         return {
             "name": self.name, "device": self.inventory.device, "device_name": self.inventory.name,
+            "data_addr": self.data_addr,
             "usable_gib": round(self.inventory.usable_bytes / 2**30, 2), "gflops": self.inventory.gflops,
             "stage": self.stage, "layers": list(self.layers) if self.layers else None,
             "precision": self.precision, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
