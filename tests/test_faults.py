@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import time
 
-from conftest import PROMPTS
+import pytest
+
+from conftest import PROMPTS, free_port, hetserve_cmd
 from hetserve.client import LineClient
 
 MAX_NEW = 40
@@ -113,3 +116,62 @@ async def test_without_capacity_requests_fail_clearly_until_a_host_returns(daemo
         assert await generate(client, prompt, 8) == reference(reference.tokenizer(prompt)["input_ids"], 8)
     finally:
         await client.close()
+
+
+NS, LEADER_IP, HOST_IP = "hsfault", "10.78.0.1", "10.78.0.2"
+
+
+def sh(cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, shell=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair (root and iproute2 needed)."""
+    sh(f"ip link del hsf0; ip netns del {NS}")
+    made = sh(f"ip netns add {NS} && ip link add hsf0 type veth peer name hsf1 && ip link set hsf1 netns {NS} && "
+              f"ip addr add {LEADER_IP}/30 dev hsf0 && ip link set hsf0 up && "
+              f"ip netns exec {NS} ip addr add {HOST_IP}/30 dev hsf1 && ip netns exec {NS} ip link set hsf1 up && "
+              f"ip netns exec {NS} ip link set lo up")
+    if made.returncode != 0:
+        sh(f"ip link del hsf0; ip netns del {NS}")
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    yield NS
+    sh(f"ip link del hsf0; ip netns del {NS}")
+
+
+async def test_host_cut_off_by_its_link_is_replaced_then_rejoins(netns, model_dir, reference, tmp_path):
+    listen, serve = f"{LEADER_IP}:{free_port()}", f"127.0.0.1:{free_port()}"
+    common = ["--insecure", "--log-level", "info"]
+    leader_log = tmp_path / "leader.log"
+    procs = [subprocess.Popen(hetserve_cmd() + ["leader", "--listen", listen, "--serve", serve, "--model",
+                                                str(model_dir), "--hosts", "2", "--max-context", "256", *common],
+                              stderr=open(leader_log, "w"), start_new_session=True)]
+    for name, prefix in (("h0", []), ("h1", ["ip", "netns", "exec", NS])):
+        procs.append(subprocess.Popen(prefix + hetserve_cmd() + ["join", "--leader", listen, "--name", name,
+                                                                 "--model", str(model_dir), "--threads", "1", *common],
+                                      start_new_session=True))
+    client = await LineClient.connect(serve, wait=120)
+    try:
+        await client.wait_serving(300)
+        prompt = PROMPTS[1]
+        want = reference(reference.tokenizer(prompt)["input_ids"], MAX_NEW)
+        run = asyncio.create_task(generate(client, prompt))
+        await wait_status(client, lambda s: s["generated_tokens"] >= 4)
+        sh("ip link set hsf0 down")
+        status = await wait_status(client, lambda s: any(h["state"] == "dead" for h in s["hosts"]), 30)
+        assert status["hosts"][1]["state"] == "dead", "the cut-off host is detected"
+        await asyncio.sleep(3)
+        sh("ip link set hsf0 up")
+        assert await asyncio.wait_for(run, 180) == want, "the request finished on the remaining host"
+        status = await wait_status(client, lambda s: s["state"] == "serving" and all(
+            h["state"] == "ready" for h in s["hosts"]), 120)
+        assert [h["state"] for h in status["hosts"]] == ["ready", "ready"], "the host is back in the pipeline"
+        assert await generate(client, prompt) == want
+        assert "is back" in leader_log.read_text() or "h1 rejoined" in leader_log.read_text()
+    finally:
+        await client.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)

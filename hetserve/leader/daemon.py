@@ -250,6 +250,10 @@ class Leader:
                 log.warning("ignored %s from unknown host %r", type(msg).__name__, msg.host)
                 continue
             host.last_seen = time.monotonic()
+            if host.state == "dead":  # its link came back: plan it in again like a host that joins
+                log.warning("host %s is back after %s", host.name, host.note)
+                host.state, host.note, host.planned, host.stage, host.layers = "joined", "", False, None, None
+                await self._maybe_assign()
             if isinstance(msg, Heartbeat):
                 host.stats = msg.stats
             elif isinstance(msg, ProbeReply):
@@ -298,6 +302,9 @@ class Leader:
         self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
                                           self.settings.dtype, last_seen=now, current=msg.current,
                                           public_key=msg.public_key)
+        if previous is not None and previous.profile is not None \
+                and previous.profile.device_name == msg.inventory.name:
+            self.hosts[msg.host].profile = previous.profile  # the same device: no need to measure again
         self.excluded.discard(msg.host)
         log.info("host %s %s from %s: %s (%s), %.2f GiB usable (%d/%d)%s", msg.host,
                  "rejoined" if previous else "joined", peer_ip, msg.inventory.device, msg.inventory.name,
@@ -362,7 +369,7 @@ class Leader:
     def _plan_live(self) -> Plan:
         p = self.settings.planner
         hosts = [HostInput(h.name, h.inventory.usable_bytes, h.profile, h.link.gbps, h.link.latency_ms) if h.link
-                 else HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps) for h in self._candidates()]
+                 else HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps) for h in self._plannable()]
         quantized = sorted({q for h in hosts for q in h.profile.layer_bytes if q != "native"})
         log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
                  p.max_ppl_increase * 100)
@@ -386,6 +393,12 @@ class Leader:
         """Joined hosts the plan may use, in name order (stable however they raced to join)."""
         return sorted((h for h in self.hosts.values() if h.name not in self.excluded and h.state not in ("dead", "failed")),
                       key=lambda h: h.name)
+
+    def _plannable(self) -> list[HostRecord]:
+        """Candidates a layout can use now: with live planning, those whose profile has come
+        (one still profiling is planned in when its profile arrives)."""
+        live = self.settings.planner is not None
+        return [h for h in self._candidates() if not live or h.profile is not None]
 
     def _weights_addr(self, host: HostRecord) -> str:
         return tcp(self.settings.advertise or local_ip_towards(host.peer_ip), self.weights_port)
@@ -429,7 +442,7 @@ class Leader:
             self.engine.limits = replace(self.engine.limits, prefill_seqs=self.plan.prefill_microbatch,
                                          decode_seqs=self.plan.decode_microbatch)
         self.state = "loading"
-        for host in self._candidates():
+        for host in self._plannable():
             host.planned = True
         own_key = self.identity.public.decode() if self.identity else ""
         # w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which
@@ -474,7 +487,7 @@ class Leader:
         """A layout whose every host has disk room for its slice (hosts without are left out)."""
         s = self.settings
         while True:
-            if not self._candidates():
+            if not self._plannable():
                 raise LeaderError("no live host can take a slice")
             layout = self._adoptable()
             if layout is None:

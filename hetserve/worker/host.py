@@ -48,7 +48,8 @@ from .stage_loop import StageLoop
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
-LEADER_DEAD_S = 3.0  # no message from the leader for this long: rejoin
+LEADER_DEAD_S = 10.0  # no message from the leader for this long: rejoin (longer than a host's 3 s:
+#                       a leader busy planning must not make every host rejoin)
 RECONNECT_MAX_MS = 10_000  # ZeroMQ's reconnect interval doubles up to this while no leader listens
 
 
