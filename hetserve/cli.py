@@ -28,6 +28,7 @@ LIMIT_HELP = {
     "max_context": "Prompt + completion tokens per request (KV-cache length per slot).",
     "default_max_tokens": "Completion length when a request gives no max_tokens.",
     "max_queued": "Requests waiting for a slot before new ones get 'overloaded'.",
+    "max_queued_tokens": "Prompt tokens of the requests waiting for a slot, in all, before new ones get 'overloaded'.",
     "prefill_seqs": "Most requests in one prefill micro-batch.",
     "prefill_tokens": "Most prompt tokens in one prefill micro-batch; longer prompts are chunked.",
     "decode_seqs": "Most requests in one decode micro-batch.",

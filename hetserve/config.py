@@ -24,6 +24,7 @@ class Limits:
     max_context: int = 2048  # prompt + completion tokens of one request (KV length per slot)
     default_max_tokens: int = 128  # completion length when a request does not say
     max_queued: int = 256  # requests waiting for a slot; past that new ones get `overloaded`
+    max_queued_tokens: int = 262144  # prompt tokens of the requests waiting for a slot, in all
     prefill_seqs: int = 4  # most requests in one prefill micro-batch
     prefill_tokens: int = 512  # most prompt tokens in one prefill micro-batch (longer prompts
     #                            are prefilled in chunks so decode keeps flowing between them)
@@ -31,7 +32,7 @@ class Limits:
     max_in_flight: int = 0  # micro-batches in the pipeline at once; 0 = one per stage
 
     def check(self) -> None:
-        for name in ("max_seqs", "max_context", "default_max_tokens", "max_queued",
+        for name in ("max_seqs", "max_context", "default_max_tokens", "max_queued", "max_queued_tokens",
                      "prefill_seqs", "prefill_tokens", "decode_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -132,6 +132,12 @@ class Engine:
             log.warning("refused request %r: overloaded (%d running or queued)", request_id, len(self.requests))
             raise Overloaded(f"{len(self.requests)} requests are running or queued, the most this server "
                              f"takes; try again later")
+        queued_tokens = sum(len(r.prompt_ids) for r in self.requests.values() if r.slot is None)
+        if queued_tokens + len(prompt_ids) > self.limits.max_queued_tokens:
+            self.outcomes["overloaded"] += 1
+            log.warning("refused request %r: overloaded (%d prompt tokens queued)", request_id, queued_tokens)
+            raise Overloaded(f"{queued_tokens} prompt tokens are queued, and this request's {len(prompt_ids)} "
+                             f"would pass the server's {self.limits.max_queued_tokens}; try again later")
         self._next_key += 1
         request = Request(
             key=self._next_key, id=request_id, sink=sink, prompt_ids=prompt_ids,
