@@ -52,7 +52,9 @@ from .tokens import TextCodec
 
 log = logging.getLogger(__name__)
 
-DEAD_AFTER_SECONDS = 3.0  # a host silent this long (it heartbeats every second) is dead
+DEAD_AFTER_SECONDS = 3.0  # a serving host silent this long (it heartbeats every second) is dead
+BUSY_DEAD_AFTER_SECONDS = 30.0  # the same for a host still profiling or loading: a starved CPU
+#                                 may delay its heartbeats, and it holds no request yet
 
 
 class LeaderError(Exception):
@@ -141,6 +143,8 @@ class Leader:
         self.stage0_addr: str | None = None  # where to_stage0 is connected
         self.served = False  # serving began once: later faults recover instead of stopping the leader
         self.lost_at: float | None = None  # when the pipeline was lost, for the recovery time
+        self.assigning = False  # a layout is being made (_assign)
+        self.layout_stale = False  # hosts changed meanwhile: make it again
         self.state = "starting"
         self.started = time.monotonic()
         self.connections: set[asyncio.Task] = set()
@@ -425,7 +429,25 @@ class Leader:
     async def _assign(self) -> None:
         """Lay the pipeline out over the live hosts and send every stage its slice. Requests in
         flight are replayed into the new pipeline (engine.replay_all). Before serving began a
-        layout that cannot be made stops the leader; after, the cluster waits degraded."""
+        layout that cannot be made stops the leader; after, the cluster waits degraded.
+
+        Planning awaits (a live plan runs for seconds), and a host may die or join meanwhile: a
+        call while one runs only asks it to lay out again when done, so layouts never interleave."""
+        if self.assigning:
+            self.layout_stale = True
+            return
+        self.assigning = True
+        try:
+            while True:
+                self.layout_stale = False
+                await self._assign_once()
+                if not self.layout_stale:
+                    return
+                log.info("hosts changed while laying out: laying out again")
+        finally:
+            self.assigning = False
+
+    async def _assign_once(self) -> None:
         s = self.settings
         epoch = self.engine.replay_all()
         self.state = "planning"
@@ -580,7 +602,7 @@ class Leader:
         host.state, host.note = state, why
         if not self.served and self.state == "waiting for hosts":
             del self.hosts[host.name]  # room for a replacement to join
-        elif was_stage:
+        elif was_stage or self.assigning:
             await self._pipeline_lost(f"host {host.name} is {state}")
 
     async def _pipeline_lost(self, why: str) -> None:
@@ -627,7 +649,8 @@ class Leader:
             for host in list(self.hosts.values()):
                 if host.state in ("dead", "failed"):
                     continue
-                if now - host.last_seen > DEAD_AFTER_SECONDS:
+                serving = host.state == "ready" and self.state == "serving"
+                if now - host.last_seen > (DEAD_AFTER_SECONDS if serving else BUSY_DEAD_AFTER_SECONDS):
                     await self._host_lost(host, f"silent for {now - host.last_seen:.1f} s")
                     continue
                 try:
