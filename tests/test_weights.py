@@ -185,9 +185,11 @@ async def test_host_killed_mid_transfer_resumes(daemons, model_dir, reference, t
     host = d.join("h0", home)
     cache = home / "weights"
     def mid_tensor() -> bool:  # well into the transfer, with a tensor half-written
-        files = [f for f in cache.glob("*/*") if f.is_file()]
-        return sum(f.stat().st_size for f in files) > 150 << 20 and any(
-            f.suffix == ".part" and f.stat().st_size > 1 << 20 for f in files)
+        try:
+            sizes = {f: f.stat().st_size for f in cache.glob("*/*")}
+        except FileNotFoundError:  # a part renamed as we looked
+            return False
+        return sum(sizes.values()) > 150 << 20 and any(f.suffix == ".part" and n > 1 << 20 for f, n in sizes.items())
 
     assert wait_for(mid_tensor, 60, interval=0.01)
     host.send_signal(signal.SIGKILL)
