@@ -22,20 +22,26 @@ class DeviceSpec:
     memory_gb: float
     bandwidth_gbs: float  # memory bandwidth
     tflops: float  # dense fp16/bf16 (fp32 for CPUs) peak
+    dtypes: tuple[str, ...] = ("bfloat16", "float16")  # compute dtypes it runs at full rate
+    precisions: tuple[str, ...] = ("native", "int8", "int4")  # per-layer weight precisions it runs
 
 
-# Public datasheet figures (dense, no sparsity).
+ALL = ("native", "int8", "fp8", "int4")
+FP16 = ("float16",)  # before Ampere: no bf16
+
+# Public datasheet figures (dense, no sparsity). fp8 needs Ada or Hopper (quanto's fp8 path is
+# Marlin on CUDA); CPUs run every dtype (slowly in 16 bits) and no fp8 (emulated, very slow).
 DEVICE_SPECS = {spec.name: spec for spec in [
-    DeviceSpec("T4", 16, 320, 65),
-    DeviceSpec("P100", 16, 732, 18.7),
-    DeviceSpec("V100-32G", 32, 900, 125),
+    DeviceSpec("T4", 16, 320, 65, FP16),
+    DeviceSpec("P100", 16, 732, 18.7, FP16),
+    DeviceSpec("V100-32G", 32, 900, 125, FP16),
     DeviceSpec("A10", 24, 600, 125),
-    DeviceSpec("L4", 24, 300, 121),
+    DeviceSpec("L4", 24, 300, 121, precisions=ALL),
     DeviceSpec("A100-40G", 40, 1555, 312),
     DeviceSpec("A100-80G", 80, 2039, 312),
-    DeviceSpec("H100", 80, 3350, 989),
-    DeviceSpec("H200", 141, 4800, 989),
-    DeviceSpec("CPU", 64, 50, 1.5),
+    DeviceSpec("H100", 80, 3350, 989, precisions=ALL),
+    DeviceSpec("H200", 141, 4800, 989, precisions=ALL),
+    DeviceSpec("CPU", 64, 50, 1.5, ("float32", "bfloat16", "float16")),
 ]}
 
 
@@ -141,3 +147,24 @@ def predict_profile(reference: DeviceProfile, reference_spec: DeviceSpec, target
     return replace(reference, device=f"predicted:{target.name}", device_name=target.name, layer_ms=layer_ms,
                    hidden_size=shape.hidden_size, kv_bytes_per_token=shape.kv_bytes_per_token,
                    layer_bytes={p: int(b) for p, b in shape.weight_bytes.items() if p in reference.layer_bytes})
+
+
+
+def head_roofline_ms(head_bytes: float, head_params: float, spec: DeviceSpec, batch: int) -> float:
+    """norm + lm_head on one row per request: every head weight read once, 2 FLOPs per weight and row."""
+    return max(head_bytes / (spec.bandwidth_gbs * 1e6), 2 * head_params * batch / (spec.tflops * 1e9))
+
+
+def predict_head_ms(reference: DeviceProfile, reference_spec: DeviceSpec, target: DeviceSpec,
+                    head_bytes: float, head_params: float) -> dict[str, list[float]]:
+    """The head of another model on another device, the way predict_profile scales layers: a floor
+    that does not scale, the rest by the ratio of the roofline times."""
+    ref_params = reference.head_bytes / (4 if reference.dtype == "float32" else 2)
+    out = {}
+    for phase, times in reference.head_ms.items():
+        batches = (reference.prefill if phase == "prefill" else reference.decode).batches
+        roofs = [head_roofline_ms(reference.head_bytes, ref_params, reference_spec, b) for b in batches]
+        floor = max(0.0, min(ms - roof for ms, roof in zip(times, roofs)))
+        out[phase] = [round(floor + (ms - floor) * head_roofline_ms(head_bytes, head_params, target, b) / roof, 4)
+                      for ms, roof, b in zip(times, roofs, batches)]
+    return out

@@ -30,6 +30,7 @@ MAX_EXACT_ORDERS = 120  # distinct host orders tried exhaustively; beyond, the h
 MAX_PERMUTATIONS = 40320  # permutations examined to find them (8 hosts); beyond, the heuristic
 RESERVE = 0.10  # share of each host's memory kept back for activations and the runtime
 INF = float("inf")
+GiB = 1 << 30
 
 
 class PlanningError(Exception):
@@ -83,6 +84,7 @@ class Plan:
     predicted_tokens_per_s: float
     baselines: dict[str, float] = field(default_factory=dict)  # name -> predicted tokens/s
     solve_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what is predicted rather than measured, and from what
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +134,11 @@ def quality_units(sens: Sensitivity, precisions: list[str], max_increase: float)
     return costs, QUALITY_BINS if budget_loss > 0 else 0
 
 
-def host_orders(hosts: list[HostInput]) -> list[list[HostInput]]:
+def host_orders(hosts: list[HostInput], max_orders: int | None = None) -> list[list[HostInput]]:
     """Pipeline orders to try: every distinct order of every non-empty subset of the hosts (a host
-    is used only where it pays), when there are at most MAX_EXACT_ORDERS of them; otherwise the
-    heuristic, all hosts by memory largest first and its reverse."""
+    is used only where it pays), when there are at most max_orders (MAX_EXACT_ORDERS) of them;
+    otherwise the heuristic, all hosts by memory largest first and its reverse."""
+    max_orders = MAX_EXACT_ORDERS if max_orders is None else max_orders
     def signature(h: HostInput):
         return (h.profile.device_name, h.memory_bytes, h.link_gbps)
 
@@ -148,7 +151,7 @@ def host_orders(hosts: list[HostInput]) -> list[list[HostInput]]:
                 if key not in seen:
                     seen.add(key)
                     orders.append(list(perm))
-                if len(orders) > MAX_EXACT_ORDERS or examined > MAX_PERMUTATIONS:
+                if len(orders) > max_orders or examined > MAX_PERMUTATIONS:
                     by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
                     return [by_memory, by_memory[::-1]]
     return orders
@@ -158,14 +161,22 @@ def decode_microbatch(batch: int, stages: int) -> int:
     return math.ceil(batch / stages)
 
 
+def default_precisions(hosts: list[HostInput]) -> list[str]:
+    """Every precision some host runs, in a fixed order."""
+    return sorted({p for h in hosts for p in h.profile.layer_bytes}, key=PRECISIONS.index)
+
+
 def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: Workload, max_increase: float,
-              precisions: list[str] | None = None) -> Plan:
+              precisions: list[str] | None = None, max_orders: int | None = None) -> Plan:
     started = time.perf_counter()
-    precisions = precisions or sorted({p for h in hosts for p in h.profile.layer_bytes}, key=PRECISIONS.index)
+    precisions = precisions or default_precisions(hosts)
     quality, budget = quality_units(sens, precisions, max_increase)
     layers = len(quality)
+    short = memory_shortfall(hosts, layers, precisions, workload)
+    if short:
+        raise PlanningError(short)
     best: tuple[float, Partition, list[HostInput], int, int] | None = None
-    for order in host_orders(hosts):
+    for order in host_orders(hosts, max_orders):
         d_mb = decode_microbatch(workload.batch, len(order))
         for p_mb in [b for b in range(1, workload.batch + 1) if workload.batch % b == 0]:
             costs = [host_costs(h, precisions, workload, p_mb, d_mb) for h in order]
@@ -221,6 +232,31 @@ def baselines(hosts: list[HostInput], precisions: list[str], quality: list[dict[
         else:
             out[f"{name}"] = 0.0  # does not fit at any precision within the quality target
     return out
+
+
+def memory_shortfall(hosts: list[HostInput], layers: int, precisions: list[str], workload: Workload) -> str | None:
+    """Why the model cannot fit these hosts at any precision, however its layers are split, with the
+    nearest feasible option (the largest batch that would fit, or the memory to add); else None."""
+    def layer_bytes(p: str) -> float:
+        return min(h.profile.layer_bytes.get(p, INF) for h in hosts)
+
+    cheapest = min(precisions, key=layer_bytes)
+    capacity = sum(h.memory_bytes * (1 - RESERVE) for h in hosts)
+    # The smallest layers, embedding, head and KV entries anywhere: a lower bound on any plan's need.
+    weights = layers * layer_bytes(cheapest) + min(h.profile.embed_bytes + h.profile.head_bytes for h in hosts)
+    kv_per_token = layers * min(h.profile.kv_bytes_per_token for h in hosts)
+    kv = kv_per_token * workload.kv_tokens_per_layer
+    if weights + kv <= capacity:
+        return None
+    message = (f"the model does not fit these hosts at any precision: it needs at least {(weights + kv) / GiB:.1f} GiB "
+               f"(weights at {cheapest} {weights / GiB:.1f} GiB + KV cache {kv / GiB:.1f} GiB) but the hosts offer "
+               f"{capacity / GiB:.1f} GiB after the {RESERVE:.0%} reserve")
+    per_request = kv_per_token * (workload.prompt_tokens + workload.output_tokens + 1)
+    fit_batch = int((capacity - weights) // per_request) if capacity > weights and not workload.kv_tokens else 0
+    if fit_batch >= 1:
+        return message + (f"; nearest option: --batch {fit_batch} at most (the memory bound), or add "
+                          f"{(weights + kv - capacity) / GiB:.1f} GiB")
+    return message + f"; nearest option: add at least {(weights + kv - capacity) / GiB:.1f} GiB of host memory"
 
 
 def _infeasible_reason(hosts, sens, workload, precisions, max_increase) -> str:
