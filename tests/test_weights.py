@@ -233,7 +233,7 @@ def test_mismatching_local_copy_is_refused(daemons, model_dir, tmp_path):
     assert "is not the leader's model" in log.read_text()
 
 
-async def test_streaming_host_profiles_then_serves_a_live_plan(daemons, model_dir, reference, tmp_path):
+async def test_streaming_host_profiles_then_serves_a_live_plan(daemons, model_dir, tmp_path):
     """Asked for a profile, a host without the model fetches the layers the profiler times."""
     import shutil
 
@@ -247,9 +247,15 @@ async def test_streaming_host_profiles_then_serves_a_live_plan(daemons, model_di
     log = tmp_path / "h0.log"
     d.join("h0", home, log=log)
     client = await LineClient.connect(d.serve, wait=120)
-    await client.wait_serving(600)
-    await client.close()
-    status = await serve_and_check(d, reference)
+    try:
+        await client.wait_serving(600)
+        # The plan may quantize layers (w8a8 is faster than fp32 on CPUs), so no comparison with
+        # the fp32 reference here: serving works, and the slice was streamed.
+        events = await client.call({"prompt": PROMPTS[0], "max_tokens": 8})
+        assert events[-1]["event"] == "done"
+        status = await client.status()
+    finally:
+        await client.close()
     assert status["plan"] is not None and status["hosts"][0]["fetched_bytes"] > 0
     text = log.read_text()
     assert text.count("slice weights:") == 2, "once for the profile (layers 0-2 and the head), once for the slice"
