@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,90 +25,37 @@ from aiohttp import web
 
 from ..config import STEP_TIMEOUT_S, LeaderSettings
 from ..lifecycle import run_until_signal
+from ..model.precision import ACTIVATIONS_QUANTIZED
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
-from ..model.stage import StageSpec, load_config, stage_tensor_names
-from ..plan.device_profile import DeviceProfile
+from ..model.stage import load_config
 from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
-from ..model.precision import ACTIVATIONS_QUANTIZED
 from ..plan.quality import activation_scales, sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.security import (Identity, KeyRing, KeysError, as_client, as_server, load_allowed, load_identity,
                                   start_authenticator)
 from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, split_hostport, tcp
+from ..weights.manifest import load_manifest
+from ..weights.server import WeightServer
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Alive, Assign, Failed, Heartbeat, Inventory, Join, Probe, ProbeReply,
-                             ProfileReport, ProfileRequest, Ready, Refused, Shutdown, StageStats, Step, StepFailed,
-                             StepResult)
+from ..wire.messages import (PROTOCOL_VERSION, Alive, Assign, Failed, Heartbeat, Join, Probe, ProbeReply,
+                             ProfileReport, ProfileRequest, Ready, Refused, Shutdown, Step, StepFailed, StepResult)
 from ..wire.tensors import to_frame
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
+from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, HostRecord, describe_precisions
 from .http_api import OpenAIServer
-from .link import LARGE_BYTES, LARGE_PROBES, PROBE_TIMEOUT_S, SMALL_PROBES, Link, link_from_round_trips
-from ..weights.manifest import load_manifest
-from ..weights.server import WeightServer
+from .layout import Layout, adoptable, disk_shortfalls, plan_layout
+from .link import LARGE_BYTES, LARGE_PROBES, PROBE_TIMEOUT_S, SMALL_PROBES, link_from_round_trips
 from .tokens import TextCodec
 
 log = logging.getLogger(__name__)
 
-DEAD_AFTER_SECONDS = 3.0  # a serving host silent this long (it heartbeats every second) is dead
-BUSY_DEAD_AFTER_SECONDS = 30.0  # the same for a host still profiling or loading: a starved CPU
-#                                 may delay its heartbeats, and it holds no request yet
 
 
 class LeaderError(Exception):
     """The cluster cannot serve (a host failed to load, no plan fits); exit status 1."""
-
-
-@dataclass
-class HostRecord:
-    name: str
-    route: bytes  # ZeroMQ routing id on the control socket
-    peer_ip: str
-    inventory: Inventory
-    data_addr: str
-    joined: float
-    precision: str  # compute dtype of its layers
-    state: str = "joined"  # joined -> loading -> ready | unused | failed | dead
-    stage: int | None = None
-    layers: tuple[int, int] | None = None
-    last_seen: float = 0.0
-    stats: StageStats = StageStats()
-    weight_bytes: int = 0
-    kv_bytes: int = 0
-    profile: DeviceProfile | None = None  # sent on request when the leader plans live
-    fetched_bytes: int = 0  # weights it streamed from the leader for its slice
-    link: Link | None = None  # measured from the leader after it joined
-    current: Assign | None = None  # the slice it held when it (re)joined: adopted when still valid
-    planned: bool = False  # a layout has considered this host (else a new one triggers a re-plan)
-    public_key: str = ""  # its CURVE key (verified at join) when the cluster runs with --keys
-    note: str = ""  # why it is unused, when it is
-
-    def describe(self, now: float) -> dict:
-        silent = now - self.last_seen
-        return {
-            "name": self.name, "device": self.inventory.device, "device_name": self.inventory.name,
-            "data_addr": self.data_addr,
-            "usable_gib": round(self.inventory.usable_bytes / 2**30, 2), "gflops": self.inventory.gflops,
-            "stage": self.stage, "layers": list(self.layers) if self.layers else None,
-            "precision": self.precision, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
-            "state": self.state, "health": "ok" if silent < DEAD_AFTER_SECONDS else "dead",
-            "last_seen_s": round(silent, 1), "steps": self.stats.steps,
-            "busy_s": round(self.stats.busy_seconds, 2),
-            "load": round(self.stats.busy_seconds / max(now - self.joined, 1e-9), 3),
-            "prefill_ms": round(self.stats.prefill_ms, 2), "decode_ms": round(self.stats.decode_ms, 2),
-            "fetched_bytes": self.fetched_bytes, "note": self.note,
-            "link_ms": self.link.latency_ms if self.link else None, "link_gbps": self.link.gbps if self.link else None,
-        }
-
-
-def _describe_precisions(precisions: list[str], dtype: str) -> str:
-    """'float32' or e.g. 'float32 x20, int4 x5' for a stage's layers."""
-    if not precisions or set(precisions) == {"native"}:
-        return dtype
-    counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
-    return ", ".join(f"{dtype if p == 'native' else p} x{n}" for p, n in counts.items())
 
 
 class Leader:
@@ -407,25 +354,6 @@ class Leader:
     def _weights_addr(self, host: HostRecord) -> str:
         return tcp(self.settings.advertise or local_ip_towards(host.peer_ip), self.weights_port)
 
-    def _disk_shortfalls(self, order: list[HostRecord], ranges: list[tuple[int, int]]) -> dict[str, str]:
-        """Hosts whose cache cannot take the weights of their slice: name -> why.
-
-        A host with its own copy (--model) needs no room. For the others the slice's stored bytes,
-        less what the host already caches of this model, must fit the room it reported."""
-        tensors = {e.name: e.size for e in self.manifest.entries if e.kind == "tensor"}
-        out = {}
-        for i, (host, (start, end)) in enumerate(zip(order, ranges)):
-            room = host.inventory.disk_free_bytes
-            if room < 0:
-                continue
-            spec = StageSpec(start, end, first=i == 0, last=i == len(order) - 1)
-            need = sum(tensors[n] for n in set(stage_tensor_names(self.config, tensors, spec).values()))
-            need -= host.inventory.cached_weights.get(self.manifest.model_hash, 0)
-            if need > room:
-                out[host.name] = (f"its slice (layers {start}-{end - 1}) needs {need / 2**20:.1f} MiB of weights "
-                                  f"on disk, it has room for {room / 2**20:.1f} MiB")
-        return out
-
     async def _assign(self) -> None:
         """Lay the pipeline out over the live hosts and send every stage its slice. Requests in
         flight are replayed into the new pipeline (engine.replay_all). Before serving began a
@@ -480,7 +408,7 @@ class Leader:
             host.stage, host.layers, host.state = i, (start, end), "loading"
             upstream_key = order[i - 1].public_key if i else own_key
             downstream_key = order[i + 1].public_key if i + 1 < len(order) else own_key
-            host.precision = _describe_precisions(precs, s.dtype)
+            host.precision = describe_precisions(precs, s.dtype)
             if i + 1 < len(order):
                 downstream = order[i + 1].data_addr
             else:
@@ -505,13 +433,13 @@ class Leader:
                 host.stage = host.layers = None
                 log.info("plan: host %s stays unused", host.name)
 
-    async def _fitting_layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
+    async def _fitting_layout(self) -> Layout:
         """A layout whose every host has disk room for its slice (hosts without are left out)."""
         s = self.settings
         while True:
             if not self._plannable():
                 raise LeaderError("no live host can take a slice")
-            layout = self._adoptable()
+            layout = adoptable(self._candidates(), self.manifest.model_hash, self.num_layers, s)
             if layout is None:
                 if s.planner is not None:
                     self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
@@ -519,7 +447,7 @@ class Leader:
                     layout = self._layout()
                 except PlanError as exc:
                     raise LeaderError(f"no plan fits: {exc}") from None
-            short = self._disk_shortfalls(*layout[:2])
+            short = disk_shortfalls(*layout[:2], self.manifest, self.config)
             if not short:
                 return layout
             for name, why in short.items():
@@ -529,26 +457,7 @@ class Leader:
                 raise LeaderError(f"the plan {s.plan} cannot be loaded: " + "; ".join(short.values()))
             self.excluded.update(short)
 
-    def _adoptable(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]] | None:
-        """The layout the live hosts already hold (they rejoined a restarted leader), when it is
-        a whole pipeline of this model and these limits: adopting it reloads nothing."""
-        hosts = self._candidates()
-        held = [h.current for h in hosts]
-        s = self.settings
-        if not hosts or any(a is None for a in held):
-            return None
-        pairs = sorted(zip(held, hosts), key=lambda p: p[0].stage)
-        bounds = [(a.start, a.end) for a, _ in pairs]
-        if ([a.stage for a, _ in pairs] != list(range(len(pairs))) or any(a.num_stages != len(pairs) for a, _ in pairs)
-                or bounds[0][0] != 0 or bounds[-1][1] != self.num_layers
-                or any(x[1] != y[0] for x, y in zip(bounds, bounds[1:]))
-                or any((a.model_hash, a.dtype, a.max_seqs, a.max_context) !=
-                       (self.manifest.model_hash, s.dtype, s.limits.max_seqs, s.limits.max_context) for a in held)):
-            return None
-        log.info("adopting the layout the hosts hold: %s", ", ".join(f"{h.name} {a.start}-{a.end - 1}" for a, h in pairs))
-        return [h for _, h in pairs], bounds, [list(a.precisions) for a, _ in pairs]
-
-    def _layout(self) -> tuple[list[HostRecord], list[tuple[int, int]], list[list[str]]]:
+    def _layout(self) -> Layout:
         """Pipeline order, layer ranges and per-layer precisions: from the plan (--plan or live),
         or split by memory. A --plan whose hosts are not all alive falls back to the split."""
         s = self.settings
@@ -557,17 +466,7 @@ class Leader:
                 any(self.hosts.get(h) not in self._candidates() for h in plan_hosts):
             log.warning("the plan's hosts are not all alive: splitting by memory over the live ones")
         elif self.plan is not None:
-            missing = [st.host for st in self.plan.stages if st.host not in self.hosts]
-            if missing:
-                raise PlanError(f"the plan is for hosts {[st.host for st in self.plan.stages]}, "
-                                f"but {sorted(self.hosts)} joined")
-            bounds = [(st.start, st.end) for st in self.plan.stages]
-            if bounds[0][0] != 0 or bounds[-1][1] != self.num_layers or any(
-                    a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(self.num_layers, 0)])):
-                raise PlanError(f"the plan's layer ranges {bounds} do not cover layers 0-{self.num_layers - 1} "
-                                f"contiguously")
-            order = [self.hosts[st.host] for st in self.plan.stages]
-            return order, [(st.start, st.end) for st in self.plan.stages], [st.precisions for st in self.plan.stages]
+            return plan_layout(self.plan, self.hosts, self.num_layers)
         order = self._candidates()
         kv_tokens = s.limits.max_seqs * (s.limits.max_context + 1)
         ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
