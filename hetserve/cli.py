@@ -256,9 +256,12 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
 @click.option("--omp-wait", type=click.Choice(["active", "default"]), default="default", show_default=True,
               help="active: OpenMP threads spin between steps instead of sleeping (for CPU hosts whose cores "
                    "are their own; see docs/benchmarks.md). OMP_WAIT_POLICY in the environment wins.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="On a GPU, replay decode steps from captured CUDA graphs (one per batch and context bucket); "
+                   "off: launch every kernel eagerly.")
 @log_options
-def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, log_level,
-         log_json):
+def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, cuda_graphs,
+         log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     if omp_wait == "active":
         # Read by libgomp when torch loads, so before the import below. A stage idles while the
@@ -268,7 +271,8 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, ke
 
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads, model=model,
-                            disk_limit=parse_size(disk_limit) if disk_limit else None, keys=keys, insecure=insecure)
+                            disk_limit=parse_size(disk_limit) if disk_limit else None, keys=keys, insecure=insecure,
+                            cuda_graphs=cuda_graphs)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 

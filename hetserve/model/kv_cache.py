@@ -62,9 +62,12 @@ class StepLayout:
     mask [B, 1, T, L] with L = max(starts + lengths): query (b, t) sees keys 0..starts[b]+t.
     """
 
-    def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scratch: int):
+    def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scratch: int,
+                 steps: int | None = None, kv_len: int | None = None):
+        """steps, kv_len: fixed sizes for a static-shape step (a captured CUDA graph: no host sync,
+        rows with length 0 are padding); None = the batch's own, read from the tensors."""
         device = slots.device
-        steps = int(lengths.max())
+        steps = int(lengths.max()) if steps is None else steps
         t = torch.arange(steps, device=device)
         self.slots = slots
         self.slot_rows = slots[:, None]
@@ -72,7 +75,7 @@ class StepLayout:
         self.position_ids = starts[:, None] + t[None, :]
         valid = t[None, :] < lengths[:, None]
         self.write_pos = torch.where(valid, self.position_ids, scratch)
-        self.kv_len = int((starts + lengths).max())
+        self.kv_len = int((starts + lengths).max()) if kv_len is None else kv_len
         # Padded query rows may see key 0 only: a row with nothing visible would give NaN.
         visible_upto = torch.where(valid, self.position_ids, 0)
         keys = torch.arange(self.kv_len, device=device)

@@ -28,6 +28,7 @@ from .precision import apply_precisions, module_bytes
 from .resolve import ModelError
 from ..wire.messages import SamplingRows
 from .sampling import sample
+from .static_decode import StaticDecode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,7 +104,7 @@ def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, to
 
 
 class StageModel:
-    def __init__(self, model_dir: Path, spec: StageSpec, device: str = "cpu"):
+    def __init__(self, model_dir: Path, spec: StageSpec, device: str = "cpu", cuda_graphs: bool = True):
         config = load_config(model_dir)
         total = config.num_hidden_layers
         if not 0 <= spec.start < spec.end <= total:
@@ -154,6 +155,7 @@ class StageModel:
             max_context=spec.max_context, dtype=self.dtype, device=self.device,
         )
         self.hidden_size = config.hidden_size
+        self.static_decode = StaticDecode(self, capture=self.device.type == "cuda" and cuda_graphs)
         self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
 
     def _assign(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
@@ -181,12 +183,32 @@ class StageModel:
         return sample(logits, sampling)
 
     @torch.no_grad()
+    def decode(self, slots: list[int], starts: list[int], inputs: torch.Tensor,
+               sampling: SamplingRows | None = None) -> torch.Tensor:
+        """One decode micro-batch (one new token per row) at bucketed static shapes: from a CUDA
+        graph on a GPU (static_decode.py). Returns what forward() returns."""
+        out = self.static_decode(slots, starts, inputs)
+        return out if self.norm is None else sample(out, sampling)
+
+    def static_decode_step(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                           inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The fixed-shape step a graph captures: no host sync, rows of length 0 are padding.
+        inputs [b, 1] or [b, 1, H] -> hidden [b, 1, H], or logits [b, V] on the last stage."""
+        layout = StepLayout(slots, starts, lengths, self.cache.scratch, steps=1, kv_len=kv_len)
+        hidden = self._layers(layout, inputs)
+        if self.norm is None:
+            return hidden
+        return self.lm_head(self.norm(hidden[:, 0])).float()
+
+    @torch.no_grad()
     def hidden_states(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                       inputs: torch.Tensor) -> torch.Tensor:
         """The decoder layers of this stage: -> hidden states [B, T, H] (K/V written to the cache)."""
         if int(lengths.min()) < 1 or int((starts + lengths).max()) > self.spec.max_context:
             raise ValueError("micro-batch rows must have 1..max_context tokens")
-        layout = StepLayout(slots, starts, lengths, self.cache.scratch)
+        return self._layers(StepLayout(slots, starts, lengths, self.cache.scratch), inputs)
+
+    def _layers(self, layout: StepLayout, inputs: torch.Tensor) -> torch.Tensor:
         self.cache.begin(layout)
         hidden = self.embed(inputs) if self.embed is not None else inputs
         cos_sin = self.rotary(hidden, layout.position_ids)

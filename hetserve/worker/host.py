@@ -283,7 +283,7 @@ class Host:
         layers = load_config(model_dir).num_hidden_layers
         if layers != msg.num_layers:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
-        return StageModel(model_dir, spec, self.settings.device)
+        return StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs)
 
     async def _send(self, msg) -> None:
         if self.control is not None:  # None between a lost leader and the next rejoin

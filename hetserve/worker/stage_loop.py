@@ -96,8 +96,11 @@ class StageLoop:
             inputs = from_frame(step.tensor, frames[0], (rows, steps, model.hidden_size),
                                 (model.spec.dtype,), model.device)
         start = time.perf_counter()
-        out = model.forward(_long(step.slots, model.device), _long(step.starts, model.device),
-                            _long(step.lengths, model.device), inputs, step.sampling)
+        if step.phase == "decode" and model.static_decode.capture and steps == 1:
+            out = model.decode(step.slots, step.starts, inputs, step.sampling)
+        else:
+            out = model.forward(_long(step.slots, model.device), _long(step.starts, model.device),
+                                _long(step.lengths, model.device), inputs, step.sampling)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         elapsed = time.perf_counter() - start

@@ -1,0 +1,72 @@
+"""Fixed-shape decode (what a CUDA graph replays) equals the dynamic path, rows and context padded.
+
+Capture itself needs a GPU; on CPU the same fixed-shape step runs eagerly, so these tests check
+everything a graph would replay: padding rows, the context bucket, the cache writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetserve.model.stage import StageModel, StageSpec
+from hetserve.model.static_decode import BATCH_BUCKETS, CONTEXT_STEP, batch_bucket, context_bucket
+
+from conftest import PROMPTS
+
+
+def test_buckets():
+    assert batch_bucket(1, 8) == 1 and batch_bucket(3, 8) == 4 and batch_bucket(5, 6) == 6
+    assert batch_bucket(9, 64) == 16 and all(b in BATCH_BUCKETS for b in (1, 2, 4, 8, 16, 32, 64))
+    assert context_bucket(1, 2048) == CONTEXT_STEP and context_bucket(CONTEXT_STEP + 1, 2048) == 2 * CONTEXT_STEP
+    assert context_bucket(2000, 1000) == 1000
+
+
+def pair(model_dir, first: bool, last: bool, start: int, end: int):
+    spec = StageSpec(start, end, first=first, last=last, max_seqs=6, max_context=600)
+    return StageModel(model_dir, spec), StageModel(model_dir, spec)
+
+
+def longs(values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def test_static_decode_equals_dynamic_with_padding_and_buckets(model_dir, reference):
+    """Three requests in scattered slots decode past a context bucket boundary (256): the fixed-
+    shape step (batch padded 3 -> 4, context padded to 256 then 512) gives the dynamic outputs."""
+    dynamic, static = pair(model_dir, first=True, last=True, start=0, end=30)
+    assert not static.static_decode.capture  # CPU: the fixed-shape step runs eagerly
+    tok = reference.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]] + [tok(" ".join(PROMPTS) * 8)["input_ids"][:250]]
+    slots = [5, 1, 3]
+    for model in (dynamic, static):
+        for slot, ids in zip(slots, prompts):
+            model.forward(longs([slot]), longs([0]), longs([len(ids)]), longs([ids]))
+    starts = [len(p) for p in prompts]
+    ids = [[p[-1]] for p in prompts]
+    assert len(prompts[2]) == 250
+    crossed = False
+    for _ in range(10):
+        want = dynamic.forward(longs(slots), longs(starts), longs([1, 1, 1]), longs(ids))
+        got = static.decode(slots, starts, longs(ids))
+        assert got.tolist() == want.tolist()
+        crossed |= max(starts) + 1 > CONTEXT_STEP
+        starts = [s + 1 for s in starts]
+        ids = [[t] for t in got.tolist()]
+    assert crossed
+    assert sorted(static.static_decode.buckets) == [(4, 256), (4, 512)]
+
+
+def test_static_decode_of_a_middle_stage_matches_hidden_states(model_dir):
+    """A middle stage (hidden states in and out): the fixed-shape step writes the same K/V and
+    returns the same hidden states as the dynamic path."""
+    dynamic, static = pair(model_dir, first=False, last=False, start=10, end=14)
+    torch.manual_seed(0)
+    prompt = torch.randn(2, 20, dynamic.hidden_size)
+    for model in (dynamic, static):
+        model.forward(longs([0, 2]), longs([0, 0]), longs([20, 13]), prompt)
+    x = torch.randn(2, 1, dynamic.hidden_size)
+    want = dynamic.forward(longs([0, 2]), longs([20, 13]), longs([1, 1]), x)
+    got = static.decode([0, 2], [20, 13], x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for k_dyn, k_static in zip(dynamic.cache.keys, static.cache.keys):
+        torch.testing.assert_close(k_static[:, :, :600], k_dyn[:, :, :600], rtol=1e-5, atol=1e-5)
