@@ -2,6 +2,11 @@
 
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b [--layers 3] [--device cuda]
     python benchmarks/random_model.py DIR DIR --dtype float32   # DIR holds config.json (+ tokenizer)
+    python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer   # + a word-level tokenizer
+
+--tokenizer writes a word-level tokenizer covering the whole vocabulary (no hub here, and the
+real one is not needed for timing), so a leader can serve the directory and `hetserve bench`
+can build prompts of exact token lengths for it.
 
 Only the shape matters for timing; `--layers` keeps fewer decoder layers (all layers of a model
 are the same shape, so a profile of 3 layers is a profile of them all).
@@ -23,6 +28,26 @@ SHAPES = {
 }
 
 
+def word_tokenizer(vocab_size: int):
+    """Words of English text first (so bench's synthetic prompts are real words), then w<i> fillers."""
+    import re
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (Path(__file__).resolve().parent.parent / "hetserve" / "data" / "calibration.txt").read_text()
+    words = list(dict.fromkeys(re.findall(r"\w+|[^\w\s]", text)))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in words + [f"w{i}" for i in range(vocab_size)]:
+        if len(vocab) == vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("shape", help=f"one of {sorted(SHAPES)}, or a directory holding config.json")
@@ -30,6 +55,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tokenizer", action="store_true", help="also write a word-level tokenizer")
     args = parser.parse_args()
     if args.shape in SHAPES:
         config = LlamaConfig(**SHAPES[args.shape])
@@ -40,6 +66,8 @@ def main() -> None:
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
     model.save_pretrained(args.out)
+    if args.tokenizer:
+        word_tokenizer(config.vocab_size).save_pretrained(args.out)
     print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
 
 

@@ -1,0 +1,154 @@
+"""One stage on one GPU: decode step time against the bandwidth floor, eager vs CUDA graphs, prefill
+throughput, and transformers `generate` on the same GPU in the same run.
+
+    python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer
+    python benchmarks/gpu_decode.py /tmp/llama-3-8b --json out.json
+
+The stage holds every layer, the embedding and the head (what `hetserve up --workers 1` runs).
+Floor: bytes a decode step must read (layers + norm + lm_head, quantized sizes as stored) divided
+by the measured device-to-device copy bandwidth (bytes read + written per second). Each decode
+row starts after a `--prompt`-token prefill; times are medians over `--steps` steps, greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hetserve.model.precision import module_bytes
+from hetserve.model.stage import StageModel, StageSpec, load_config
+
+
+def copy_bandwidth(device: torch.device, gib: int = 2) -> float:
+    """Bytes read + written per second by a device-to-device copy."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return 2 * src.numel() * 10 / (time.perf_counter() - start)
+
+
+def timed(fn, device) -> float:
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def longs(values, device):
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def prefill(model: StageModel, rows: int, prompt: int, chunk_rows: int = 8) -> None:
+    device = model.device
+    for lo in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - lo)
+        ids = torch.randint(0, model.embed.num_embeddings, (n, prompt), device=device)
+        model.forward(longs(list(range(lo, lo + n)), device), longs([0] * n, device), longs([prompt] * n, device), ids)
+
+
+def decode_ms(model: StageModel, rows: int, prompt: int, steps: int, graphs: bool) -> float:
+    """Median ms of one greedy decode step of `rows` requests (token ids back on the host)."""
+    device = model.device
+    prefill(model, rows, prompt)
+    slots = list(range(rows))
+    ids = torch.randint(0, model.embed.num_embeddings, (rows, 1), device=device)
+    times = []
+    for i in range(steps + 2):
+        starts = [prompt + i] * rows
+        if graphs:
+            run = lambda: model.decode(slots, starts, ids).tolist()  # noqa: E731
+        else:
+            run = lambda: model.forward(longs(slots, device), longs(starts, device), longs([1] * rows, device),  # noqa: E731
+                                        ids).tolist()
+        times.append(timed(run, device))
+    return statistics.median(times[2:])  # the first steps capture graphs
+
+
+def prefill_tokens_per_s(model: StageModel, length: int) -> float:
+    device = model.device
+    ids = torch.randint(0, model.embed.num_embeddings, (1, length), device=device)
+    run = lambda: model.forward(longs([0], device), longs([0], device), longs([length], device), ids)  # noqa: E731
+    run()
+    return length / (statistics.median(timed(run, device) for _ in range(3)) / 1000)
+
+
+def hf_step_ms(model_dir: Path, batches: list[int], prompt: int, device: torch.device) -> dict[int, float]:
+    """transformers eager generate: ms per decoding step, (t(65 tokens) - t(1 token)) / 64."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    out = {}
+    for b in batches:
+        ids = torch.randint(0, model.config.vocab_size, (b, prompt), device=device)
+
+        def gen(n):
+            return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False)
+        gen(4)()
+        out[b] = (timed(gen(65), device) - timed(gen(1), device)) / 64
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--precisions", default="native,int8,int4")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prefill", default="512,2048")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    batches = [int(b) for b in args.batches.split(",")]
+    lengths = [int(n) for n in args.prefill.split(",")]
+    layers = load_config(args.model_dir).num_hidden_layers
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    results = {"bandwidth_tbs": bandwidth / 1e12, "prompt": args.prompt, "rows": []}
+    hf = hf_step_ms(args.model_dir, batches, args.prompt, device)
+    print(f"transformers generate ms/step: {hf}", flush=True)
+    print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'eager ms':>8} "
+          f"{'graph tok/s':>11} {'vs hf':>6}")
+    for precision in args.precisions.split(","):
+        spec = StageSpec(0, layers, first=True, last=True, dtype="bfloat16", max_seqs=max(batches),
+                         max_context=max(lengths + [args.prompt + args.steps + 8]),
+                         precisions=tuple([precision] * layers))
+        model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True)
+        read = module_bytes(model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
+        floor = read / bandwidth * 1000
+        prefill_rates = {n: round(prefill_tokens_per_s(model, n)) for n in lengths}
+        for b in batches:
+            graph = decode_ms(model, b, args.prompt, args.steps, graphs=True)
+            eager = decode_ms(model, b, args.prompt, args.steps, graphs=False)
+            row = {"precision": precision, "batch": b, "weight_gb": read / 1e9, "floor_ms": floor,
+                   "graph_ms": graph, "eager_ms": eager, "hf_ms": hf.get(b) if precision == "native" else None,
+                   "prefill_tokens_per_s": prefill_rates}
+            results["rows"].append(row)
+            vs_hf = f"{hf[b] / graph:6.1f}" if precision == "native" else f"{'':>6}"
+            print(f"{precision:>9} {b:>5} {floor:8.2f} {graph:8.2f} {graph / floor:6.2f} {eager:8.2f} "
+                  f"{b / graph * 1000:11.0f} {vs_hf}", flush=True)
+        print(f"{precision:>9} prefill tokens/s (batch 1): {prefill_rates}; graphs {model.static_decode.captured}",
+              flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
