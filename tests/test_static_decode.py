@@ -70,3 +70,20 @@ def test_static_decode_of_a_middle_stage_matches_hidden_states(model_dir):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for k_dyn, k_static in zip(dynamic.cache.keys, static.cache.keys):
         torch.testing.assert_close(k_static[:, :, :600], k_dyn[:, :, :600], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():
+    """The GPU decode attention (query heads grouped per K/V head) equals transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hetserve.model.attention import grouped_decode_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    query, key, value = torch.randn(4, 9, 1, 16), torch.randn(4, 3, 40, 16), torch.randn(4, 3, 40, 16)
+    mask = torch.arange(40)[None, None, None, :] <= torch.tensor([5, 39, 0, 17])[:, None, None, None]
+    got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == want.shape == (4, 1, 9, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from . import attention
 from .arch import architecture, attention_window
 from .kv_cache import SlotKVCache, StepLayout
 from .precision import apply_precisions, module_bytes
@@ -122,7 +123,9 @@ class StageModel:
         # Layers are numbered from 0 inside a stage: attention calls cache.update(..., layer_idx).
         stage_config = AutoConfig.from_pretrained(model_dir)
         stage_config.num_hidden_layers = spec.end - spec.start
-        stage_config._attn_implementation = "sdpa"
+        # On a GPU, decode attention without repeated K/V heads (attention.py); on CPU transformers'
+        # own SDPA, which keeps the output identical to transformers'.
+        stage_config._attn_implementation = attention.NAME if self.device.type == "cuda" else "sdpa"
         self.config = stage_config
 
         index = tensor_index(model_dir)
