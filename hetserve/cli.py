@@ -32,7 +32,7 @@ LIMIT_HELP = {
     "prefill_seqs": "Most requests in one prefill micro-batch.",
     "prefill_tokens": "Most prompt tokens in one prefill micro-batch; longer prompts are chunked.",
     "decode_seqs": "Most requests in one decode micro-batch.",
-    "max_in_flight": "Micro-batches in the pipeline at once; 0 = one per stage.",
+    "max_in_flight": "Micro-batches in the pipeline at once; 0 = chosen at runtime from measured stage times (one per stage up).",
 }
 
 
@@ -451,6 +451,10 @@ def status(server, as_json, token_file):
     click.echo(f"requests: {info['running']} running, {info['queued']} queued, {info['free_slots']} free slots, "
                f"{info['in_flight']} micro-batches in flight; {info['generated_tokens']} tokens generated, "
                f"{info['tokens_per_s']} tokens/s now")
+    if batching := info.get("batching"):
+        click.echo(f"batching ({batching['regime'] or 'idle'}): prefill chunks of {batching['prefill_tokens']} tokens, "
+                   f"{batching['max_in_flight']} micro-batches in flight, decode round trip "
+                   f"{batching['decode_round_ms']} ms, prefill {batching['prefill_ms_per_token']} ms/token")
     rows = [("STAGE", "HOST", "DEVICE", "MEM GiB", "LAYERS", "PRECISION", "STATE", "HEALTH", "LOAD", "STEPS",
              "PREFILL ms", "DECODE ms")]
     for h in info["hosts"]:

@@ -27,9 +27,11 @@ class Limits:
     max_queued_tokens: int = 262144  # prompt tokens of the requests waiting for a slot, in all
     prefill_seqs: int = 4  # most requests in one prefill micro-batch
     prefill_tokens: int = 512  # most prompt tokens in one prefill micro-batch (longer prompts
-    #                            are prefilled in chunks so decode keeps flowing between them)
+    #                            are prefilled in chunks so decode keeps flowing between them;
+    #                            while requests decode, the leader may choose smaller chunks)
     decode_seqs: int = 8  # most requests in one decode micro-batch
-    max_in_flight: int = 0  # micro-batches in the pipeline at once; 0 = one per stage
+    max_in_flight: int = 0  # micro-batches in the pipeline at once; 0 = chosen at runtime from measured
+    #                          stage times (leader/batching.py), from one per stage up
 
     def check(self) -> None:
         for name in ("max_seqs", "max_context", "default_max_tokens", "max_queued", "max_queued_tokens",

@@ -33,6 +33,9 @@ def test_up_generate_status(cluster_factory):
     assert "worker-0" in status.stdout and "worker-1" in status.stdout and "serving" in status.stdout
     info = json.loads(hetserve("status", "--server", cluster.serve, "--json").stdout)
     assert [h["layers"] for h in info["hosts"]] == [[0, 15], [15, 30]]
+    # Sizes chosen at runtime, from the stage times measured by the requests above.
+    assert "batching (" in status.stdout and info["batching"]["max_in_flight"] >= 2
+    assert info["batching"]["decode_round_ms"] > 0 and info["batching"]["prefill_ms_per_token"] > 0
     # A host joining later is used: the leader re-plans over all three.
     extra = subprocess.Popen(hetserve_cmd() + ["join", "--leader", cluster.listen, "--name", "extra", "--threads", "1",
                                                "--model", "smollm2-135m", "--log-level", "warning"])

@@ -20,6 +20,7 @@ from ..config import Limits
 from ..stats import ema
 from ..wire.client import done_event, error_event, token_event
 from ..wire.messages import SamplingRows, Step, StepFailed, StepResult, TensorMeta
+from .batching import Measured, Sizes, choose_sizes
 from .scheduler import BatchLimits, MicroBatch, RequestView, next_microbatch
 from .text import TextStream
 
@@ -116,6 +117,9 @@ class Engine:
         self.generated_tokens = 0
         self.token_rate = TokenRate()
         self.batch_rows = {"prefill": 0.0, "decode": 0.0}  # moving average of rows per micro-batch
+        self.decode_round_ms = 0.0  # moving average: a decode micro-batch's send -> result
+        self.prefill_ms_per_token = 0.0  # moving average: the slowest stage's prefill ms per token
+        self.sizes: Sizes | None = None  # what batching.choose_sizes chose last
         self.outcomes: Counter[str] = Counter()  # finish reasons, "error", "overloaded"
         self._next_key = 0
         self._next_mb = 0
@@ -186,8 +190,11 @@ class Engine:
     def schedule(self) -> None:
         if not self.num_stages:
             return
-        batch_limits = BatchLimits(self.limits.prefill_seqs, self.limits.prefill_tokens,
-                                   self.limits.decode_seqs, self.limits.max_in_flight or self.num_stages)
+        decoding = sum(1 for r in self.requests.values() if r.slot is not None and r.prompt_left == 0)
+        measured = Measured(tuple(self.times["decode"].stage_ms), self.decode_round_ms, self.prefill_ms_per_token)
+        self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding)
+        batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
+                                   self.sizes.max_in_flight)
         while True:
             views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight)
                      for r in self.requests.values()]
@@ -231,7 +238,7 @@ class Engine:
             self.on_failure(StepFailed(result.mb, -1, "the last stage returned a malformed result", self.epoch))
             return
         del self.in_flight[result.mb]
-        self.times[flight.phase].add(result.stage_ms)
+        self._measure(flight, result)
         for (request, tokens), token in zip(flight.rows, result.tokens):
             request.in_flight = False
             if request.done:
@@ -241,6 +248,14 @@ class Engine:
                 self._accept_token(request, token)
         self.token_rate.add(self.generated_tokens, time.monotonic())
         self.schedule()
+
+    def _measure(self, flight: InFlight, result: StepResult) -> None:
+        self.times[flight.phase].add(result.stage_ms)
+        if flight.phase == "decode":
+            self.decode_round_ms = ema(self.decode_round_ms, (time.monotonic() - flight.sent) * 1000)
+        elif result.stage_ms:
+            tokens = sum(t for _, t in flight.rows)
+            self.prefill_ms_per_token = ema(self.prefill_ms_per_token, max(result.stage_ms) / tokens)
 
     def on_failure(self, failure: StepFailed) -> None:
         if failure.epoch != self.epoch:
@@ -313,4 +328,15 @@ class Engine:
             "batch_rows": {phase: round(rows, 2) for phase, rows in self.batch_rows.items()},
             "outcomes": dict(self.outcomes),
             "stage_ms": {phase: [round(ms, 2) for ms in t.stage_ms] for phase, t in self.times.items()},
+            "batching": self._batching(),
         }
+
+    def _batching(self) -> dict:
+        """The sizes in use and what they were chosen from (batching.py)."""
+        sizes = self.sizes
+        return {"regime": sizes.regime if sizes else None,
+                "prefill_tokens": sizes.prefill_tokens if sizes else self.limits.prefill_tokens,
+                "max_in_flight": sizes.max_in_flight if sizes else self.limits.max_in_flight,
+                "decode_seqs": self.limits.decode_seqs,
+                "decode_round_ms": round(self.decode_round_ms, 2),
+                "prefill_ms_per_token": round(self.prefill_ms_per_token, 4)}

@@ -1,0 +1,66 @@
+"""Runtime micro-batch sizes: the pure controller, and the engine re-sizing from what it measures."""
+
+from __future__ import annotations
+
+from hetserve.config import Limits
+from hetserve.leader.batching import (MAX_IN_FLIGHT_PER_STAGE, MIN_PREFILL_TOKENS, STALL_DECODE_STEPS, Measured,
+                                      choose_sizes)
+from hetserve.leader.engine import Engine
+from hetserve.wire.messages import StepResult
+
+LIMITS = Limits(max_seqs=64, prefill_tokens=2048, decode_seqs=64)
+
+
+def test_unmeasured_starts_from_the_limits_one_microbatch_per_stage():
+    sizes = choose_sizes(LIMITS, 3, Measured(), decoding=10)
+    assert (sizes.prefill_tokens, sizes.max_in_flight) == (2048, 3)
+
+
+def test_nothing_decoding_prefills_in_whole_chunks():
+    measured = Measured((10.0, 10.0), 20.0, prefill_ms_per_token=0.5)
+    sizes = choose_sizes(LIMITS, 2, measured, decoding=0)
+    assert sizes.regime == "prefill" and sizes.prefill_tokens == 2048
+
+
+def test_decoding_caps_the_chunk_at_a_few_decode_steps_of_the_slowest_stage():
+    measured = Measured((4.0, 10.0), 15.0, prefill_ms_per_token=0.1)
+    sizes = choose_sizes(LIMITS, 2, measured, decoding=16)
+    assert sizes.regime == "decode" and sizes.prefill_tokens == int(STALL_DECODE_STEPS * 10.0 / 0.1)  # 400
+    slow_prefill = Measured((4.0, 10.0), 15.0, prefill_ms_per_token=50.0)
+    assert choose_sizes(LIMITS, 2, slow_prefill, decoding=16).prefill_tokens == MIN_PREFILL_TOKENS
+    fast_prefill = Measured((4.0, 10.0), 15.0, prefill_ms_per_token=1e-4)
+    assert choose_sizes(LIMITS, 2, fast_prefill, decoding=16).prefill_tokens == 2048
+
+
+def test_in_flight_hides_the_round_trip_within_bounds():
+    # Round trip 3x the slowest stage: 3 micro-batches keep it busy (2 stages: bound is 4).
+    assert choose_sizes(LIMITS, 2, Measured((5.0, 10.0), 30.0, 0.1), decoding=32).max_in_flight == 3
+    # A round trip no longer than the compute needs no more than one per stage.
+    assert choose_sizes(LIMITS, 2, Measured((10.0, 10.0), 20.0, 0.1), decoding=32).max_in_flight == 2
+    # Never past the bound, never more micro-batches than decoding requests.
+    assert choose_sizes(LIMITS, 2, Measured((1.0, 1.0), 100.0, 0.1), decoding=32).max_in_flight == \
+        MAX_IN_FLIGHT_PER_STAGE * 2
+    assert choose_sizes(LIMITS, 1, Measured((1.0,), 100.0, 0.1), decoding=1).max_in_flight == 1
+    # The operator's choice stands.
+    pinned = Limits(max_in_flight=5)
+    assert choose_sizes(pinned, 2, Measured((1.0, 1.0), 100.0, 0.1), decoding=32).max_in_flight == 5
+
+
+def test_engine_resizes_prefill_chunks_once_requests_decode():
+    """A long prompt arriving while another request decodes is chunked by the measured times."""
+    sent = []
+    limits = Limits(max_seqs=4, max_context=4096, prefill_tokens=2048, prefill_seqs=4, default_max_tokens=64)
+    engine = Engine(limits, {2}, lambda ids: "", lambda step, ids: sent.append(step), vocab_size=100)
+    engine.pipeline_ready(1)
+    engine.new_request("a", [].append, [5] * 100, 64, 0.0, 0, 1.0, 1, (), True)
+    assert sent[-1].phase == "prefill" and sent[-1].lengths == [100]
+    engine.on_result(StepResult(sent[-1].mb, [7], [50.0]))  # prefill: 0.5 ms per token
+    for _ in range(3):
+        engine.on_result(StepResult(sent[-1].mb, [7], [10.0]))  # decode: 10 ms per micro-batch
+    assert engine.snapshot()["batching"]["regime"] == "decode"
+    engine.new_request("b", [].append, [5] * 1000, 64, 0.0, 0, 1.0, 1, (), True)
+    engine.on_result(StepResult(sent[-1].mb, [7], [10.0]))  # the decode in flight comes back
+    prefill = next(s for s in reversed(sent) if s.phase == "prefill")
+    assert prefill.lengths == [int(STALL_DECODE_STEPS * 10.0 / 0.5)]  # 80 tokens, not 1000
+    status = engine.snapshot()["batching"]
+    assert status["prefill_tokens"] == 80 and status["prefill_ms_per_token"] == 0.5
