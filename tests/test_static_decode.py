@@ -6,6 +6,7 @@ everything a graph would replay: padding rows, the context bucket, the cache wri
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hetserve.model.stage import StageModel, StageSpec
@@ -21,8 +22,8 @@ def test_buckets():
     assert context_bucket(2000, 1000) == 1000
 
 
-def pair(model_dir, first: bool, last: bool, start: int, end: int):
-    spec = StageSpec(start, end, first=first, last=last, max_seqs=6, max_context=600)
+def pair(model_dir, first: bool, last: bool, start: int, end: int, slots: int = 6):
+    spec = StageSpec(start, end, first=first, last=last, max_seqs=slots, max_context=600)
     return StageModel(model_dir, spec), StageModel(model_dir, spec)
 
 
@@ -30,14 +31,18 @@ def longs(values):
     return torch.tensor(values, dtype=torch.long)
 
 
-def test_static_decode_equals_dynamic_with_padding_and_buckets(model_dir, reference):
+@pytest.mark.parametrize("slots, buckets", [
+    (16, [(4, 256, False), (4, 512, False)]),  # 3 rows of 16 slots: padded to 4 rows, K/V gathered
+    (6, [(6, 256, True), (6, 512, True)]),  # 3 rows of 6 slots: one row per slot, K/V in place
+])
+def test_static_decode_equals_dynamic_with_padding_and_buckets(model_dir, reference, slots, buckets):
     """Three requests in scattered slots decode past a context bucket boundary (256): the fixed-
-    shape step (batch padded 3 -> 4, context padded to 256 then 512) gives the dynamic outputs."""
-    dynamic, static = pair(model_dir, first=True, last=True, start=0, end=30)
+    shape step (rows padded, context padded to 256 then 512) gives the dynamic outputs."""
+    dynamic, static = pair(model_dir, first=True, last=True, start=0, end=30, slots=slots)
     assert not static.static_decode.capture  # CPU: the fixed-shape step runs eagerly
     tok = reference.tokenizer
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]] + [tok(" ".join(PROMPTS) * 8)["input_ids"][:250]]
-    slots = [5, 1, 3]
+    slots = [5, 1, 3]  # scattered, within 6 slots
     for model in (dynamic, static):
         for slot, ids in zip(slots, prompts):
             model.forward(longs([slot]), longs([0]), longs([len(ids)]), longs([ids]))
@@ -53,7 +58,7 @@ def test_static_decode_equals_dynamic_with_padding_and_buckets(model_dir, refere
         starts = [s + 1 for s in starts]
         ids = [[t] for t in got.tolist()]
     assert crossed
-    assert sorted(static.static_decode.buckets) == [(4, 256), (4, 512)]
+    assert sorted(static.static_decode.buckets) == buckets
 
 
 def test_static_decode_of_a_middle_stage_matches_hidden_states(model_dir):
@@ -67,9 +72,10 @@ def test_static_decode_of_a_middle_stage_matches_hidden_states(model_dir):
     x = torch.randn(2, 1, dynamic.hidden_size)
     want = dynamic.forward(longs([0, 2]), longs([20, 13]), longs([1, 1]), x)
     got = static.decode([0, 2], [20, 13], x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Within float32 rounding: the step runs one row per slot (6, not 2), so matmuls block differently.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for k_dyn, k_static in zip(dynamic.cache.keys, static.cache.keys):
-        torch.testing.assert_close(k_static[:, :, :600], k_dyn[:, :, :600], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k_static[:, :, :600], k_dyn[:, :, :600], rtol=1e-4, atol=1e-4)
 
 
 def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():

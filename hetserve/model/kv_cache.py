@@ -50,6 +50,8 @@ class SlotKVCache:
         # Indices on dims 0 and 2 around a slice: the indexed view is [B, T, kv_heads, head_dim].
         keys[lay.slot_rows, :, lay.write_pos] = key_states.transpose(1, 2)
         values[lay.slot_rows, :, lay.write_pos] = value_states.transpose(1, 2)
+        if lay.every_slot:  # row i is slot i: attend to the cache in place, no gather
+            return keys[:, :, : lay.kv_len], values[:, :, : lay.kv_len]
         return (keys[:, :, : lay.kv_len].index_select(0, lay.slots),
                 values[:, :, : lay.kv_len].index_select(0, lay.slots))
 
@@ -63,14 +65,17 @@ class StepLayout:
     """
 
     def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scratch: int,
-                 steps: int | None = None, kv_len: int | None = None):
+                 steps: int | None = None, kv_len: int | None = None, every_slot: bool = False):
         """steps, kv_len: fixed sizes for a static-shape step (a captured CUDA graph: no host sync,
-        rows with length 0 are padding); None = the batch's own, read from the tensors."""
+        rows with length 0 are padding); None = the batch's own, read from the tensors.
+        every_slot: the rows are all the cache's slots in order (slots = 0..S-1), so attention
+        reads the cache where it lies instead of a gathered copy."""
         device = slots.device
         steps = int(lengths.max()) if steps is None else steps
         t = torch.arange(steps, device=device)
         self.slots = slots
         self.slot_rows = slots[:, None]
+        self.every_slot = every_slot
         self.lengths = lengths
         self.position_ids = starts[:, None] + t[None, :]
         valid = t[None, :] < lengths[:, None]

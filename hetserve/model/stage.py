@@ -194,10 +194,11 @@ class StageModel:
         return out if self.norm is None else sample(out, sampling)
 
     def static_decode_step(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                           inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+                           inputs: torch.Tensor, kv_len: int, every_slot: bool = False) -> torch.Tensor:
         """The fixed-shape step a graph captures: no host sync, rows of length 0 are padding.
-        inputs [b, 1] or [b, 1, H] -> hidden [b, 1, H], or logits [b, V] on the last stage."""
-        layout = StepLayout(slots, starts, lengths, self.cache.scratch, steps=1, kv_len=kv_len)
+        inputs [b, 1] or [b, 1, H] -> hidden [b, 1, H], or logits [b, V] on the last stage.
+        every_slot: row i is slot i for every slot (StepLayout)."""
+        layout = StepLayout(slots, starts, lengths, self.cache.scratch, steps=1, kv_len=kv_len, every_slot=every_slot)
         hidden = self._layers(layout, inputs)
         if self.norm is None:
             return hidden
