@@ -4,6 +4,12 @@ Streaming pieces must concatenate to exactly the final text. Two things make a p
 send yet: a trailing partial UTF-8 character (the tokenizer decodes it as U+FFFD until the rest
 arrives), and a tail that could be the start of a stop string (if the string completes, that text
 is cut). Such text is held back until it is settled or the request finishes.
+
+Each token decodes only a short window of the newest tokens, not the whole completion (vLLM's
+prefix/read offsets): `decode(tokens[prefix:])` minus `decode(tokens[prefix:read])` is the new
+text, where the window starts one settled token back so that tokenizers which treat a leading
+space specially (SentencePiece) see the same context they would in the whole text. The whole
+completion is decoded once, at finish(), to release what was held back.
 """
 
 from __future__ import annotations
@@ -18,16 +24,23 @@ class TextStream:
         self._decode = decode
         self._stop = stop
         self._tokens: list[int] = []
+        self._prefix = 0  # window start: one settled token back
+        self._read = 0  # tokens whose text is in self._text
+        self._text = ""  # text of tokens[:read], settled (no partial character at its end)
         self.emitted = ""  # what has been sent; always a prefix of the final text
         self.stopped = False  # a stop string was found; the text ends before it
 
     def push(self, token_id: int) -> str:
         """Add a generated token; return the piece that may be sent now."""
         self._tokens.append(token_id)
-        text = self._decode(self._tokens)
-        if not text.startswith(self.emitted):
-            # Not prefix-stable (rare for byte-level BPE): wait; finish() settles it.
+        before = self._decode(self._tokens[self._prefix:self._read])
+        window = self._decode(self._tokens[self._prefix:])
+        if len(window) <= len(before) or window.endswith(REPLACEMENT) or not window.startswith(before):
+            # A partial character, or no new text yet: wait for the next token (finish() settles all).
             return ""
+        self._text += window[len(before):]
+        self._prefix, self._read = self._read, len(self._tokens)
+        text = self._text
         cut = self._find_stop(text)
         if cut is not None:
             self.stopped = True
