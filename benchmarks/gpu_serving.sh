@@ -20,7 +20,7 @@ for workers in 1 2; do
   for c in ${levels[*]}; do
     extra=()
     [ "$workers" = 1 ] && extra=(--baseline hf --device cuda --dtype bfloat16)
-    hetserve bench --server 127.0.0.1:5566 --model "$model" -c "$c" --requests $((c * 3)) --prompt-tokens 128 \
+    hetserve bench --server 127.0.0.1:5566 --model "$model" -c "$c" --requests $((c * 2)) --prompt-tokens 128 \
       --output-tokens 128 --wait 600 --no-progress "${extra[@]}" --json "$out/stages$workers-c$c.json" \
       | tee "$out/stages$workers-c$c.txt"
   done
