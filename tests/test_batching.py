@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from hetserve.config import Limits
-from hetserve.leader.batching import (MAX_IN_FLIGHT_PER_STAGE, MIN_PREFILL_TOKENS, STALL_DECODE_STEPS, Measured,
+import pytest
+
+from hetserve.leader.batching import (MAX_IN_FLIGHT_PER_STAGE, MIN_PREFILL_TOKENS, STALL_DECODE_STEPS, Measured, RowFit,
                                       choose_sizes)
 from hetserve.leader.engine import Engine
 from hetserve.wire.messages import StepResult
@@ -32,18 +34,35 @@ def test_decoding_caps_the_chunk_at_a_few_decode_steps_of_the_slowest_stage():
     assert choose_sizes(LIMITS, 2, fast_prefill, decoding=16).prefill_tokens == 2048
 
 
-def test_in_flight_hides_the_round_trip_within_bounds():
-    # Round trip 3x the slowest stage: 3 micro-batches keep it busy (2 stages: bound is 4).
-    assert choose_sizes(LIMITS, 2, Measured((5.0, 10.0), 30.0, 0.1), decoding=32).max_in_flight == 3
-    # A round trip no longer than the compute needs no more than one per stage.
-    assert choose_sizes(LIMITS, 2, Measured((10.0, 10.0), 20.0, 0.1), decoding=32).max_in_flight == 2
-    # Never past the bound, never more micro-batches than decoding requests.
-    assert choose_sizes(LIMITS, 2, Measured((1.0, 1.0), 100.0, 0.1), decoding=32).max_in_flight == \
-        MAX_IN_FLIGHT_PER_STAGE * 2
-    assert choose_sizes(LIMITS, 1, Measured((1.0,), 100.0, 0.1), decoding=1).max_in_flight == 1
+def fitted(fixed: float, per_row: float, rows=(8, 16, 32)) -> RowFit:
+    fit = RowFit()
+    for _ in range(4):
+        for r in rows:
+            fit = fit.add(r, fixed + per_row * r)
+    return fit
+
+
+def test_the_fit_recovers_a_line_and_waits_for_spread():
+    fixed, per_row = fitted(3.0, 0.5).line()
+    assert fixed == pytest.approx(3.0) and per_row == pytest.approx(0.5)
+    assert fitted(3.0, 0.5, rows=(16,)).line() is None  # one size only: the slope is unknown
+
+
+def test_in_flight_rises_only_where_smaller_microbatches_are_cheaper():
+    # CPU-like: cost grows with rows; a leader overhead of 30 ms on a 16 ms step is hidden by 2 per stage.
+    cpu = Measured((16.0,), 46.0, 0.1, 32.0, fitted(0.0, 0.5))
+    assert choose_sizes(LIMITS, 1, cpu, decoding=32).max_in_flight == MAX_IN_FLIGHT_PER_STAGE
+    # GPU-like: a step costs the same at 8 rows as at 32; splitting only multiplies it.
+    gpu = Measured((10.0,), 25.0, 0.1, 32.0, fitted(10.0, 0.0))
+    assert choose_sizes(LIMITS, 1, gpu, decoding=32).max_in_flight == 1
+    # No overhead to hide: one per stage.
+    assert choose_sizes(LIMITS, 2, Measured((8.0, 8.0), 16.0, 0.1, 16.0, fitted(0.0, 0.5)), decoding=32) \
+        .max_in_flight == 2
+    # Unknown slope, or fewer decoding requests than stages: one per stage.
+    assert choose_sizes(LIMITS, 2, Measured((1.0, 1.0), 100.0, 0.1, 16.0), decoding=32).max_in_flight == 2
+    assert choose_sizes(LIMITS, 2, cpu, decoding=2).max_in_flight == 2
     # The operator's choice stands.
-    pinned = Limits(max_in_flight=5)
-    assert choose_sizes(pinned, 2, Measured((1.0, 1.0), 100.0, 0.1), decoding=32).max_in_flight == 5
+    assert choose_sizes(Limits(max_in_flight=5), 2, cpu, decoding=32).max_in_flight == 5
 
 
 def test_engine_resizes_prefill_chunks_once_requests_decode():

@@ -3,13 +3,17 @@
 The plan (or the operator's limits) gives starting sizes; what pays depends on the devices, the
 precisions and the mix of work, so the leader re-sizes from what it measures:
 
-- Decode micro-batches in flight: one per stage keeps every stage busy only if a micro-batch's
-  round trip (all stages, the links, the leader's own work) is no longer than the stages' compute.
-  With round trip R and the slowest stage's time D per decode micro-batch, the slowest stage
-  stays busy with ceil(R / D) micro-batches circulating (each of ceil(decoding / m) rows). More
-  than that only makes micro-batches smaller (less weight reuse), so the count is the smallest
-  one that hides R, between one per stage and MAX_IN_FLIGHT_PER_STAGE per stage, and never more
-  than there are decoding requests.
+- Decode micro-batches in flight: one per stage keeps every stage busy when a micro-batch's round
+  trip is all compute. What the round trip adds beyond the stages' compute (the leader's own work
+  per micro-batch, the links) leaves stages idle; more, smaller micro-batches in flight hide it,
+  but only where a smaller micro-batch is also cheaper. On a GPU a decode step costs about the
+  same at 8 rows as at 64 (it is bound by reading the weights), so splitting the batch there only
+  multiplies the work; on a CPU the cost grows with the rows, so splitting hides the overhead.
+  The engine fits the slowest stage's decode time to its rows (decode_ms = fixed + per_row x
+  rows, from the micro-batches it has seen) and the count is the one, between one and
+  MAX_IN_FLIGHT_PER_STAGE per stage, with the highest predicted rate:
+      rate(m) = decoding / max(round trip at b rows, m x slowest stage at b rows), b = decoding / m.
+  Without a fit (all micro-batches the same size so far) the count stays at one per stage.
 - Prefill chunk (tokens per prefill micro-batch): a chunk holds up every decode micro-batch
   behind it on each stage. While requests are decoding, a chunk is kept to at most
   STALL_DECODE_STEPS decode micro-batches of the slowest stage's time (steady time per output
@@ -31,6 +35,37 @@ STALL_DECODE_STEPS = 4.0  # a prefill chunk may hold decode up for this many dec
 MIN_PREFILL_TOKENS = 32  # chunks never get smaller: below this a chunk's fixed costs dominate
 
 
+FIT_DECAY = 0.95  # weight of the past in the decode-time fit per micro-batch: about the last 20 count
+MIN_ROWS_SPREAD = 1.0  # rows' standard deviation needed before the fit's slope is trusted
+
+
+@dataclass(frozen=True)
+class RowFit:
+    """Decayed least-squares sums of (rows, slowest stage ms) over decode micro-batches."""
+
+    n: float = 0.0
+    rows: float = 0.0
+    rows2: float = 0.0
+    ms: float = 0.0
+    rows_ms: float = 0.0
+
+    def add(self, rows: int, ms: float) -> "RowFit":
+        d = FIT_DECAY
+        return RowFit(d * self.n + 1, d * self.rows + rows, d * self.rows2 + rows * rows, d * self.ms + ms,
+                      d * self.rows_ms + rows * ms)
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed ms, ms per row), or None while the rows have not varied enough to tell."""
+        if self.n < 2:
+            return None
+        mean_rows, mean_ms = self.rows / self.n, self.ms / self.n
+        var = self.rows2 / self.n - mean_rows ** 2
+        if var < MIN_ROWS_SPREAD ** 2:
+            return None
+        slope = max(0.0, (self.rows_ms / self.n - mean_rows * mean_ms) / var)
+        return max(0.0, mean_ms - slope * mean_rows), slope
+
+
 @dataclass(frozen=True)
 class Measured:
     """Moving averages the engine keeps; 0 = not measured yet."""
@@ -38,6 +73,8 @@ class Measured:
     decode_stage_ms: tuple[float, ...] = ()  # per stage, one decode micro-batch
     decode_round_ms: float = 0.0  # send to result of a decode micro-batch, all included
     prefill_ms_per_token: float = 0.0  # the slowest stage's prefill time per prompt token
+    decode_rows: float = 0.0  # rows per decode micro-batch, the same moving average as the times
+    decode_fit: RowFit = RowFit()  # the slowest stage's decode ms against rows
 
 
 @dataclass(frozen=True)
@@ -60,9 +97,19 @@ def choose_sizes(limits: Limits, stages: int, measured: Measured, decoding: int)
 
 
 def _decode_in_flight(stages: int, measured: Measured, decoding: int) -> int:
+    line = measured.decode_fit.line()
     slowest = max(measured.decode_stage_ms, default=0.0)
-    if slowest <= 0 or measured.decode_round_ms <= 0:
+    if line is None or slowest <= 0 or measured.decode_round_ms <= 0 or measured.decode_rows <= 0 \
+            or decoding <= stages:
         return stages
-    hide = math.ceil(measured.decode_round_ms / slowest - 1e-9)
-    wanted = min(max(stages, hide), MAX_IN_FLIGHT_PER_STAGE * stages)
-    return max(stages, min(wanted, decoding)) if decoding > stages else stages
+    fixed, per_row = line
+    # What the round trip holds beyond the stages' compute: the leader and the links.
+    overhead = max(0.0, measured.decode_round_ms - sum(measured.decode_stage_ms))
+    scale_all = sum(measured.decode_stage_ms) / slowest  # all stages' time relative to the slowest's
+
+    def rate(m: int) -> float:
+        slow = fixed + per_row * math.ceil(decoding / m)
+        return decoding / max(slow * scale_all + overhead, m * slow)
+
+    counts = range(stages, min(MAX_IN_FLIGHT_PER_STAGE * stages, decoding) + 1)
+    return max(counts, key=lambda m: (rate(m) * (1 - 1e-9 * m)))  # ties: fewer, larger micro-batches

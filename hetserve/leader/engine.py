@@ -20,7 +20,7 @@ from ..config import Limits
 from ..stats import ema
 from ..wire.client import done_event, error_event, token_event
 from ..wire.messages import SamplingRows, Step, StepFailed, StepResult, TensorMeta
-from .batching import Measured, Sizes, choose_sizes
+from .batching import Measured, RowFit, Sizes, choose_sizes
 from .scheduler import BatchLimits, MicroBatch, RequestView, next_microbatch
 from .text import TextStream
 
@@ -119,6 +119,7 @@ class Engine:
         self.batch_rows = {"prefill": 0.0, "decode": 0.0}  # moving average of rows per micro-batch
         self.decode_round_ms = 0.0  # moving average: a decode micro-batch's send -> result
         self.prefill_ms_per_token = 0.0  # moving average: the slowest stage's prefill ms per token
+        self.decode_fit = RowFit()  # the slowest stage's decode ms against rows per micro-batch
         self.sizes: Sizes | None = None  # what batching.choose_sizes chose last
         self.outcomes: Counter[str] = Counter()  # finish reasons, "error", "overloaded"
         self._next_key = 0
@@ -191,7 +192,8 @@ class Engine:
         if not self.num_stages:
             return
         decoding = sum(1 for r in self.requests.values() if r.slot is not None and r.prompt_left == 0)
-        measured = Measured(tuple(self.times["decode"].stage_ms), self.decode_round_ms, self.prefill_ms_per_token)
+        measured = Measured(tuple(self.times["decode"].stage_ms), self.decode_round_ms, self.prefill_ms_per_token,
+                            self.batch_rows["decode"], self.decode_fit)
         self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding)
         batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
                                    self.sizes.max_in_flight)
@@ -253,6 +255,8 @@ class Engine:
         self.times[flight.phase].add(result.stage_ms)
         if flight.phase == "decode":
             self.decode_round_ms = ema(self.decode_round_ms, (time.monotonic() - flight.sent) * 1000)
+            if result.stage_ms:
+                self.decode_fit = self.decode_fit.add(len(flight.rows), max(result.stage_ms))
         elif result.stage_ms:
             tokens = sum(t for _, t in flight.rows)
             self.prefill_ms_per_token = ema(self.prefill_ms_per_token, max(result.stage_ms) / tokens)
@@ -339,4 +343,5 @@ class Engine:
                 "max_in_flight": sizes.max_in_flight if sizes else self.limits.max_in_flight,
                 "decode_seqs": self.limits.decode_seqs,
                 "decode_round_ms": round(self.decode_round_ms, 2),
+                "decode_ms_fit": [round(v, 4) for v in line] if (line := self.decode_fit.line()) else None,
                 "prefill_ms_per_token": round(self.prefill_ms_per_token, 4)}
