@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_STEP = 256  # context buckets: padded attention costs at most this many extra keys per row
-EVERY_SLOT_SHARE = 0.25  # rows / slots from which a step runs every slot instead of gathering K/V
+# rows / slots from which a step runs every slot instead of gathering K/V. Measured on an H200
+# (Llama-3-8B shape, 64 slots, docs/benchmarks.md): at 16 rows bf16 gained (10.9 -> 9.6 ms) but
+# quanto's int4 kernel, whose cost grows with rows, lost (15.0 -> 37.4 ms); at 64 rows both gain.
+EVERY_SLOT_SHARE = 0.5
 
 
 def batch_bucket(rows: int, max_rows: int) -> int:
