@@ -53,8 +53,10 @@ def device_name(device: torch.device) -> str:
 
 
 def profile_path(model_dir: Path, device: torch.device, dtype: str) -> Path:
+    # GPU profiles made before decode ran from CUDA graphs timed eager decode: not reused.
+    graphs = ["decode from cuda graphs"] if device.type == "cuda" else []
     key = hashlib.sha256(json.dumps([device_name(device), model_key(model_dir), dtype, software_versions(),
-                                     supported_precisions(device)]).encode()).hexdigest()[:16]
+                                     supported_precisions(device), *graphs]).encode()).hexdigest()[:16]
     return hetserve_home() / "profiles" / f"{device_name(device).replace(' ', '_')}-{key}.json"
 
 
@@ -106,6 +108,10 @@ def step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int
     else:
         starts, lengths, steps = torch.full((batch,), tokens - 1, device=dev), torch.ones(batch, dtype=torch.long, device=dev), 1
     hidden = torch.randn(batch, steps, stage.hidden_size, dtype=stage.dtype, device=dev)
+    if phase == "decode" and stage.static_decode.capture:
+        # The path serving takes on a GPU: CUDA-graph replay (captured in the warm-ups).
+        slot_list, start_list = slots.tolist(), starts.tolist()
+        return _time_ms(lambda: stage.decode(slot_list, start_list, hidden), dev, repeats)
     return _time_ms(lambda: stage.hidden_states(slots, starts, lengths, hidden), dev, repeats)
 
 
