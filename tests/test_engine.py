@@ -82,3 +82,13 @@ def test_replay_refeeds_the_whole_history_and_continues_the_token_count():
     assert replay.sampling.step == [2], "the next token is sampled as the third, as before the fault"
     engine.on_result(StepResult(replay.mb, [13], [1.0], epoch))
     assert [e["token_id"] for e in events if e["event"] == "token"] == [11, 12, 13]
+
+
+def test_history_slices_prompt_and_generated_as_one_sequence():
+    engine, sent = make_engine()
+    request = start(engine, [])
+    request.generated = [11, 12]
+    whole = request.prompt_ids + request.generated  # [5, 6, 7, 11, 12]
+    for begin in range(len(whole) + 1):
+        for count in range(len(whole) - begin + 1):
+            assert request.history(begin, count) == whole[begin: begin + count]

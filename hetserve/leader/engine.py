@@ -54,6 +54,13 @@ class Request:
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
+    def history(self, start: int, count: int) -> list[int]:
+        """Tokens [start, start + count) of prompt + generated, without joining the two lists."""
+        cut = len(self.prompt_ids)
+        if start >= cut:
+            return self.generated[start - cut: start - cut + count]
+        return self.prompt_ids[start: start + count] + self.generated[: max(0, start + count - cut)]
+
     @property
     def prompt_left(self) -> int:
         return max(0, max(self.prefill_len, len(self.prompt_ids)) - self.cached)
@@ -210,11 +217,11 @@ class Engine:
             self.requests[key].slot = self.free_slots.pop(0)
         rows = [(self.requests[row.key], row.tokens) for row in batch.rows]
         steps = max(tokens for _, tokens in rows)
-        ids = torch.zeros((len(rows), steps), dtype=torch.int64)  # [B, T], right-padded
-        for b, (request, tokens) in enumerate(rows):
-            history = request.prompt_ids + request.generated
-            ids[b, :tokens] = torch.tensor(history[request.cached: request.cached + tokens])
+        padded = []
+        for request, tokens in rows:
+            padded.append(request.history(request.cached, tokens) + [0] * (steps - tokens))
             request.in_flight = True
+        ids = torch.tensor(padded, dtype=torch.int64)  # [B, T], right-padded
         self._next_mb += 1
         step = Step(
             mb=self._next_mb, phase=batch.phase,
