@@ -21,6 +21,7 @@ each precision), each with its least-quality assignment of precisions to layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -91,93 +92,38 @@ def total_time(stages: list[tuple[float, float]], objective: Objective) -> float
             + objective.output_tokens * (sum(dec) + (objective.decode_microbatches - 1) * max(dec)))
 
 
-def _pareto(entries: list[tuple], dims: int) -> list[tuple]:
-    """Entries not dominated (no worse in all of the first `dims` measures) by another."""
-    entries = sorted(entries, key=lambda e: e[:dims])
-    kept: list[tuple] = []
-    for e in entries:
-        if not any(all(k[d] <= e[d] for d in range(dims)) for k in kept):
-            kept.append(e)
-    return kept
-
-
-def stage_options(host: HostCosts, quality: list[dict[str, int]], precisions: list[str], start: int,
-                  first: bool, last: bool, budget: int):
-    """For each end > start: the Pareto set of (quality, P, D, memory, precisions) of stage [start, end).
-
-    Layers of one stage run on one host, so P, D and memory depend only on how many layers take
-    each precision (the count vector); which layers take which is then chosen for least quality
-    cost. Count vectors are grown one layer at a time: best[c] = (least quality, assignment).
-    """
-    best: dict[tuple[int, ...], tuple[int, tuple[str, ...]]] = {tuple(0 for _ in precisions): (0, ())}
-    for end in range(start + 1, len(quality) + 1):
-        layer = quality[end - 1]
-        grown: dict[tuple[int, ...], tuple[int, tuple[str, ...]]] = {}
-        for counts, (q, assignment) in best.items():
-            for i, p in enumerate(precisions):
-                nq = q + layer[p]
-                if nq > budget:
-                    continue
-                key = counts[:i] + (counts[i] + 1,) + counts[i + 1:]
-                if key not in grown or nq < grown[key][0]:
-                    grown[key] = (nq, assignment + (p,))
-        best = grown
-        options = []
-        for counts, (q, assignment) in best.items():
-            pre, dec, mem = stage_times(host, {p: n for p, n in zip(precisions, counts) if n}, first, last)
-            if mem <= host.capacity:
-                options.append((q, pre, dec, mem, assignment))
-        yield end, _pareto(options, 3)
-
-
 def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], quality: list[dict[str, int]],
-              budget: int, objective: Objective) -> Partition | None:
+              budget: int, objective: Objective, upper_bound: float | None = None) -> Partition | None:
     """Exact optimum for hosts in this order, every host getting at least one layer.
 
     quality[l][p]: integer quality cost of layer l at precision p (0 for the native one).
-    Returns None when no plan satisfies memory and quality.
+    Returns None when no plan satisfies memory and quality, or when none is faster than
+    `upper_bound` (a plan already in hand, e.g. for another host order).
     """
+    from .bounds import maxima_tables, rest_table
+    from .positions import positions
+    from .search import Search, unwind
+
     k_hosts = len(hosts)
     if k_hosts == 0 or k_hosts > num_layers:
         return None
-    n = objective.output_tokens
-    # frontier[(k, i)]: partial plans of hosts < k covering layers [0, i), as Pareto-optimal
-    # (quality, W = sum of P + N*D, max P, max D, trace); a dominated one can never finish better.
-    frontier: dict[tuple[int, int], list[tuple]] = {(0, 0): [(0, 0.0, 0.0, 0.0, None)]}
-    for k, host in enumerate(hosts):
-        first, last = k == 0, k == k_hosts - 1
-        for i in range(num_layers):
-            entries = frontier.pop((k, i), None)
-            if not entries:
-                continue
-            spare = budget - min(e[0] for e in entries)
-            for end, options in stage_options(host, quality, precisions, i, first, last, spare):
-                if (last and end != num_layers) or (not last and num_layers - end < k_hosts - k - 1):
-                    continue
-                bucket = frontier.setdefault((k + 1, end), [])
-                for q, w, max_p, max_d, trace in entries:
-                    for sq, pre, dec, _, assignment in options:
-                        if q + sq <= budget:
-                            bucket.append((q + sq, w + pre + n * dec, max(max_p, pre), max(max_d, dec),
-                                           (trace, assignment)))
-                frontier[(k + 1, end)] = _pareto(bucket, 4)
-    best = None
-    for q, w, max_p, max_d, trace in frontier.get((k_hosts, num_layers), []):
-        t = w + (objective.prefill_microbatches - 1) * max_p + n * (objective.decode_microbatches - 1) * max_d
-        if best is None or t < best[0]:
-            best = (t, q, trace)
-    if best is None:
+    pos = positions(hosts, precisions, quality, objective)
+    if not all(p.precisions for p in pos):
         return None
-    return Partition(_stages(hosts, _unwind(best[2])), best[0], best[1])
-
-
-def _unwind(trace) -> list[tuple[str, ...]]:
-    """The trace linked list -> precisions per stage."""
-    stages = []
-    while trace is not None:
-        trace, assignment = trace
-        stages.append(assignment)
-    return stages[::-1]
+    rest = rest_table(pos, precisions, quality, budget)
+    max_p, max_d = maxima_tables(pos, num_layers)
+    if math.isinf(rest[0, 0, budget]) or math.isinf(max_p[0][0]) or math.isinf(max_d[0][0]):
+        return None
+    a = objective.prefill_microbatches - 1
+    b = objective.output_tokens * (objective.decode_microbatches - 1)
+    search = Search(pos, quality, budget, a, b, rest, max_p, max_d)
+    ub = math.inf if upper_bound is None else upper_bound
+    found = search.run(ub)
+    if found is None:
+        return None
+    _, q, trace = found
+    stages = _stages(hosts, unwind(trace, pos))
+    return Partition(stages, total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective), q)
 
 
 def _stages(hosts: list[HostCosts], per_stage: list[list[str]]) -> tuple[StagePlan, ...]:
