@@ -24,6 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+FIRST_STEP = 0.01  # the first guess for a plan is this fraction above the lower bound
+BEAM = 4  # entries per state of the narrow search for a first plan
+
 
 @dataclass(frozen=True)
 class HostCosts:
@@ -100,7 +103,8 @@ def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], qu
     Returns None when no plan satisfies memory and quality, or when none is faster than
     `upper_bound` (a plan already in hand, e.g. for another host order).
     """
-    from .bounds import maxima_tables, rest_table
+    from .bounds import RestTable, maxima_tables
+    from .dual import tune
     from .positions import positions
     from .search import Search, unwind
 
@@ -110,19 +114,47 @@ def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], qu
     pos = positions(hosts, precisions, quality, objective)
     if not all(p.precisions for p in pos):
         return None
-    rest = rest_table(pos, precisions, quality, budget)
+    plain = RestTable(pos, precisions, quality, budget)
     max_p, max_d = maxima_tables(pos, num_layers)
-    if math.isinf(rest[0, 0, budget]) or math.isinf(max_p[0][0]) or math.isinf(max_d[0][0]):
+    if math.isinf(plain.rest[0, 0, budget]) or math.isinf(max_p[0][0]) or math.isinf(max_d[0][0]):
         return None
     a = objective.prefill_microbatches - 1
     b = objective.output_tokens * (objective.decode_microbatches - 1)
-    search = Search(pos, quality, budget, a, b, rest, max_p, max_d)
     ub = math.inf if upper_bound is None else upper_bound
-    found = search.run(ub)
-    if found is None:
+
+    def layer_plan(path: list[tuple[int, int]]) -> list[tuple[str, ...]]:
+        per_stage: list[list[str]] = [[] for _ in hosts]
+        for k, t in path:
+            per_stage[k].append(precisions[t])
+        return [tuple(s) for s in per_stage]
+
+    def evaluate(path: list[tuple[int, int]]) -> float:
+        stages = _stages(hosts, layer_plan(path))
+        if any(s.memory_bytes > h.capacity for s, h in zip(stages, hosts)):
+            return math.inf
+        return total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective)
+
+    dual, found, path = tune(pos, precisions, quality, budget, a, b, evaluate, ub)
+    search = Search(pos, quality, budget, a, b, plain, dual, max_p, max_d)
+    ub = min(ub, found)
+    # A first plan from a narrow search (a few entries per state) below guesses rising from the
+    # lower bound; then the exact search below that plan's T.
+    lower = max(dual.rest[0, 0, budget], plain.rest[0, 0, budget] + a * max_p[0][0] + b * max_d[0][0])
+    step = FIRST_STEP
+    while step < 1 and lower * (1 + step) < ub:
+        first = search.run(lower * (1 + step), beam=BEAM)
+        if first is not None:
+            ub = first[0] * (1 + 1e-9)
+            break
+        step *= 2
+    best = search.run(ub)
+    if best is not None:
+        stages = _stages(hosts, unwind(best[2], pos))
+    elif path is not None:
+        stages = _stages(hosts, layer_plan(path))
+    else:
         return None
-    _, q, trace = found
-    stages = _stages(hosts, unwind(trace, pos))
+    q = sum(quality[i][p] for i, p in enumerate(p for s in stages for p in s.precisions))
     return Partition(stages, total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective), q)
 
 

@@ -14,9 +14,6 @@ keep it small:
   entry or stage whose lower bound W + R[k][i][budget - q] + a * max P + b * max D (R from
   bounds.rest_table, a = m_p - 1, b = N * (m_d - 1)) is not below it is dropped, and a stage stops
   growing once its own P and D alone rule it out (they only grow with more layers).
-
-`caps` restrict every stage's P and D: the search is then exact for plans within them, which is
-how partition() gets a good first upper bound cheaply.
 """
 
 from __future__ import annotations
@@ -24,24 +21,29 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .pareto import nondominated3, nondominated4
+from .pareto import weakly_nondominated
 
 if TYPE_CHECKING:
-    import numpy as np
-
+    from .bounds import RestTable
     from .positions import Position
 
 INF = math.inf
+STAGE_BEAM = 8  # with a beam of n entries per state, n * STAGE_BEAM partial stages per length
 SLACK = 1e-12  # relative: a bound this close to ub is treated as reaching it (rounding noise)
 
 
 class Search:
     def __init__(self, pos: list[Position], quality: list[dict[str, int]], budget: int, a: float, b: float,
-                 rest: np.ndarray, max_p: list[list[float]], max_d: list[list[float]]):
+                 plain: RestTable, dual: RestTable, max_p: list[list[float]], max_d: list[list[float]]):
         self.pos, self.budget, self.a, self.b = pos, budget, a, b
         self.layers = len(quality)
         self.costs = [[tuple(q[name] for name in p.precisions) for q in quality] for p in pos]
-        self.rest = rest.tolist()
+        self.rest, self.after = plain.rest.tolist(), plain.after.tolist()
+        self.dual_rest, self.dual_after = dual.rest.tolist(), dual.after.tolist()
+        # Weights of the dual bound: per host, and the totals of the hosts before each stage.
+        self.lam, self.mu = [float(x) for x in dual.lam], [float(x) for x in dual.mu]
+        self.lam_before = [sum(self.lam[:k]) for k in range(len(pos) + 1)]
+        self.mu_before = [sum(self.mu[:k]) for k in range(len(pos) + 1)]
         self.max_p, self.max_d = max_p, max_d
         self.floor_p, self.floor_d = max_p[0][0], max_d[0][0]
 
@@ -51,19 +53,30 @@ class Search:
     def raise_d(self, k: int, i: int) -> float:
         return max(self.max_d[k][i], self.floor_d)
 
-    def run(self, ub: float = INF, cap_p: float = INF, cap_d: float = INF):
-        """(T, quality, trace) of the best plan with T below ub (within caps), or None."""
+    def bound(self, k: int, i: int, q: int, w: float, mp: float, md: float) -> float:
+        """Lower bound on T of any completion of this entry of state (k, i): the larger of the
+        plain one and the dual one."""
+        left = self.budget - q
+        plain = w + self.rest[k][i][left] + self.a * mp + self.b * md
+        dual = w + self.lam_before[k] * md + self.mu_before[k] * mp + self.dual_rest[k][i][left]
+        return plain if plain > dual else dual
+
+    def run(self, ub: float = INF, beam: int | None = None):
+        """(T, quality, trace) of the best plan with T below ub, or None. With a beam, only that
+        many entries of each state, those of least bound, are expanded: a heuristic."""
         k_hosts, layers, a, b = len(self.pos), self.layers, self.a, self.b
         frontier: list[dict[int, list[tuple]]] = [dict() for _ in range(k_hosts + 1)]
         frontier[0][0] = [(0, 0.0, self.raise_p(0, 0), self.raise_d(0, 0), None)]
         limit = ub * (1 - SLACK)
         for k in range(k_hosts):
             for i in sorted(frontier[k]):
-                rest = self.rest[k][i]
-                entries = [e for e in nondominated4(frontier[k].pop(i))
-                           if e[1] + rest[self.budget - e[0]] + a * e[2] + b * e[3] < limit]
+                scored = [(self.bound(k, i, *e[:4]), e) for e in weakly_nondominated(frontier[k].pop(i), a, b)]
+                if beam is not None and len(scored) > beam:
+                    scored.sort(key=lambda s: s[0])
+                    scored = sorted(scored[:beam], key=lambda s: s[1][:2])  # back in (q, w) order
+                entries = [e for lb, e in scored if lb < limit]
                 if entries:
-                    self._expand(k, i, entries, frontier[k + 1], limit, cap_p, cap_d)
+                    self._expand(k, i, entries, frontier[k + 1], limit, beam)
         best = None
         for q, w, mp, md, trace in frontier[k_hosts].get(layers, []):
             t = w + a * mp + b * md
@@ -72,31 +85,28 @@ class Search:
         return best
 
     def _expand(self, k: int, i: int, entries: list[tuple], nxt: dict[int, list[tuple]], limit: float,
-                cap_p: float, cap_d: float) -> None:
+                beam: int | None) -> None:
         pos, a, b, budget, layers = self.pos[k], self.a, self.b, self.budget, self.layers
         n_tok, last = pos.tokens, k == len(self.pos) - 1
+        # What every entry pays at least: the floors the stage's bounds add to.
         floor_w = min(e[1] for e in entries)
+        floor_dual = min(e[1] + self.lam_before[k] * e[3] + self.mu_before[k] * e[2] for e in entries)
         least_q = min(e[0] for e in entries)
         low_p = min(e[2] for e in entries)
         low_d = min(e[3] for e in entries)
         spare = budget - least_q
+        wp, wd = 1 + self.mu[k], n_tok + self.lam[k]
         end_max = layers if last else layers - (len(self.pos) - k - 1)
-        # after[j]: least W of what must follow a stage ending at j or later (suffix minimum).
-        after = [0.0 if last else INF] * (layers + 2)
-        if not last:
-            rest_next = self.rest[k + 1]
-            for j in range(end_max, i, -1):
-                after[j] = min(after[j + 1], rest_next[j][spare])
         pre, dec, mem, cap = pos.pre, pos.dec, pos.mem, pos.capacity
         kinds = range(len(pos.precisions))
         zero = (0,) * len(pos.precisions)
-        states = {zero: (0, pos.base_pre, pos.base_dec, pos.base_mem, None)}
-        check_mem = None
+        states = {zero: (0, pos.base_pre + n_tok * pos.base_dec, pos.base_pre, pos.base_dec, pos.base_mem, None)}
+        check_mem = pos.base_mem + (end_max - i) * max(mem) > cap
         for j in range(i + 1, end_max + 1):
             costs = self.costs[k][j - 1]
+            after, dual_after = self.after[k][j], self.dual_after[k][j]
             grown: dict[tuple, tuple] = {}
-            bound_after = floor_w + after[j]
-            for key, (q, sp, sd, sm, link) in states.items():
+            for key, (q, _, sp, sd, sm, link) in states.items():
                 for t in kinds:
                     nq = q + costs[t]
                     if nq > spare:
@@ -105,56 +115,70 @@ class Search:
                     if nm > cap:
                         continue
                     np_, nd = sp + pre[t], sd + dec[t]
-                    if np_ > cap_p or nd > cap_d:
+                    left = spare - nq
+                    if floor_dual + np_ * wp + nd * wd + dual_after[left] >= limit:
                         continue
-                    if (bound_after + np_ + n_tok * nd + a * (np_ if np_ > low_p else low_p)
+                    nw = np_ + n_tok * nd
+                    if (floor_w + after[left] + nw + a * (np_ if np_ > low_p else low_p)
                             + b * (nd if nd > low_d else low_d)) >= limit:
                         continue
                     nkey = key[:t] + (key[t] + 1,) + key[t + 1:]
                     old = grown.get(nkey)
                     if old is None or nq < old[0]:
-                        grown[nkey] = (nq, np_, nd, nm, (link, t))
+                        grown[nkey] = (nq, nw, np_, nd, nm, (link, t))
             if not grown:
                 return
-            if check_mem is None:
-                # Memory matters for dominance only if some stage could still run out of it.
-                check_mem = pos.base_mem + (end_max - i) * max(mem) > cap
-            if check_mem:
-                kept = nondominated4([(q, sp, sd, sm, key, link) for key, (q, sp, sd, sm, link) in grown.items()])
-                states = {e[4]: (e[0], e[1], e[2], e[3], e[5]) for e in kept}
-            else:
-                kept = nondominated3([(q, sp, sd, sm, key, link) for key, (q, sp, sd, sm, link) in grown.items()])
-                states = {e[4]: (e[0], e[1], e[2], e[3], e[5]) for e in kept}
+            kept = weakly_nondominated([v + (key,) for key, v in grown.items()], a, b, memory=check_mem)
+            if beam is not None and len(kept) > beam * STAGE_BEAM:
+                kept.sort(key=lambda e: floor_dual + e[2] * wp + e[3] * wd + dual_after[spare - e[0]])
+                kept = kept[:beam * STAGE_BEAM]
+            states = {e[6]: e[:6] for e in kept}
             if last and j != layers:
                 continue
-            self._emit(k, j, entries, states, nxt, limit, least_q, floor_w, low_p, low_d)
+            self._emit(k, j, entries, states, nxt, limit, least_q, floor_w, floor_dual, low_p, low_d)
 
     def _emit(self, k: int, j: int, entries: list[tuple], states: dict, nxt: dict[int, list[tuple]],
-              limit: float, least_q: int, floor_w: float, low_p: float, low_d: float) -> None:
+              limit: float, least_q: int, floor_w: float, floor_dual: float, low_p: float, low_d: float) -> None:
         """Stage k ends at j: combine its options with the entries into state (k + 1, j)."""
         a, b, budget, n_tok = self.a, self.b, self.budget, self.pos[k].tokens
-        rest = self.rest[k + 1][j]
-        if rest[budget - least_q] == INF:
+        rest, dual_rest = self.rest[k + 1][j], self.dual_rest[k + 1][j]
+        spare = budget - least_q
+        if rest[spare] == INF:
             return
+        wp, wd = 1 + self.mu[k], n_tok + self.lam[k]
+        lam_next, mu_next = self.lam_before[k + 1], self.mu_before[k + 1]
         rp, rd = self.raise_p(k + 1, j), self.raise_d(k + 1, j)
         options = []
-        for q, sp, sd, _, link in states.values():
-            w = sp + n_tok * sd
+        for q, w, sp, sd, _, link in states.values():
+            if floor_dual + sp * wp + sd * wd + dual_rest[spare - q] >= limit:
+                continue
             op, od = (sp if sp > rp else rp), (sd if sd > rd else rd)
-            if (floor_w + w + rest[budget - least_q - q] + a * (op if op > low_p else low_p)
+            if (floor_w + w + rest[spare - q] + a * (op if op > low_p else low_p)
                     + b * (od if od > low_d else low_d)) < limit:
                 options.append((q, w, op, od, link))
         if not options:
             return
-        options = nondominated4(options)
+        options = weakly_nondominated(options, a, b)
         bucket = nxt.setdefault(j, [])
-        for eq, ew, ep, ed, trace in entries:
-            room = budget - eq
-            for q, w, op, od, link in options:
+        for q, w, op, od, link in options:
+            # Entries come sorted by (q, w). One at or below the option's maxima gives a product with
+            # the least maxima this option allows, so any later product with no smaller w is
+            # dominated by it.
+            least_w = INF
+            for eq, ew, ep, ed, trace in entries:
+                if ew >= least_w:
+                    continue
+                room = budget - eq
                 if q > room:
                     continue
-                mp, md, nw = (ep if ep > op else op), (ed if ed > od else od), ew + w
-                if nw + rest[room - q] + a * mp + b * md < limit:
+                if ep <= op and ed <= od:
+                    least_w = ew
+                    mp, md = op, od
+                else:
+                    mp, md = (ep if ep > op else op), (ed if ed > od else od)
+                nw, left = ew + w, room - q
+                if (nw + rest[left] + a * mp + b * md < limit
+                        and nw + lam_next * md + mu_next * mp + dual_rest[left] < limit):
                     bucket.append((eq + q, nw, mp, md, (trace, link)))
 
 
