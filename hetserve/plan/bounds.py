@@ -55,19 +55,17 @@ class RestTable:
         rest[k_hosts, layers] = 0.0
         after = np.full((k_hosts, layers + 1, width), INF)
         after[k_hosts - 1, layers] = 0.0
-        self.choice = np.zeros((layers, k_hosts, width), dtype=np.int8) if keep_choices else None
+        self.choice = np.zeros((layers, k_hosts, width), dtype=np.intp) if keep_choices else None
+        # padded[:, width + q] = after[:, i + 1, q] and inf below: column width + q - c is "q - c units
+        # left after paying c", inf where that is negative (costs past the budget count as width).
+        padded = np.full((k_hosts, 2 * width), INF)
+        shifts = width + np.arange(width)[None, :] - np.minimum(self.costs, width)[:, :, None]
         for i in range(layers - 1, -1, -1):
-            here = np.full((k_hosts, width), INF)  # layer i on host k (its stage's constant not counted)
-            nxt = after[:, i + 1]
-            for t in range(len(names)):
-                c = self.costs[i, t]
-                if c >= width:
-                    continue
-                cand = nxt[:, :width - c] + w[:, t:t + 1]
-                if keep_choices:
-                    better = cand < here[:, c:]
-                    self.choice[i][:, c:][better] = t
-                np.minimum(here[:, c:], cand, out=here[:, c:])
+            padded[:, width:] = after[:, i + 1]
+            cand = padded[:, shifts[i]] + w[:, :, None]  # (host, precision, q)
+            if keep_choices:
+                self.choice[i] = cand.argmin(axis=1)
+            here = cand.min(axis=1)  # layer i on host k (its stage's constant not counted)
             rest[:k_hosts, i] = here + base[:, None]
             after[:, i] = np.minimum(here, rest[1:, i])
         self.rest, self.after, self.lam, self.mu = rest, after, lam, mu

@@ -18,6 +18,8 @@ import numpy as np
 
 from .bounds import RestTable
 
+ROUNDS = 30  # supergradient steps at most
+
 if TYPE_CHECKING:
     from .positions import Position
 
@@ -33,7 +35,7 @@ def simplex_projection(v: np.ndarray, total: float) -> np.ndarray:
 
 
 def tune(pos: list[Position], names: list[str], quality: list[dict[str, int]], budget: int, a: float, b: float,
-         evaluate: Callable[[list[tuple[int, int]]], float], ub: float, rounds: int = 30
+         evaluate: Callable[[list[tuple[int, int]]], float], ub: float, rounds: int = ROUNDS
          ) -> tuple[RestTable, float, list[tuple[int, int]] | None]:
     """(the RestTable of the best weights found, whose rest[0, 0, budget] is the bound; the best
     T among the relaxation's optima that are real plans, by `evaluate` (inf when none), below ub;

@@ -165,18 +165,21 @@ class Search:
             # the least maxima this option allows, so any later product with no smaller w is
             # dominated by it.
             least_w = INF
+            room_max = budget - q
+            fixed_plain = w + a * op + b * od
+            fixed_dual = w + lam_next * od + mu_next * op
             for eq, ew, ep, ed, trace in entries:
+                if eq > room_max:
+                    break
                 if ew >= least_w:
                     continue
-                room = budget - eq
-                if q > room:
-                    continue
+                left = room_max - eq
                 if ep <= op and ed <= od:
                     least_w = ew
-                    mp, md = op, od
-                else:
-                    mp, md = (ep if ep > op else op), (ed if ed > od else od)
-                nw, left = ew + w, room - q
+                    if ew + fixed_plain + rest[left] < limit and ew + fixed_dual + dual_rest[left] < limit:
+                        bucket.append((eq + q, ew + w, op, od, (trace, link)))
+                    continue
+                mp, md, nw = (ep if ep > op else op), (ed if ed > od else od), ew + w
                 if (nw + rest[left] + a * mp + b * md < limit
                         and nw + lam_next * md + mu_next * mp + dual_rest[left] < limit):
                     bucket.append((eq + q, nw, mp, md, (trace, link)))
