@@ -652,7 +652,7 @@ def plan(ctx, model, model_config, host_specs, cluster_file, device, link_gbps, 
     except (PlanningError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    result = replace(result, notes=notes)
+    result = replace(result, notes=notes + result.notes)
     click.echo(f"plan for {name} ({result.dtype}; {workload.batch} requests of {workload.prompt_tokens} prompt + "
                f"{workload.output_tokens} output tokens): {len(result.stages)} stages, prefill micro-batch "
                f"{result.prefill_microbatch}, decode micro-batch {result.decode_microbatch}, solved in "
@@ -671,7 +671,7 @@ def plan(ctx, model, model_config, host_specs, cluster_file, device, link_gbps, 
     for baseline, speed in result.baselines.items():
         ratio = f"{result.predicted_tokens_per_s / speed:.2f}x" if speed else "does not fit"
         click.echo(f"  baseline {baseline}: {speed:.1f} tokens/s -> plan speed-up {ratio}")
-    for note in notes:
+    for note in result.notes:
         click.echo(f"note: {note}")
     if verify:
         files = resolve_model_or_exit(model)

@@ -1,4 +1,4 @@
-"""The partitioner: an exact dynamic program over contiguous layer ranges and per-layer precision.
+"""The partitioner: exact layer ranges and per-layer precisions for one pipeline order of hosts.
 
 For one pipeline order of hosts and fixed micro-batch sizes, it minimizes the time to serve one
 batch of the workload (LLM-PQ's pipeline model, both phases):
@@ -12,17 +12,29 @@ memory (weights at the chosen precisions + KV cache + embedding/head + reserve) 
 budget, a hard constraint on the sum of per-layer quality costs (integers: sensitivities rounded
 up to a grid, so a plan within the integer budget is within the real one).
 
-The sums are additive over stages but the maxima are not, so the DP keeps, per (host, layer)
-state, the Pareto frontier of (quality used, weighted sum, max P, max D) over partial plans; a
-dominated partial plan can never lead to a better complete plan, so the result is exactly optimal
-(tests compare it with brute force). A stage's options are its count vectors (how many layers at
-each precision), each with its least-quality assignment of precisions to layers. Pure functions.
+The result is exactly optimal (tests compare it with brute force and with the earlier exhaustive
+Pareto DP). How it gets there fast, each step exact:
+1. positions.py drops precisions a host cannot run or that another beats on every count.
+2. bounds.py and dual.py give lower bounds on what finishing a partial plan costs: a layer-by-layer
+   DP ignoring memory and the maxima, and its Lagrangian version that prices the maxima with
+   per-stage weights tuned by supergradient ascent (this one sees pipeline balance).
+3. search.py is a DP over (stage, first layer) whose partial plans are pruned by dominance and by
+   those bounds against an upper bound.
+4. The upper bound: a narrow search (BEAM entries per state) below guesses rising from the lower
+   bound finds a first plan; the exact search then only looks for something better. A caller
+   with a plan in hand (another host order) passes its T as upper_bound.
+Pure functions.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from .bounds import RestTable, maxima_tables
+from .dual import tune
+from .positions import positions
+from .search import Search, unwind
 
 FIRST_STEP = 0.01  # the first guess for a plan is this fraction above the lower bound
 BEAM = 4  # entries per state of the narrow search for a first plan
@@ -95,21 +107,28 @@ def total_time(stages: list[tuple[float, float]], objective: Objective) -> float
             + objective.output_tokens * (sum(dec) + (objective.decode_microbatches - 1) * max(dec)))
 
 
-def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], quality: list[dict[str, int]],
-              budget: int, objective: Objective, upper_bound: float | None = None) -> Partition | None:
-    """Exact optimum for hosts in this order, every host getting at least one layer.
+def lower_bound(hosts: list[HostCosts], num_layers: int, precisions: list[str], quality: list[dict[str, int]],
+                budget: int, objective: Objective) -> float:
+    """A quick lower bound on partition()'s T (inf when no plan exists): the least weighted sum of
+    stage times, ignoring memory and balance, plus the maxima at their floors. Milliseconds to
+    compute; the planner orders and skips host orders by it."""
+    tables = _tables(hosts, num_layers, precisions, quality, budget, objective)
+    if tables is None:
+        return math.inf
+    _, plain, max_p, max_d = tables
+    a, b = _weights(objective)
+    return float(plain.rest[0, 0, budget]) + a * max_p[0][0] + b * max_d[0][0]
 
-    quality[l][p]: integer quality cost of layer l at precision p (0 for the native one).
-    Returns None when no plan satisfies memory and quality, or when none is faster than
-    `upper_bound` (a plan already in hand, e.g. for another host order).
-    """
-    from .bounds import RestTable, maxima_tables
-    from .dual import tune
-    from .positions import positions
-    from .search import Search, unwind
 
-    k_hosts = len(hosts)
-    if k_hosts == 0 or k_hosts > num_layers:
+def _weights(objective: Objective) -> tuple[int, int]:
+    """(a, b): T = W + a * max P + b * max D."""
+    return (objective.prefill_microbatches - 1,
+            objective.output_tokens * (objective.decode_microbatches - 1))
+
+
+def _tables(hosts, num_layers, precisions, quality, budget, objective):
+    """(positions, plain RestTable, minimax of P, minimax of D), or None when no plan exists."""
+    if not hosts or len(hosts) > num_layers:
         return None
     pos = positions(hosts, precisions, quality, objective)
     if not all(p.precisions for p in pos):
@@ -118,8 +137,22 @@ def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], qu
     max_p, max_d = maxima_tables(pos, num_layers)
     if math.isinf(plain.rest[0, 0, budget]) or math.isinf(max_p[0][0]) or math.isinf(max_d[0][0]):
         return None
-    a = objective.prefill_microbatches - 1
-    b = objective.output_tokens * (objective.decode_microbatches - 1)
+    return pos, plain, max_p, max_d
+
+
+def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], quality: list[dict[str, int]],
+              budget: int, objective: Objective, upper_bound: float | None = None) -> Partition | None:
+    """Exact optimum for hosts in this order, every host getting at least one layer.
+
+    quality[l][p]: integer quality cost of layer l at precision p (0 for the native one).
+    Returns None when no plan satisfies memory and quality, or when none is faster than
+    `upper_bound` (a plan already in hand, e.g. for another host order).
+    """
+    tables = _tables(hosts, num_layers, precisions, quality, budget, objective)
+    if tables is None:
+        return None
+    pos, plain, max_p, max_d = tables
+    a, b = _weights(objective)
     ub = math.inf if upper_bound is None else upper_bound
 
     def layer_plan(path: list[tuple[int, int]]) -> list[tuple[str, ...]]:
@@ -137,14 +170,12 @@ def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], qu
     dual, found, path = tune(pos, precisions, quality, budget, a, b, evaluate, ub)
     search = Search(pos, quality, budget, a, b, plain, dual, max_p, max_d)
     ub = min(ub, found)
-    # A first plan from a narrow search (a few entries per state) below guesses rising from the
-    # lower bound; then the exact search below that plan's T.
     lower = max(dual.rest[0, 0, budget], plain.rest[0, 0, budget] + a * max_p[0][0] + b * max_d[0][0])
     step = FIRST_STEP
     while step < 1 and lower * (1 + step) < ub:
         first = search.run(lower * (1 + step), beam=BEAM)
         if first is not None:
-            ub = first[0] * (1 + 1e-9)
+            ub = min(ub, first[0] * (1 + 1e-9))  # the exact search finds this one again, or better
             break
         step *= 2
     best = search.run(ub)
