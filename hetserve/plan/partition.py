@@ -37,7 +37,7 @@ from .positions import positions
 from .search import Search, unwind
 
 FIRST_STEP = 0.01  # the first guess for a plan is this fraction above the lower bound
-BEAM = 4  # entries per state of the narrow search for a first plan
+BEAM = 8  # entries per state of the narrow search for a first plan
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def search_orders(orders: list[list[HostInput]], precisions: list[str], quality:
 
     Every (order, size) pair gets a quick lower bound first; pairs are solved in ascending order
     of it, each with the best T so far as its upper bound, and the rest are skipped once the
-    bound reaches that T: good candidates first, and most pairs never solved."""
+    bound reaches that T: good candidates first, and pairs that cannot win never solved."""
     cache: dict[tuple[int, int, int], HostCosts] = {}
 
     def costs_of(h: HostInput, p_mb: int, d_mb: int) -> HostCosts:
@@ -211,26 +211,37 @@ def search_orders(orders: list[list[HostInput]], precisions: list[str], quality:
             cache[key] = host_costs(h, precisions, workload, p_mb, d_mb)
         return cache[key]
 
-    layers, pairs = len(quality), []
+    pairs = []
     for order in orders:
         d_mb = decode_microbatch(workload.batch, len(order))
         for p_mb in prefill_sizes(workload):
-            costs = [costs_of(h, p_mb, d_mb) for h in order]
-            objective = objective_for(workload, p_mb, len(order))
-            bound = lower_bound(costs, layers, precisions, quality, budget, objective)
-            if bound < INF:
-                pairs.append((bound, len(pairs), order, p_mb, d_mb, costs, objective))
-    pairs.sort(key=lambda x: x[:2])
+            pairs.append(([costs_of(h, p_mb, d_mb) for h in order], objective_for(workload, p_mb, len(order)),
+                          (order, p_mb, d_mb)))
+    best, tried, bounded = solve_pairs(pairs, len(quality), precisions, quality, budget)
+    return (None if best is None else (best[0], best[1], *best[2])), tried, bounded
+
+
+def solve_pairs(pairs: list[tuple[list[HostCosts], Objective, object]], layers: int, precisions: list[str],
+                quality: list[dict[str, int]], budget: int):
+    """The best partition over (host costs in pipeline order, objective, tag) candidates:
+    ((T, partition, tag) or None, candidates solved, candidates with a plan possible), solving
+    them in ascending order of partition.lower_bound with the best T so far as upper bound."""
+    ranked = []
+    for n, (costs, objective, tag) in enumerate(pairs):
+        bound = lower_bound(costs, layers, precisions, quality, budget, objective)
+        if bound < INF:
+            ranked.append((bound, n, costs, objective, tag))
+    ranked.sort(key=lambda x: x[:2])
     best, tried = None, 0
-    for bound, _, order, p_mb, d_mb, costs, objective in pairs:
+    for bound, _, costs, objective, tag in ranked:
         if best is not None and bound >= best[0]:
             break
         tried += 1
         result = partition(costs, layers, precisions, quality, budget, objective,
                            upper_bound=None if best is None else best[0])
         if result is not None and (best is None or result.time_ms < best[0]):
-            best = (result.time_ms, result, order, p_mb, d_mb)
-    return best, tried, len(pairs)
+            best = (result.time_ms, result, tag)
+    return best, tried, len(ranked)
 
 
 def order_gap(hosts: list[HostInput], precisions: list[str], quality: list[dict[str, int]], budget: int,

@@ -3,17 +3,22 @@
 A state (k, i) says hosts 0..k-1 cover layers [0, i); it holds partial plans as entries
 (quality used, W = sum of P + N*D so far, max P, max D, trace). Host k's stage options from layer
 i are grown one layer at a time as count vectors (how many layers at each precision: P, D and
-memory depend only on those), each carrying its least quality assignment. Three exact reductions
-keep it small:
+memory depend only on those), each carrying its least quality assignment, and combined with the
+entries into state (k + 1, end). Exact reductions keep it small:
 
-- bound-raised maxima (bounds.py): max P and max D of an entry are raised to lower bounds on the
-  final maxima, so entries that differ only below them merge;
-- dominance: an entry no better than another in all four measures, or a partial stage no better
-  in (quality, P, D, memory), can never finish better, so it is dropped;
-- branch and bound: with an upper bound `ub` on T (a plan already found, or one passed in), an
-  entry or stage whose lower bound W + R[k][i][budget - q] + a * max P + b * max D (R from
-  bounds.rest_table, a = m_p - 1, b = N * (m_d - 1)) is not below it is dropped, and a stage stops
-  growing once its own P and D alone rule it out (they only grow with more layers).
+- bound-raised maxima (bounds.minimax_table): max P and max D of an entry are raised to lower
+  bounds on the final maxima, so entries that differ only below them merge;
+- weak dominance (pareto.py), for entries, stage options and partial stages alike;
+- branch and bound against an upper bound ub on T: an entry, a stage option or a partial stage
+  whose lower bound is not below ub is dropped. Two bounds, the larger counts: the plain one,
+  W + R[k][i][budget - q] + a * max P + b * max D with R the least W of the rest (a = m_p - 1,
+  b = N * (m_d - 1)); and the dual one, W + (lam_0 + .. + lam_{k-1}) * max D + (mu_0 + ..) * max P
+  + the rest's least Lagrangian cost (bounds.RestTable with dual.py's weights). A partial stage is
+  bounded through `after` tables (the rest counted from its next layer), and its P and D only grow
+  with more layers, so pruning it prunes every longer stage grown from it.
+
+`beam` turns it into a heuristic: each state keeps only its entries of least bound (and each
+stage length its partial stages of least bound), which finds a good first plan quickly.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
     from .positions import Position
 
 INF = math.inf
-STAGE_BEAM = 8  # with a beam of n entries per state, n * STAGE_BEAM partial stages per length
+STAGE_BEAM = 4  # with a beam of n entries per state, n * STAGE_BEAM partial stages per length
 SLACK = 1e-12  # relative: a bound this close to ub is treated as reaching it (rounding noise)
 
 
@@ -86,6 +91,7 @@ class Search:
 
     def _expand(self, k: int, i: int, entries: list[tuple], nxt: dict[int, list[tuple]], limit: float,
                 beam: int | None) -> None:
+        """Grow host k's stage from layer i and pass each end's options to _emit."""
         pos, a, b, budget, layers = self.pos[k], self.a, self.b, self.budget, self.layers
         n_tok, last = pos.tokens, k == len(self.pos) - 1
         # What every entry pays at least: the floors the stage's bounds add to.
