@@ -271,8 +271,8 @@ def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: W
         raise PlanningError(_infeasible_reason(hosts, sens, workload, precisions, max_increase))
     if exact:
         gap, notes = 0.0, [f"search: exact over all {len(orders)} distinct host orders of every subset and every "
-                           f"prefill micro-batch size; {tried} of {candidates} (order, size) pairs solved, the rest "
-                           "ruled out by a lower bound"]
+                           f"prefill micro-batch size ({tried} of {candidates} (order, size) pairs solved, "
+                           f"{candidates - tried} ruled out by a lower bound)"]
     else:
         gap = order_gap(hosts, precisions, quality, budget, workload, best[0])
         notes = [f"search: heuristic host orders (all {len(hosts)} hosts by memory, largest first, and the reverse: "
