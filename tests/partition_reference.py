@@ -1,94 +1,17 @@
-"""The partitioner: an exact dynamic program over contiguous layer ranges and per-layer precision.
-
-For one pipeline order of hosts and fixed micro-batch sizes, it minimizes the time to serve one
-batch of the workload (LLM-PQ's pipeline model, both phases):
-
-    T = sum_s P_s + (m_p - 1) * max_s P_s  +  N * (sum_s D_s + (m_d - 1) * max_s D_s)
-
-P_s / D_s: stage s's time for one prefill / decode micro-batch (its layers at their precisions,
-its fixed per-step cost, the head on the last stage, and sending its activations over its link);
-m_p / m_d: prefill / decode micro-batches per batch; N: output tokens. Constraints: each stage's
-memory (weights at the chosen precisions + KV cache + embedding/head + reserve) and the quality
-budget, a hard constraint on the sum of per-layer quality costs (integers: sensitivities rounded
-up to a grid, so a plan within the integer budget is within the real one).
+"""The previous partitioner, kept as a reference: the exhaustive Pareto-frontier DP that
+hetserve/plan/partition.py used before the bounded search (exact, tested against brute force,
+but seconds to hours on mid-size instances). tests/test_partition.py and
+benchmarks/solve_time.py compare the new one with it.
 
 The sums are additive over stages but the maxima are not, so the DP keeps, per (host, layer)
 state, the Pareto frontier of (quality used, weighted sum, max P, max D) over partial plans; a
-dominated partial plan can never lead to a better complete plan, so the result is exactly optimal
-(tests compare it with brute force). A stage's options are its count vectors (how many layers at
-each precision), each with its least-quality assignment of precisions to layers. Pure functions.
+dominated partial plan can never lead to a better complete plan. A stage's options are its count
+vectors (how many layers at each precision), each with its least-quality assignment.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class HostCosts:
-    """One host's numbers for a fixed workload and micro-batch sizes (ms and bytes)."""
-
-    name: str
-    capacity: float  # bytes available to the stage (memory minus reserve)
-    layer_pre: dict[str, float]  # precision -> ms per layer, one prefill micro-batch
-    layer_dec: dict[str, float]  # precision -> ms per layer, one decode micro-batch
-    layer_bytes: dict[str, float]  # precision -> weight bytes per layer
-    kv_bytes_per_layer: float  # KV cache of the whole batch for one layer
-    fixed_pre: float = 0.0  # per-step cost of a stage (mask, rotary, dispatch)
-    fixed_dec: float = 0.0
-    head_pre: float = 0.0  # norm + lm_head when last
-    head_dec: float = 0.0
-    embed_bytes: float = 0.0  # when first
-    head_bytes: float = 0.0  # when last
-    send_pre: float = 0.0  # activations of a prefill micro-batch over its link to the next stage
-    send_dec: float = 0.0
-
-
-@dataclass(frozen=True)
-class Objective:
-    output_tokens: int  # N
-    prefill_microbatches: int  # m_p
-    decode_microbatches: int  # m_d
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    host: str
-    start: int
-    end: int
-    precisions: tuple[str, ...]
-    prefill_ms: float
-    decode_ms: float
-    memory_bytes: float
-
-
-@dataclass(frozen=True)
-class Partition:
-    stages: tuple[StagePlan, ...]
-    time_ms: float  # T above, for one batch
-    quality_cost: int
-
-
-def stage_times(host: HostCosts, counts: dict[str, int], first: bool, last: bool) -> tuple[float, float, float]:
-    """(P, D, memory) of a stage with `counts[p]` layers at precision p."""
-    layers = sum(counts.values())
-    pre = host.fixed_pre + sum(n * host.layer_pre[p] for p, n in counts.items())
-    dec = host.fixed_dec + sum(n * host.layer_dec[p] for p, n in counts.items())
-    mem = sum(n * host.layer_bytes[p] for p, n in counts.items()) + layers * host.kv_bytes_per_layer
-    if first:
-        mem += host.embed_bytes
-    if last:
-        pre, dec, mem = pre + host.head_pre, dec + host.head_dec, mem + host.head_bytes
-    else:
-        pre, dec = pre + host.send_pre, dec + host.send_dec
-    return pre, dec, mem
-
-
-def total_time(stages: list[tuple[float, float]], objective: Objective) -> float:
-    pre = [p for p, _ in stages]
-    dec = [d for _, d in stages]
-    return (sum(pre) + (objective.prefill_microbatches - 1) * max(pre)
-            + objective.output_tokens * (sum(dec) + (objective.decode_microbatches - 1) * max(dec)))
+from hetserve.plan.partition import HostCosts, Objective, Partition, StagePlan, stage_times
 
 
 def _pareto(entries: list[tuple], dims: int) -> list[tuple]:

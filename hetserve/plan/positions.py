@@ -34,14 +34,6 @@ class Position:
     capacity: float
     tokens: int  # N: the weighted sum W adds pre + N * dec per stage
 
-    @property
-    def base_w(self) -> float:
-        return self.base_pre + self.tokens * self.base_dec
-
-    @property
-    def w(self) -> tuple[float, ...]:
-        return tuple(p + self.tokens * d for p, d in zip(self.pre, self.dec))
-
     def max_layers(self) -> int:
         """The most layers that fit in memory at the smallest precision."""
         if not self.mem or self.base_mem > self.capacity:
