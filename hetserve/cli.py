@@ -601,7 +601,8 @@ def profile(model, device, dtype, remeasure, validate, out):
               help="Comma-separated precisions the plan may use, e.g. native,int8 (default: all the hosts run).")
 @click.option("--max-orders", default=None, type=click.IntRange(0),
               help="Most distinct host orders (of every subset of the hosts) searched exactly (default 120); past "
-                   "it, only all hosts by memory, largest first, and the reverse.")
+                   "it, only all hosts by memory, largest first, and the reverse, and the plan states its gap to "
+                   "an order-free lower bound.")
 @click.option("--layer-group", default=1, show_default=True, type=click.IntRange(1),
               help="Plan in groups of this many consecutive layers (one host and precision each): a smaller, "
                    "coarser search.")
