@@ -609,7 +609,8 @@ def profile(model, device, dtype, remeasure, validate, out):
               help="Comma-separated precisions the plan may use, e.g. native,int8 (default: all the hosts run).")
 @click.option("--max-orders", default=None, type=click.IntRange(0),
               help="Most distinct host orders (of every subset of the hosts) searched exactly (default 120); past "
-                   "it, only all hosts by memory, largest first, and the reverse.")
+                   "it, only all hosts by memory, largest first, and the reverse, and the plan states its gap to "
+                   "an order-free lower bound.")
 @click.option("--layer-group", default=1, show_default=True, type=click.IntRange(1),
               help="Plan in groups of this many consecutive layers (one host and precision each): a smaller, "
                    "coarser search.")
@@ -660,7 +661,7 @@ def plan(ctx, model, model_config, host_specs, cluster_file, device, link_gbps, 
     except (PlanningError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    result = replace(result, notes=notes)
+    result = replace(result, notes=notes + result.notes)
     click.echo(f"plan for {name} ({result.dtype}; {workload.batch} requests of {workload.prompt_tokens} prompt + "
                f"{workload.output_tokens} output tokens): {len(result.stages)} stages, prefill micro-batch "
                f"{result.prefill_microbatch}, decode micro-batch {result.decode_microbatch}, solved in "
@@ -679,7 +680,7 @@ def plan(ctx, model, model_config, host_specs, cluster_file, device, link_gbps, 
     for baseline, speed in result.baselines.items():
         ratio = f"{result.predicted_tokens_per_s / speed:.2f}x" if speed else "does not fit"
         click.echo(f"  baseline {baseline}: {speed:.1f} tokens/s -> plan speed-up {ratio}")
-    for note in notes:
+    for note in result.notes:
         click.echo(f"note: {note}")
     if verify:
         files = resolve_model_or_exit(model)

@@ -11,7 +11,9 @@ import torch
 
 from conftest import Cluster, connect, hetserve_cmd
 from hetserve.plan.cost import CostModel, interpolate
-from hetserve.plan.planner import HostInput, PlanningError, Workload, host_orders, make_plan, quality_units
+from hetserve.plan.partition import partition
+from hetserve.plan.planner import (HostInput, PlanningError, Workload, decode_microbatch, default_precisions,
+                                   host_costs, host_orders, make_plan, objective_for, prefill_sizes, quality_units)
 from hetserve.plan.device_profile import DeviceProfile, Grid
 from hetserve.plan.quality import Sensitivity
 
@@ -102,6 +104,44 @@ def test_infeasible_names_the_nearest_target():
         make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.0)
     with pytest.raises(PlanningError, match="does not fit"):
         make_plan("m", [HostInput("tiny", 5 * MiB, synthetic_profile("t", 1.0))], SENS, Workload(64, 32, 4), 1.0)
+
+
+def three_hosts() -> list[HostInput]:
+    return [HostInput("fast", 50 * MiB, synthetic_profile("fast", 0.4, int8_speedup=2.0)),
+            HostInput("mid", 60 * MiB, synthetic_profile("mid", 0.7)),
+            HostInput("slow", 120 * MiB, synthetic_profile("slow", 1.5, int8_speedup=1.5))]
+
+
+def test_order_search_equals_solving_every_order_and_size():
+    """Bound-ordered search with the incumbent as upper bound finds what solving every (order,
+    prefill micro-batch) pair from scratch finds."""
+    hosts, workload = three_hosts(), Workload(64, 32, 4)
+    plan = make_plan("m", hosts, SENS, workload, 0.05)
+    precisions = default_precisions(hosts)
+    quality, budget = quality_units(SENS, precisions, 0.05)
+    every = []
+    for order in host_orders(hosts):
+        d_mb = decode_microbatch(workload.batch, len(order))
+        for p_mb in prefill_sizes(workload):
+            got = partition([host_costs(h, precisions, workload, p_mb, d_mb) for h in order], LAYERS, precisions,
+                            quality, budget, objective_for(workload, p_mb, len(order)))
+            if got is not None:
+                every.append(got.time_ms)
+    want = workload.batch * workload.output_tokens / (min(every) / 1000)
+    assert plan.predicted_tokens_per_s == pytest.approx(want, rel=1e-6)
+    assert plan.optimality_gap == 0 and any("exact over all" in n for n in plan.notes)
+
+
+def test_heuristic_orders_state_a_gap_that_bounds_the_exact_optimum():
+    hosts, workload = three_hosts(), Workload(64, 32, 4)
+    exact = make_plan("m", hosts, SENS, workload, 0.05)
+    heuristic = make_plan("m", hosts, SENS, workload, 0.05, max_orders=0)
+    assert any("order-free lower bound" in n and "%" in n for n in heuristic.notes)
+    assert heuristic.optimality_gap >= 0
+    # time is batch * tokens / speed: the bound T_heuristic / (1 + gap) is below the exact optimum.
+    t_exact, t_heuristic = 1 / exact.predicted_tokens_per_s, 1 / heuristic.predicted_tokens_per_s
+    assert t_heuristic >= t_exact * (1 - 1e-6)
+    assert t_heuristic / (1 + heuristic.optimality_gap) <= t_exact * (1 + 1e-3)  # the gap is rounded
 
 
 def test_cost_model_reads_the_profile():

@@ -1,4 +1,4 @@
-"""The partitioner: an exact dynamic program over contiguous layer ranges and per-layer precision.
+"""The partitioner: exact layer ranges and per-layer precisions for one pipeline order of hosts.
 
 For one pipeline order of hosts and fixed micro-batch sizes, it minimizes the time to serve one
 batch of the workload (LLM-PQ's pipeline model, both phases):
@@ -12,16 +12,34 @@ memory (weights at the chosen precisions + KV cache + embedding/head + reserve) 
 budget, a hard constraint on the sum of per-layer quality costs (integers: sensitivities rounded
 up to a grid, so a plan within the integer budget is within the real one).
 
-The sums are additive over stages but the maxima are not, so the DP keeps, per (host, layer)
-state, the Pareto frontier of (quality used, weighted sum, max P, max D) over partial plans; a
-dominated partial plan can never lead to a better complete plan, so the result is exactly optimal
-(tests compare it with brute force). A stage's options are its count vectors (how many layers at
-each precision), each with its least-quality assignment of precisions to layers. Pure functions.
+The result is exactly optimal (tests compare it with brute force and with the earlier exhaustive
+Pareto DP). How it gets there fast, each step exact:
+1. positions.py drops precisions a host cannot run or that another beats on every count.
+2. bounds.py and dual.py give lower bounds on what finishing a partial plan costs: a layer-by-layer
+   DP ignoring memory and the maxima, and its Lagrangian version that prices the maxima with
+   per-stage weights tuned by supergradient ascent (this one sees pipeline balance).
+3. search.py is a DP over (stage, first layer) whose partial plans are pruned by dominance and by
+   those bounds against an upper bound.
+4. The upper bound: a narrow search (BEAM entries per state) below guesses rising from the lower
+   bound finds a first plan; the exact search then only looks for something better. A caller
+   with a plan in hand (another host order) passes its T as upper_bound.
+Pure functions.
 """
 
 from __future__ import annotations
 
+import gc
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from .bounds import RestTable, maxima_tables
+from .dual import tune
+from .positions import positions
+from .search import Search, unwind
+
+FIRST_STEP = 0.01  # the first guess for a plan is this fraction above the lower bound
+BEAM = 8  # entries per state of the narrow search for a first plan
 
 
 @dataclass(frozen=True)
@@ -91,93 +109,106 @@ def total_time(stages: list[tuple[float, float]], objective: Objective) -> float
             + objective.output_tokens * (sum(dec) + (objective.decode_microbatches - 1) * max(dec)))
 
 
-def _pareto(entries: list[tuple], dims: int) -> list[tuple]:
-    """Entries not dominated (no worse in all of the first `dims` measures) by another."""
-    entries = sorted(entries, key=lambda e: e[:dims])
-    kept: list[tuple] = []
-    for e in entries:
-        if not any(all(k[d] <= e[d] for d in range(dims)) for k in kept):
-            kept.append(e)
-    return kept
+def lower_bound(hosts: list[HostCosts], num_layers: int, precisions: list[str], quality: list[dict[str, int]],
+                budget: int, objective: Objective) -> float:
+    """A quick lower bound on partition()'s T (inf when no plan exists): the least weighted sum of
+    stage times, ignoring memory and balance, plus the maxima at their floors. Milliseconds to
+    compute; the planner orders and skips host orders by it."""
+    tables = _tables(hosts, num_layers, precisions, quality, budget, objective)
+    if tables is None:
+        return math.inf
+    _, plain, max_p, max_d = tables
+    a, b = _weights(objective)
+    return float(plain.rest[0, 0, budget]) + a * max_p[0][0] + b * max_d[0][0]
 
 
-def stage_options(host: HostCosts, quality: list[dict[str, int]], precisions: list[str], start: int,
-                  first: bool, last: bool, budget: int):
-    """For each end > start: the Pareto set of (quality, P, D, memory, precisions) of stage [start, end).
+def _weights(objective: Objective) -> tuple[int, int]:
+    """(a, b): T = W + a * max P + b * max D."""
+    return (objective.prefill_microbatches - 1,
+            objective.output_tokens * (objective.decode_microbatches - 1))
 
-    Layers of one stage run on one host, so P, D and memory depend only on how many layers take
-    each precision (the count vector); which layers take which is then chosen for least quality
-    cost. Count vectors are grown one layer at a time: best[c] = (least quality, assignment).
-    """
-    best: dict[tuple[int, ...], tuple[int, tuple[str, ...]]] = {tuple(0 for _ in precisions): (0, ())}
-    for end in range(start + 1, len(quality) + 1):
-        layer = quality[end - 1]
-        grown: dict[tuple[int, ...], tuple[int, tuple[str, ...]]] = {}
-        for counts, (q, assignment) in best.items():
-            for i, p in enumerate(precisions):
-                nq = q + layer[p]
-                if nq > budget:
-                    continue
-                key = counts[:i] + (counts[i] + 1,) + counts[i + 1:]
-                if key not in grown or nq < grown[key][0]:
-                    grown[key] = (nq, assignment + (p,))
-        best = grown
-        options = []
-        for counts, (q, assignment) in best.items():
-            pre, dec, mem = stage_times(host, {p: n for p, n in zip(precisions, counts) if n}, first, last)
-            if mem <= host.capacity:
-                options.append((q, pre, dec, mem, assignment))
-        yield end, _pareto(options, 3)
+
+def _tables(hosts, num_layers, precisions, quality, budget, objective):
+    """(positions, plain RestTable, minimax of P, minimax of D), or None when no plan exists."""
+    if not hosts or len(hosts) > num_layers:
+        return None
+    pos = positions(hosts, precisions, quality, objective)
+    if not all(p.precisions for p in pos):
+        return None
+    plain = RestTable(pos, precisions, quality, budget)
+    max_p, max_d = maxima_tables(pos, num_layers)
+    if math.isinf(plain.rest[0, 0, budget]) or math.isinf(max_p[0][0]) or math.isinf(max_d[0][0]):
+        return None
+    return pos, plain, max_p, max_d
 
 
 def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], quality: list[dict[str, int]],
-              budget: int, objective: Objective) -> Partition | None:
+              budget: int, objective: Objective, upper_bound: float | None = None) -> Partition | None:
     """Exact optimum for hosts in this order, every host getting at least one layer.
 
     quality[l][p]: integer quality cost of layer l at precision p (0 for the native one).
-    Returns None when no plan satisfies memory and quality.
+    Returns None when no plan satisfies memory and quality, or when none is faster than
+    `upper_bound` (a plan already in hand, e.g. for another host order).
     """
-    k_hosts = len(hosts)
-    if k_hosts == 0 or k_hosts > num_layers:
-        return None
-    n = objective.output_tokens
-    # frontier[(k, i)]: partial plans of hosts < k covering layers [0, i), as Pareto-optimal
-    # (quality, W = sum of P + N*D, max P, max D, trace); a dominated one can never finish better.
-    frontier: dict[tuple[int, int], list[tuple]] = {(0, 0): [(0, 0.0, 0.0, 0.0, None)]}
-    for k, host in enumerate(hosts):
-        first, last = k == 0, k == k_hosts - 1
-        for i in range(num_layers):
-            entries = frontier.pop((k, i), None)
-            if not entries:
-                continue
-            spare = budget - min(e[0] for e in entries)
-            for end, options in stage_options(host, quality, precisions, i, first, last, spare):
-                if (last and end != num_layers) or (not last and num_layers - end < k_hosts - k - 1):
-                    continue
-                bucket = frontier.setdefault((k + 1, end), [])
-                for q, w, max_p, max_d, trace in entries:
-                    for sq, pre, dec, _, assignment in options:
-                        if q + sq <= budget:
-                            bucket.append((q + sq, w + pre + n * dec, max(max_p, pre), max(max_d, dec),
-                                           (trace, assignment)))
-                frontier[(k + 1, end)] = _pareto(bucket, 4)
-    best = None
-    for q, w, max_p, max_d, trace in frontier.get((k_hosts, num_layers), []):
-        t = w + (objective.prefill_microbatches - 1) * max_p + n * (objective.decode_microbatches - 1) * max_d
-        if best is None or t < best[0]:
-            best = (t, q, trace)
-    if best is None:
-        return None
-    return Partition(_stages(hosts, _unwind(best[2])), best[0], best[1])
+    with _no_cyclic_gc():
+        return _solve(hosts, num_layers, precisions, quality, budget, objective, upper_bound)
 
 
-def _unwind(trace) -> list[tuple[str, ...]]:
-    """The trace linked list -> precisions per stage."""
-    stages = []
-    while trace is not None:
-        trace, assignment = trace
-        stages.append(assignment)
-    return stages[::-1]
+@contextmanager
+def _no_cyclic_gc():
+    """The search allocates millions of short-lived tuples and makes no reference cycles (freed
+    by reference counting alone); the cyclic collector's passes over them cost about a third of
+    the time, so it is paused while solving."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _solve(hosts, num_layers, precisions, quality, budget, objective, upper_bound):
+    """partition() itself: tables, bounds, a first plan from the narrow search, the exact search."""
+    tables = _tables(hosts, num_layers, precisions, quality, budget, objective)
+    if tables is None:
+        return None
+    pos, plain, max_p, max_d = tables
+    a, b = _weights(objective)
+    ub = math.inf if upper_bound is None else upper_bound
+
+    def layer_plan(path: list[tuple[int, int]]) -> list[tuple[str, ...]]:
+        per_stage: list[list[str]] = [[] for _ in hosts]
+        for k, t in path:
+            per_stage[k].append(precisions[t])
+        return [tuple(s) for s in per_stage]
+
+    def evaluate(path: list[tuple[int, int]]) -> float:
+        stages = _stages(hosts, layer_plan(path))
+        if any(s.memory_bytes > h.capacity for s, h in zip(stages, hosts)):
+            return math.inf
+        return total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective)
+
+    dual, found, path = tune(pos, precisions, quality, budget, a, b, evaluate, ub)
+    search = Search(pos, quality, budget, a, b, plain, dual, max_p, max_d)
+    ub = min(ub, found)
+    lower = max(dual.rest[0, 0, budget], plain.rest[0, 0, budget] + a * max_p[0][0] + b * max_d[0][0])
+    step = FIRST_STEP
+    while step < 1 and lower * (1 + step) < ub:
+        first = search.run(lower * (1 + step), beam=BEAM)
+        if first is not None:
+            ub = min(ub, first[0] * (1 + 1e-9))  # the exact search finds this one again, or better
+            break
+        step *= 2
+    best = search.run(ub)
+    if best is not None:
+        stages = _stages(hosts, unwind(best[2], pos))
+    elif path is not None:
+        stages = _stages(hosts, layer_plan(path))
+    else:
+        return None
+    q = sum(quality[i][p] for i, p in enumerate(p for s in stages for p in s.precisions))
+    return Partition(stages, total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective), q)
 
 
 def _stages(hosts: list[HostCosts], per_stage: list[list[str]]) -> tuple[StagePlan, ...]:

@@ -1,12 +1,23 @@
 """From hosts' profiles, a quality target and a workload to a Plan: which host runs which layers at
 which precision, with which prefill and decode micro-batch sizes; plus the baselines.
 
-Around the exact DP (partition.py) this tries every distinct pipeline order of every non-empty
-subset of the hosts, so a host that does not pay is left out (hosts with the same profile and
-memory are interchangeable, so their orders are tried once; past MAX_EXACT_ORDERS distinct orders
-it falls back to the stated heuristic: all hosts by memory, largest first, and its reverse) and every prefill micro-batch size that divides the batch. The
-decode micro-batch is ceil(batch / stages): the scheduler keeps one decode micro-batch per stage
-in flight.
+Around the exact partitioner (partition.py) this tries every distinct pipeline order of every
+non-empty subset of the hosts, so a host that does not pay is left out (hosts with the same
+profile and memory are interchangeable, so their orders are tried once), and every prefill
+micro-batch size that divides the batch. The decode micro-batch is ceil(batch / stages): the
+scheduler keeps one decode micro-batch per stage in flight.
+
+Search over (order, size) pairs (search_orders): each pair gets a quick lower bound
+(partition.lower_bound); pairs are solved best bound first, each with the best T so far as an
+upper bound (partition returns None when it cannot beat it), and the search stops once the next
+bound reaches that T. The result is the exact optimum over the pairs, usually after solving a
+few of them.
+
+Exact for small device counts, a stated heuristic with a bound for large: past
+MAX_EXACT_ORDERS distinct orders (or --max-orders), only all hosts by memory, largest first, and
+its reverse are tried (each solved exactly). The plan then states its optimality gap: its T over
+an order-free lower bound (order_bound.py, a relaxation that forgets order and contiguity), in
+Plan.optimality_gap and in its notes. With every order searched the gap is 0.
 """
 
 from __future__ import annotations
@@ -21,7 +32,8 @@ from pathlib import Path
 from ..model.precision import PRECISIONS
 from .cost import CostModel
 from .device_profile import DeviceProfile
-from .partition import HostCosts, Objective, Partition, partition, stage_times, total_time
+from .order_bound import Relaxation, order_free_bound
+from .partition import HostCosts, Objective, lower_bound, partition, stage_times, total_time
 from .quality import Sensitivity
 from .split import contiguous_split
 
@@ -85,6 +97,9 @@ class Plan:
     baselines: dict[str, float] = field(default_factory=dict)  # name -> predicted tokens/s
     solve_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # what is predicted rather than measured, and from what
+    # At most this far (T_plan / T_best - 1) from the best plan over every host order: 0 when all
+    # were searched, else from an order-free lower bound (order_bound.py).
+    optimality_gap: float = 0.0
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +153,11 @@ def host_orders(hosts: list[HostInput], max_orders: int | None = None) -> list[l
     """Pipeline orders to try: every distinct order of every non-empty subset of the hosts (a host
     is used only where it pays), when there are at most max_orders (MAX_EXACT_ORDERS) of them;
     otherwise the heuristic, all hosts by memory largest first and its reverse."""
+    return order_search(hosts, max_orders)[0]
+
+
+def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple[list[list[HostInput]], bool]:
+    """(host_orders, whether they are every distinct order of every subset)."""
     max_orders = MAX_EXACT_ORDERS if max_orders is None else max_orders
     def signature(h: HostInput):
         return (h.profile.device_name, h.memory_bytes, h.link_gbps)
@@ -153,8 +173,8 @@ def host_orders(hosts: list[HostInput], max_orders: int | None = None) -> list[l
                     orders.append(list(perm))
                 if len(orders) > max_orders or examined > MAX_PERMUTATIONS:
                     by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
-                    return [by_memory, by_memory[::-1]]
-    return orders
+                    return [by_memory, by_memory[::-1]], False
+    return orders, True
 
 
 def decode_microbatch(batch: int, stages: int) -> int:
@@ -166,6 +186,76 @@ def default_precisions(hosts: list[HostInput]) -> list[str]:
     return sorted({p for h in hosts for p in h.profile.layer_bytes}, key=PRECISIONS.index)
 
 
+def prefill_sizes(workload: Workload) -> list[int]:
+    return [b for b in range(1, workload.batch + 1) if workload.batch % b == 0]
+
+
+def objective_for(workload: Workload, p_mb: int, stages: int) -> Objective:
+    d_mb = decode_microbatch(workload.batch, stages)
+    return Objective(workload.output_tokens, workload.batch // p_mb, math.ceil(workload.batch / d_mb))
+
+
+def search_orders(orders: list[list[HostInput]], precisions: list[str], quality: list[dict[str, int]], budget: int,
+                  workload: Workload):
+    """The best partition over these host orders and every prefill micro-batch size:
+    ((T, partition, order, prefill mb, decode mb) or None, pairs solved, pairs in all).
+
+    Every (order, size) pair gets a quick lower bound first; pairs are solved in ascending order
+    of it, each with the best T so far as its upper bound, and the rest are skipped once the
+    bound reaches that T: good candidates first, and pairs that cannot win never solved."""
+    cache: dict[tuple[int, int, int], HostCosts] = {}
+
+    def costs_of(h: HostInput, p_mb: int, d_mb: int) -> HostCosts:
+        key = (id(h), p_mb, d_mb)
+        if key not in cache:
+            cache[key] = host_costs(h, precisions, workload, p_mb, d_mb)
+        return cache[key]
+
+    pairs = []
+    for order in orders:
+        d_mb = decode_microbatch(workload.batch, len(order))
+        for p_mb in prefill_sizes(workload):
+            pairs.append(([costs_of(h, p_mb, d_mb) for h in order], objective_for(workload, p_mb, len(order)),
+                          (order, p_mb, d_mb)))
+    best, tried, bounded = solve_pairs(pairs, len(quality), precisions, quality, budget)
+    return (None if best is None else (best[0], best[1], *best[2])), tried, bounded
+
+
+def solve_pairs(pairs: list[tuple[list[HostCosts], Objective, object]], layers: int, precisions: list[str],
+                quality: list[dict[str, int]], budget: int):
+    """The best partition over (host costs in pipeline order, objective, tag) candidates:
+    ((T, partition, tag) or None, candidates solved, candidates with a plan possible), solving
+    them in ascending order of partition.lower_bound with the best T so far as upper bound."""
+    ranked = []
+    for n, (costs, objective, tag) in enumerate(pairs):
+        bound = lower_bound(costs, layers, precisions, quality, budget, objective)
+        if bound < INF:
+            ranked.append((bound, n, costs, objective, tag))
+    ranked.sort(key=lambda x: x[:2])
+    best, tried = None, 0
+    for bound, _, costs, objective, tag in ranked:
+        if best is not None and bound >= best[0]:
+            break
+        tried += 1
+        result = partition(costs, layers, precisions, quality, budget, objective,
+                           upper_bound=None if best is None else best[0])
+        if result is not None and (best is None or result.time_ms < best[0]):
+            best = (result.time_ms, result, tag)
+    return best, tried, len(ranked)
+
+
+def order_gap(hosts: list[HostInput], precisions: list[str], quality: list[dict[str, int]], budget: int,
+              workload: Workload, time_ms: float) -> float:
+    """How far a plan of this T can be from the best over every order and subset of the hosts
+    (T / order-free lower bound - 1), over every prefill micro-batch size and stage count."""
+    relaxations = [Relaxation([host_costs(h, precisions, workload, p_mb, decode_microbatch(workload.batch, stages))
+                               for h in hosts], precisions, quality, budget, objective_for(workload, p_mb, stages),
+                              stages)
+                   for p_mb in prefill_sizes(workload) for stages in range(1, min(len(hosts), len(quality)) + 1)]
+    bound = order_free_bound(relaxations, time_ms)
+    return time_ms / bound - 1 if bound > 0 else math.inf
+
+
 def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: Workload, max_increase: float,
               precisions: list[str] | None = None, max_orders: int | None = None) -> Plan:
     started = time.perf_counter()
@@ -175,17 +265,20 @@ def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: W
     short = memory_shortfall(hosts, layers, precisions, workload)
     if short:
         raise PlanningError(short)
-    best: tuple[float, Partition, list[HostInput], int, int] | None = None
-    for order in host_orders(hosts, max_orders):
-        d_mb = decode_microbatch(workload.batch, len(order))
-        for p_mb in [b for b in range(1, workload.batch + 1) if workload.batch % b == 0]:
-            costs = [host_costs(h, precisions, workload, p_mb, d_mb) for h in order]
-            objective = Objective(workload.output_tokens, workload.batch // p_mb, math.ceil(workload.batch / d_mb))
-            result = partition(costs, layers, precisions, quality, budget, objective)
-            if result is not None and (best is None or result.time_ms < best[0]):
-                best = (result.time_ms, result, order, p_mb, d_mb)
+    orders, exact = order_search(hosts, max_orders)
+    best, tried, candidates = search_orders(orders, precisions, quality, budget, workload)
     if best is None:
         raise PlanningError(_infeasible_reason(hosts, sens, workload, precisions, max_increase))
+    if exact:
+        gap, notes = 0.0, [f"search: exact over all {len(orders)} distinct host orders of every subset and every "
+                           f"prefill micro-batch size ({tried} of {candidates} (order, size) pairs solved, "
+                           f"{candidates - tried} ruled out by a lower bound)"]
+    else:
+        gap = order_gap(hosts, precisions, quality, budget, workload, best[0])
+        notes = [f"search: heuristic host orders (all {len(hosts)} hosts by memory, largest first, and the reverse: "
+                 f"more than {MAX_EXACT_ORDERS if max_orders is None else max_orders} distinct orders), each solved "
+                 f"exactly; an order-free lower bound puts the plan within {gap:.1%} of the best over every order "
+                 "and subset"]
     time_ms, result, order, p_mb, d_mb = best
     chosen = [p for s in result.stages for p in s.precisions]
     plan_stages = [PlannedStage(s.host, s.start, s.end, list(s.precisions), round(s.prefill_ms, 3),
@@ -196,7 +289,7 @@ def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: W
                 base_ppl=round(sens.base_ppl, 4), predicted_ppl=round(sens.predicted_ppl(chosen), 4), stages=plan_stages,
                 prefill_microbatch=p_mb, decode_microbatch=d_mb, predicted_tokens_per_s=round(tokens_per_s, 3),
                 baselines=baselines(hosts, precisions, quality, budget, workload, p_mb),
-                solve_seconds=round(time.perf_counter() - started, 3))
+                solve_seconds=round(time.perf_counter() - started, 3), notes=notes, optimality_gap=round(gap, 4))
 
 
 def evaluate(order: list[HostInput], bounds: list[tuple[int, int]], precision: str, precisions: list[str],
