@@ -11,7 +11,7 @@ vectors (how many layers at each precision), each with its least-quality assignm
 
 from __future__ import annotations
 
-from hetserve.plan.partition import HostCosts, Objective, Partition, StagePlan, stage_times
+from hetserve.plan.partition import HostCosts, Objective, Partition, stage_plans, stage_times
 
 
 def _pareto(entries: list[tuple], dims: int) -> list[tuple]:
@@ -91,7 +91,7 @@ def partition(hosts: list[HostCosts], num_layers: int, precisions: list[str], qu
             best = (t, q, trace)
     if best is None:
         return None
-    return Partition(_stages(hosts, _unwind(best[2])), best[0], best[1])
+    return Partition(stage_plans(hosts, _unwind(best[2])), best[0], best[1])
 
 
 def _unwind(trace) -> list[tuple[str, ...]]:
@@ -101,15 +101,3 @@ def _unwind(trace) -> list[tuple[str, ...]]:
         trace, assignment = trace
         stages.append(assignment)
     return stages[::-1]
-
-
-def _stages(hosts: list[HostCosts], per_stage: list[list[str]]) -> tuple[StagePlan, ...]:
-    out, start = [], 0
-    for i, (host, precs) in enumerate(zip(hosts, per_stage)):
-        counts: dict[str, int] = {}
-        for p in precs:
-            counts[p] = counts.get(p, 0) + 1
-        pre, dec, mem = stage_times(host, counts, i == 0, i == len(hosts) - 1)
-        out.append(StagePlan(host.name, start, start + len(precs), tuple(precs), pre, dec, mem))
-        start += len(precs)
-    return tuple(out)

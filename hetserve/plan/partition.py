@@ -184,7 +184,7 @@ def _solve(hosts, num_layers, precisions, quality, budget, objective, upper_boun
         return [tuple(s) for s in per_stage]
 
     def evaluate(path: list[tuple[int, int]]) -> float:
-        stages = _stages(hosts, layer_plan(path))
+        stages = stage_plans(hosts, layer_plan(path))
         if any(s.memory_bytes > h.capacity for s, h in zip(stages, hosts)):
             return math.inf
         return total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective)
@@ -202,16 +202,17 @@ def _solve(hosts, num_layers, precisions, quality, budget, objective, upper_boun
         step *= 2
     best = search.run(ub)
     if best is not None:
-        stages = _stages(hosts, unwind(best[2], pos))
+        stages = stage_plans(hosts, unwind(best[2], pos))
     elif path is not None:
-        stages = _stages(hosts, layer_plan(path))
+        stages = stage_plans(hosts, layer_plan(path))
     else:
         return None
     q = sum(quality[i][p] for i, p in enumerate(p for s in stages for p in s.precisions))
     return Partition(stages, total_time([(s.prefill_ms, s.decode_ms) for s in stages], objective), q)
 
 
-def _stages(hosts: list[HostCosts], per_stage: list[list[str]]) -> tuple[StagePlan, ...]:
+def stage_plans(hosts: list[HostCosts], per_stage: list[list[str]]) -> tuple[StagePlan, ...]:
+    """Precisions per stage, in pipeline order -> StagePlans with their ranges, times and memory."""
     out, start = [], 0
     for i, (host, precs) in enumerate(zip(hosts, per_stage)):
         counts: dict[str, int] = {}
