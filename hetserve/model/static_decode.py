@@ -73,6 +73,18 @@ class _Bucket:
         return model.static_decode_step(slots, starts, lengths, self.inputs, self.kv_len, self.every_slot)
 
 
+def _index_columns(bucket: _Bucket, slots: list[int], starts: list[int]) -> torch.Tensor:
+    """[3, bucket rows] int64: slot, start and length of each row of the step; padding rows have
+    length 0 (slot 0 when gathering; their own slot when every slot is a row)."""
+    if not bucket.every_slot:
+        pad = bucket.rows - len(slots)
+        return torch.tensor([slots + [0] * pad, starts + [0] * pad, [1] * len(slots) + [0] * pad], dtype=torch.int64)
+    by_slot_start, by_slot_length = [0] * bucket.rows, [0] * bucket.rows
+    for slot, start in zip(slots, starts):
+        by_slot_start[slot], by_slot_length[slot] = start, 1
+    return torch.tensor([list(range(bucket.rows)), by_slot_start, by_slot_length], dtype=torch.int64)
+
+
 class StaticDecode:
     """Runs a stage's decode micro-batches at bucketed shapes, from CUDA graphs when `capture`."""
 
@@ -90,24 +102,14 @@ class StaticDecode:
     def __call__(self, slots: list[int], starts: list[int], inputs: torch.Tensor) -> torch.Tensor:
         """One decode step: inputs [B, 1] ids (stage 0) or [B, 1, H] hidden states.
         Returns hidden states [B, 1, H], or logits [B, V] (float32) on the last stage."""
-        rows = len(slots)
-        spec = self.model.spec
+        rows, spec = len(slots), self.model.spec
         kv_len = context_bucket(max(starts) + 1, spec.max_context)
         every_slot = rows >= EVERY_SLOT_SHARE * spec.max_seqs
         key = (spec.max_seqs if every_slot else batch_bucket(rows, spec.max_seqs), kv_len, every_slot)
         bucket = self.buckets.get(key) or self._new_bucket(*key)
-        # One host-to-device copy for the index columns; padding rows have length 0.
-        if every_slot:
-            order, by_slot_start, by_slot_length = list(range(spec.max_seqs)), [0] * spec.max_seqs, [0] * spec.max_seqs
-            for slot, start in zip(slots, starts):
-                by_slot_start[slot], by_slot_length[slot] = start, 1
-            index = torch.tensor([order, by_slot_start, by_slot_length], dtype=torch.int64)
-        else:
-            pad = bucket.rows - rows
-            index = torch.tensor([slots + [0] * pad, starts + [0] * pad, [1] * rows + [0] * pad], dtype=torch.int64)
-        bucket.index.copy_(index, non_blocking=True)
-        where = torch.tensor(slots, dtype=torch.int64).to(self.model.device) if every_slot else None
-        if every_slot:
+        bucket.index.copy_(_index_columns(bucket, slots, starts), non_blocking=True)  # one host-to-device copy
+        if every_slot:  # row i of the step is slot i
+            where = torch.tensor(slots, dtype=torch.int64).to(self.model.device)
             bucket.inputs.index_copy_(0, where, inputs)
         else:
             bucket.inputs[:rows].copy_(inputs)
