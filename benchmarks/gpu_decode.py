@@ -98,8 +98,6 @@ def hf_step_ms(model_dir: Path, batches: list[int], prompt: int, device: torch.d
                                           min_new_tokens=n, do_sample=False)
         gen(4)()
         out[b] = (timed(gen(65), device) - timed(gen(1), device)) / 64
-    del model
-    torch.cuda.empty_cache()
     return out
 
 
@@ -121,6 +119,7 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     results = {"bandwidth_tbs": bandwidth / 1e12, "prompt": args.prompt, "rows": []}
     hf = hf_step_ms(args.model_dir, batches, args.prompt, device)
+    torch.cuda.empty_cache()  # transformers' copy of the weights is gone with hf_step_ms's frame
     print(f"transformers generate ms/step: {hf}", flush=True)
     print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'eager ms':>8} "
           f"{'graph tok/s':>11} {'vs hf':>6}")
