@@ -158,5 +158,7 @@ async def test_curl_stream_and_metrics(http_cluster, line):
     assert float(samples['hetserve_kv_cache_bytes{host="worker-0",stage="0"}']) > 0
     assert samples['hetserve_host_healthy{host="worker-1",stage="1"}'] == "1"
     for name in ("hetserve_requests_running", "hetserve_requests_queued", "hetserve_tokens_per_second",
-                 'hetserve_microbatch_rows{phase="decode"}', 'hetserve_kv_cache_used_bytes{host="worker-1",stage="1"}'):
+                 'hetserve_microbatch_rows{phase="decode"}', 'hetserve_kv_cache_used_bytes{host="worker-1",stage="1"}',
+                 "hetserve_microbatches_in_flight_limit", "hetserve_prefill_chunk_tokens",
+                 "hetserve_decode_round_trip_seconds"):
         assert name in samples, name

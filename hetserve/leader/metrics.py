@@ -40,6 +40,13 @@ def render_metrics(status: dict) -> str:
     limits = status["limits"]
     w.metric("hetserve_microbatch_rows_limit", "gauge", "Configured most requests per micro-batch, by phase.",
              [({"phase": "prefill"}, limits["prefill_seqs"]), ({"phase": "decode"}, limits["decode_seqs"])])
+    batching = status["batching"]
+    w.metric("hetserve_microbatches_in_flight_limit", "gauge", "Micro-batches in flight the leader allows now.",
+             [({}, batching["max_in_flight"])])
+    w.metric("hetserve_prefill_chunk_tokens", "gauge", "Most prompt tokens the leader puts in a prefill micro-batch now.",
+             [({}, batching["prefill_tokens"])])
+    w.metric("hetserve_decode_round_trip_seconds", "gauge", "Moving average of a decode micro-batch's send to result.",
+             [({}, batching["decode_round_ms"] / 1000)])
     w.metric("hetserve_stage_step_seconds", "gauge", "Moving average of a stage's compute time per micro-batch.",
              [({"stage": i, "phase": p}, ms / 1000) for p, times in status["stage_ms"].items() for i, ms in enumerate(times)])
     w.metric("hetserve_kv_slots_free", "gauge", "Free KV-cache slots (same on every stage).", [({}, status["free_slots"])])
