@@ -303,7 +303,7 @@ def evaluate(order: list[HostInput], bounds: list[tuple[int, int]], precision: s
         if mem > costs.capacity or math.isinf(pre + dec):
             return None
         stages.append((pre, dec))
-    t = total_time(stages, Objective(workload.output_tokens, workload.batch // p_mb, math.ceil(workload.batch / d_mb)))
+    t = total_time(stages, objective_for(workload, p_mb, len(order)))
     return workload.batch * workload.output_tokens / (t / 1000)
 
 
