@@ -50,16 +50,16 @@ def test_the_fit_recovers_a_line_and_waits_for_spread():
 
 def test_in_flight_rises_only_where_smaller_microbatches_are_cheaper():
     # CPU-like: cost grows with rows; a leader overhead of 30 ms on a 16 ms step is hidden by 2 per stage.
-    cpu = Measured((16.0,), 46.0, 0.1, 32.0, fitted(0.0, 0.5))
+    cpu = Measured((16.0,), 46.0, 0.1, fitted(0.0, 0.5))
     assert choose_sizes(LIMITS, 1, cpu, decoding=32).max_in_flight == MAX_IN_FLIGHT_PER_STAGE
     # GPU-like: a step costs the same at 8 rows as at 32; splitting only multiplies it.
-    gpu = Measured((10.0,), 25.0, 0.1, 32.0, fitted(10.0, 0.0))
+    gpu = Measured((10.0,), 25.0, 0.1, fitted(10.0, 0.0))
     assert choose_sizes(LIMITS, 1, gpu, decoding=32).max_in_flight == 1
     # No overhead to hide: one per stage.
-    assert choose_sizes(LIMITS, 2, Measured((8.0, 8.0), 16.0, 0.1, 16.0, fitted(0.0, 0.5)), decoding=32) \
+    assert choose_sizes(LIMITS, 2, Measured((8.0, 8.0), 16.0, 0.1, fitted(0.0, 0.5)), decoding=32) \
         .max_in_flight == 2
     # Unknown slope, or fewer decoding requests than stages: one per stage.
-    assert choose_sizes(LIMITS, 2, Measured((1.0, 1.0), 100.0, 0.1, 16.0), decoding=32).max_in_flight == 2
+    assert choose_sizes(LIMITS, 2, Measured((1.0, 1.0), 100.0, 0.1), decoding=32).max_in_flight == 2
     assert choose_sizes(LIMITS, 2, cpu, decoding=2).max_in_flight == 2
     # The operator's choice stands.
     assert choose_sizes(Limits(max_in_flight=5), 2, cpu, decoding=32).max_in_flight == 5

@@ -33,8 +33,6 @@ from ..config import Limits
 MAX_IN_FLIGHT_PER_STAGE = 2  # decode micro-batches per stage at most: hides a round trip twice the compute
 STALL_DECODE_STEPS = 4.0  # a prefill chunk may hold decode up for this many decode micro-batch times
 MIN_PREFILL_TOKENS = 32  # chunks never get smaller: below this a chunk's fixed costs dominate
-
-
 FIT_DECAY = 0.95  # weight of the past in the decode-time fit per micro-batch: about the last 20 count
 MIN_ROWS_SPREAD = 1.0  # rows' standard deviation needed before the fit's slope is trusted
 
@@ -73,7 +71,6 @@ class Measured:
     decode_stage_ms: tuple[float, ...] = ()  # per stage, one decode micro-batch
     decode_round_ms: float = 0.0  # send to result of a decode micro-batch, all included
     prefill_ms_per_token: float = 0.0  # the slowest stage's prefill time per prompt token
-    decode_rows: float = 0.0  # rows per decode micro-batch, the same moving average as the times
     decode_fit: RowFit = RowFit()  # the slowest stage's decode ms against rows
 
 
@@ -99,8 +96,7 @@ def choose_sizes(limits: Limits, stages: int, measured: Measured, decoding: int)
 def _decode_in_flight(stages: int, measured: Measured, decoding: int) -> int:
     line = measured.decode_fit.line()
     slowest = max(measured.decode_stage_ms, default=0.0)
-    if line is None or slowest <= 0 or measured.decode_round_ms <= 0 or measured.decode_rows <= 0 \
-            or decoding <= stages:
+    if line is None or slowest <= 0 or measured.decode_round_ms <= 0 or decoding <= stages:
         return stages
     fixed, per_row = line
     # What the round trip holds beyond the stages' compute: the leader and the links.

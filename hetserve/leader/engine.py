@@ -200,7 +200,7 @@ class Engine:
             return
         decoding = sum(1 for r in self.requests.values() if r.slot is not None and r.prompt_left == 0)
         measured = Measured(tuple(self.times["decode"].stage_ms), self.decode_round_ms, self.prefill_ms_per_token,
-                            self.batch_rows["decode"], self.decode_fit)
+                            self.decode_fit)
         self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding)
         batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
                                    self.sizes.max_in_flight)
