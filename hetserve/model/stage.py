@@ -185,6 +185,16 @@ class StageModel:
         logits = self.lm_head(self.norm(last)).float()  # [B, V]
         return sample(logits, sampling)
 
+    def run(self, slots: list[int], starts: list[int], lengths: list[int], inputs: torch.Tensor,
+            sampling: SamplingRows | None = None) -> torch.Tensor:
+        """One micro-batch as the host gets it (columns as lists), by the path that serves it: a
+        decode step (one token per row) from CUDA graphs where they are on, else forward()."""
+        if self.static_decode.capture and max(lengths) == 1:
+            return self.decode(slots, starts, inputs, sampling)
+        def column(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+        return self.forward(column(slots), column(starts), column(lengths), inputs, sampling)
+
     @torch.no_grad()
     def decode(self, slots: list[int], starts: list[int], inputs: torch.Tensor,
                sampling: SamplingRows | None = None) -> torch.Tensor:

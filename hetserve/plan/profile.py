@@ -101,18 +101,15 @@ def stage_for_profile(model_dir: Path, layers: int, precision: str, dtype: str, 
 
 
 def step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int) -> float:
-    dev = stage.device
-    slots = torch.arange(batch, device=dev)
+    """One micro-batch by the path serving takes (StageModel.run: on a GPU, decode replays CUDA
+    graphs, captured in the warm-ups)."""
+    slots = list(range(batch))
     if phase == "prefill":
-        starts, lengths, steps = torch.zeros(batch, dtype=torch.long, device=dev), torch.full((batch,), tokens, device=dev), tokens
+        starts, lengths, steps = [0] * batch, [tokens] * batch, tokens
     else:
-        starts, lengths, steps = torch.full((batch,), tokens - 1, device=dev), torch.ones(batch, dtype=torch.long, device=dev), 1
-    hidden = torch.randn(batch, steps, stage.hidden_size, dtype=stage.dtype, device=dev)
-    if phase == "decode" and stage.static_decode.capture:
-        # The path serving takes on a GPU: CUDA-graph replay (captured in the warm-ups).
-        slot_list, start_list = slots.tolist(), starts.tolist()
-        return _time_ms(lambda: stage.decode(slot_list, start_list, hidden), dev, repeats)
-    return _time_ms(lambda: stage.hidden_states(slots, starts, lengths, hidden), dev, repeats)
+        starts, lengths, steps = [tokens - 1] * batch, [1] * batch, 1
+    hidden = torch.randn(batch, steps, stage.hidden_size, dtype=stage.dtype, device=stage.device)
+    return _time_ms(lambda: stage.run(slots, starts, lengths, hidden), stage.device, repeats)
 
 
 def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32", precisions: list[str] | None = None,

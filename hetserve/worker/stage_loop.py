@@ -45,10 +45,6 @@ def check_step(step: Step, model: StageModel) -> None:
         raise WireError("stage_ms is too long")
 
 
-def _long(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
 class StageLoop:
     def __init__(self, model: StageModel, index: int, data_in: zmq.asyncio.Socket, data_out: zmq.asyncio.Socket,
                  torch_thread: ThreadPoolExecutor, epoch: int = 0):
@@ -96,11 +92,7 @@ class StageLoop:
             inputs = from_frame(step.tensor, frames[0], (rows, steps, model.hidden_size),
                                 (model.spec.dtype,), model.device)
         start = time.perf_counter()
-        if step.phase == "decode" and model.static_decode.capture and steps == 1:
-            out = model.decode(step.slots, step.starts, inputs, step.sampling)
-        else:
-            out = model.forward(_long(step.slots, model.device), _long(step.starts, model.device),
-                                _long(step.lengths, model.device), inputs, step.sampling)
+        out = model.run(step.slots, step.starts, step.lengths, inputs, step.sampling)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         elapsed = time.perf_counter() - start
