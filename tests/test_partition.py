@@ -66,13 +66,19 @@ def test_dp_equals_brute_force(seed):
     budget = rng.randint(0, 8)
     objective = Objective(output_tokens=rng.randint(1, 64), prefill_microbatches=rng.randint(1, 4),
                           decode_microbatches=rng.randint(1, 3))
-    want = brute_force(hosts, layers, quality, budget, objective)
-    got = partition(hosts, layers, PRECISIONS, quality, budget, objective)
+    assert_equals_brute_force(hosts, layers, PRECISIONS, quality, budget, objective)
+
+
+def assert_equals_brute_force(hosts, layers, names, quality, budget, objective):
+    """partition() finds brute force's optimum (or, like it, none), and its plan checks out."""
+    want = brute_force(hosts, layers, quality, budget, objective, names)
+    got = partition(hosts, layers, names, quality, budget, objective)
     if want is None:
         assert got is None
-        return
+        return None
     assert got is not None and got.time_ms == pytest.approx(want, rel=1e-9, abs=1e-9)
     check_plan(got, hosts, layers, quality, budget, objective)
+    return got
 
 
 def check_plan(got, hosts, layers, quality, budget, objective):
@@ -121,14 +127,9 @@ def test_equals_brute_force_with_more_precisions_and_hosts(seed):
     layers = rng.randint(2, 6 if len(names) <= 3 else 5)
     k = min(layers, rng.randint(1, 4))
     hosts, quality, budget, objective = varied_instance(rng, layers, k, names)
-    want = brute_force(hosts, layers, quality, budget, objective, names)
-    got = partition(hosts, layers, names, quality, budget, objective)
-    if want is None:
-        assert got is None
-        return
-    assert got is not None and got.time_ms == pytest.approx(want, rel=1e-9, abs=1e-9)
-    check_plan(got, hosts, layers, quality, budget, objective)
-    assert lower_bound(hosts, layers, names, quality, budget, objective) <= got.time_ms * (1 + 1e-12)
+    got = assert_equals_brute_force(hosts, layers, names, quality, budget, objective)
+    if got is not None:
+        assert lower_bound(hosts, layers, names, quality, budget, objective) <= got.time_ms * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("seed", range(30))
