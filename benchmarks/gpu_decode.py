@@ -1,6 +1,11 @@
 """One stage on one GPU: decode step time against the bandwidth floor, eager vs CUDA graphs, prefill
 throughput, and transformers `generate` on the same GPU in the same run.
 
+Columns: "graph" is what a stage serves with (CUDA graphs of the written-out layers, elementwise
+kernels fused by torch.compile: model/decode_layers.py); "hf-layer graph" replays graphs of
+transformers' own decoder layers instead (the previous path); "eager" runs transformers' layers
+without graphs; "kernels" counts the GPU kernels of one served decode step.
+
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer
     python benchmarks/gpu_decode.py /tmp/llama-3-8b --json out.json
 
@@ -22,6 +27,7 @@ import torch
 
 from hetserve.model.precision import module_bytes
 from hetserve.model.stage import StageModel, StageSpec, load_config
+from hetserve.model.static_decode import StaticDecode
 
 
 def copy_bandwidth(device: torch.device, gib: int = 2) -> float:
@@ -76,6 +82,23 @@ def decode_ms(model: StageModel, rows: int, prompt: int, steps: int, graphs: boo
     return statistics.median(times[2:])  # the first steps capture graphs
 
 
+def kernels_per_step(model: StageModel, rows: int, start: int) -> int:
+    """GPU kernels in one decode step of `rows` rows (graph replays are traced kernel by kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.zeros((rows, 1), dtype=torch.int64, device=model.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        model.decode(list(range(rows)), [start] * rows, ids).tolist()
+        torch.cuda.synchronize(model.device)
+    return sum(1 for e in trace.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name)
+
+
+def with_transformers_layers(model: StageModel) -> None:
+    """The same stage, decode graphs captured over transformers' own decoder layers."""
+    model.decode_layers = None
+    model.static_decode = StaticDecode(model, capture=True)
+
+
 def prefill_tokens_per_s(model: StageModel, length: int) -> float:
     device = model.device
     ids = torch.randint(0, model.embed.num_embeddings, (1, length), device=device)
@@ -121,8 +144,8 @@ def main() -> None:
     hf = hf_step_ms(args.model_dir, batches, args.prompt, device)
     torch.cuda.empty_cache()  # transformers' copy of the weights is gone with hf_step_ms's frame
     print(f"transformers generate ms/step: {hf}", flush=True)
-    print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'eager ms':>8} "
-          f"{'graph tok/s':>11} {'vs hf':>6}")
+    print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'kernels':>7} "
+          f"{'hf-layer graph ms':>17} {'eager ms':>8} {'graph tok/s':>11} {'vs hf':>6}")
     for precision in args.precisions.split(","):
         spec = StageSpec(0, layers, first=True, last=True, dtype="bfloat16", max_seqs=max(batches),
                          max_context=max(lengths + [args.prompt + args.steps + 8]),
@@ -131,18 +154,24 @@ def main() -> None:
         read = module_bytes(model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
         floor = read / bandwidth * 1000
         prefill_rates = {n: round(prefill_tokens_per_s(model, n)) for n in lengths}
+        started = time.perf_counter()
+        graph = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
+        kernels = {b: kernels_per_step(model, b, args.prompt + args.steps + 2) for b in batches}
+        print(f"{precision:>9} graphs {model.static_decode.captured}, captured and timed in "
+              f"{time.perf_counter() - started:.0f} s (includes torch.compile)", flush=True)
+        with_transformers_layers(model)
+        hf_layers = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
         for b in batches:
-            graph = decode_ms(model, b, args.prompt, args.steps, graphs=True)
             eager = decode_ms(model, b, args.prompt, args.steps, graphs=False)
             row = {"precision": precision, "batch": b, "weight_gb": read / 1e9, "floor_ms": floor,
-                   "graph_ms": graph, "eager_ms": eager, "hf_ms": hf.get(b) if precision == "native" else None,
+                   "graph_ms": graph[b], "kernels": kernels[b], "hf_layer_graph_ms": hf_layers[b],
+                   "eager_ms": eager, "hf_ms": hf.get(b) if precision == "native" else None,
                    "prefill_tokens_per_s": prefill_rates}
             results["rows"].append(row)
-            vs_hf = f"{hf[b] / graph:6.1f}" if precision == "native" else f"{'':>6}"
-            print(f"{precision:>9} {b:>5} {floor:8.2f} {graph:8.2f} {graph / floor:6.2f} {eager:8.2f} "
-                  f"{b / graph * 1000:11.0f} {vs_hf}", flush=True)
-        print(f"{precision:>9} prefill tokens/s (batch 1): {prefill_rates}; graphs {model.static_decode.captured}",
-              flush=True)
+            vs_hf = f"{hf[b] / graph[b]:6.1f}" if precision == "native" else f"{'':>6}"
+            print(f"{precision:>9} {b:>5} {floor:8.2f} {graph[b]:8.2f} {graph[b] / floor:6.2f} {kernels[b]:7d} "
+                  f"{hf_layers[b]:17.2f} {eager:8.2f} {b / graph[b] * 1000:11.0f} {vs_hf}", flush=True)
+        print(f"{precision:>9} prefill tokens/s (batch 1): {prefill_rates}", flush=True)
         del model
         torch.cuda.empty_cache()
     if args.json:

@@ -23,6 +23,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
     ("qwen3", {"head_dim": 16}),
 ])
 def test_family_split_equals_transformers(tmp_path, model_type, extra):
+    """Split into two stages, the family generates transformers' own greedy ids. Decode steps
+    run both ways, side by side: through transformers' layers (forward) and through the fixed-
+    shape step with the written-out layers of decode_layers.py (decode); the hidden states each
+    hands to the next stage agree at every step."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **TINY, **extra)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -31,19 +35,27 @@ def test_family_split_equals_transformers(tmp_path, model_type, extra):
     with torch.no_grad():
         want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
                               min_new_tokens=8, pad_token_id=0)[0, prompt.shape[1]:].tolist()
-    stages = [StageModel(tmp_path, StageSpec(0, 1, True, False, max_seqs=2, max_context=32)),
-              StageModel(tmp_path, StageSpec(1, 4, False, True, max_seqs=2, max_context=32))]
 
-    def run(start, ids):
-        x = ids
-        for stage in stages:
-            x = stage.forward(torch.tensor([1]), torch.tensor([start]), torch.tensor([ids.shape[1]]), x)
-        return int(x[0])
+    def stages():
+        return [StageModel(tmp_path, StageSpec(0, 1, True, False, max_seqs=2, max_context=32)),
+                StageModel(tmp_path, StageSpec(1, 4, False, True, max_seqs=2, max_context=32))]
 
-    got = [run(0, prompt)]
-    while len(got) < 8:
-        got.append(run(prompt.shape[1] + len(got) - 1, torch.tensor([[got[-1]]])))
-    assert got == want
+    def forward(stage, start, x):
+        return stage.forward(torch.tensor([1]), torch.tensor([start]), torch.tensor([x.shape[1]]), x)
+
+    dynamic, static = stages(), stages()
+    assert all(stage.decode_layers is not None for stage in static)
+    got = {"forward": [], "decode": []}
+    for name, pair in (("forward", dynamic), ("decode", static)):
+        got[name].append(int(forward(pair[1], 0, forward(pair[0], 0, prompt))[0]))
+    while len(got["forward"]) < 8:
+        start = prompt.shape[1] + len(got["forward"]) - 1
+        hidden = forward(dynamic[0], start, torch.tensor([[got["forward"][-1]]]))
+        got["forward"].append(int(forward(dynamic[1], start, hidden)[0]))
+        decoded = static[0].decode([1], [start], torch.tensor([[got["decode"][-1]]]))
+        torch.testing.assert_close(decoded, hidden, rtol=1e-5, atol=1e-5)
+        got["decode"].append(int(static[1].decode([1], [start], decoded)[0]))
+    assert got["forward"] == want and got["decode"] == want
 
 
 def test_model_directory_and_gguf_path_specs(tmp_path, monkeypatch, model_dir):

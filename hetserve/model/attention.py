@@ -15,6 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .decode_layers import grouped_decode
+
 NAME = "hetserve"
 
 
@@ -27,10 +29,7 @@ def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     if steps != 1 or kv_heads == heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query head h uses K/V head h // group
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                           scale=scaling)  # [B, Hkv, group, D]
-    return out.reshape(rows, 1, heads, dim), None
+    return grouped_decode(query, key, value, attention_mask, scaling).view(rows, 1, heads, dim), None
 
 
 AttentionInterface.register(NAME, grouped_decode_attention)

@@ -74,6 +74,7 @@ class StepLayout:
         steps = int(lengths.max()) if steps is None else steps
         t = torch.arange(steps, device=device)
         self.slots = slots
+        self.starts = starts
         self.slot_rows = slots[:, None]
         self.every_slot = every_slot
         self.lengths = lengths

@@ -24,6 +24,7 @@ from transformers import AutoConfig
 
 from . import attention
 from .arch import architecture, attention_window
+from .decode_layers import DecodeLayers
 from .kv_cache import SlotKVCache, StepLayout
 from .precision import apply_precisions, module_bytes
 from .resolve import ModelError
@@ -159,6 +160,13 @@ class StageModel:
         )
         self.hidden_size = config.hidden_size
         self.static_decode = StaticDecode(self, capture=self.device.type == "cuda" and cuda_graphs)
+        # Decode steps run the written-out layers (decode_layers.py) where the architecture fits,
+        # with their elementwise kernels fused (torch.compile) when steps are captured as graphs.
+        self.decode_layers = DecodeLayers(self.layers, compile=self.static_decode.capture) if \
+            DecodeLayers.supports(self.layers, stage_config) else None
+        # Decode attention reads each row's slot where it lies (slot_attention.py): steps need no
+        # K/V gather and no context bucket.
+        self.decode_reads_cache_in_place = self.decode_layers is not None and self.decode_layers.in_place_attention
         self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
 
     def _assign(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
@@ -209,7 +217,7 @@ class StageModel:
         inputs [b, 1] or [b, 1, H] -> hidden [b, 1, H], or logits [b, V] on the last stage.
         every_slot: row i is slot i for every slot (StepLayout)."""
         layout = StepLayout(slots, starts, lengths, self.cache.scratch, steps=1, kv_len=kv_len, every_slot=every_slot)
-        hidden = self._layers(layout, inputs)
+        hidden = self._layers(layout, inputs, self.decode_layers)
         if self.norm is None:
             return hidden
         return self.lm_head(self.norm(hidden[:, 0])).float()
@@ -222,10 +230,13 @@ class StageModel:
             raise ValueError("micro-batch rows must have 1..max_context tokens")
         return self._layers(StepLayout(slots, starts, lengths, self.cache.scratch), inputs)
 
-    def _layers(self, layout: StepLayout, inputs: torch.Tensor) -> torch.Tensor:
+    def _layers(self, layout: StepLayout, inputs: torch.Tensor, decode_layers: DecodeLayers | None = None
+                ) -> torch.Tensor:
         self.cache.begin(layout)
         hidden = self.embed(inputs) if self.embed is not None else inputs
         cos_sin = self.rotary(hidden, layout.position_ids)
+        if decode_layers is not None:
+            return decode_layers(hidden, cos_sin, self.cache, layout)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=layout.mask, position_ids=layout.position_ids,
                            past_key_values=self.cache, use_cache=True, position_embeddings=cos_sin)

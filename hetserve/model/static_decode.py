@@ -103,8 +103,11 @@ class StaticDecode:
         """One decode step: inputs [B, 1] ids (stage 0) or [B, 1, H] hidden states.
         Returns hidden states [B, 1, H], or logits [B, V] (float32) on the last stage."""
         rows, spec = len(slots), self.model.spec
-        kv_len = context_bucket(max(starts) + 1, spec.max_context)
-        every_slot = rows >= EVERY_SLOT_SHARE * spec.max_seqs
+        if self.model.decode_reads_cache_in_place:  # neither a gather to avoid nor a context to pad
+            kv_len, every_slot = spec.max_context, False
+        else:
+            kv_len = context_bucket(max(starts) + 1, spec.max_context)
+            every_slot = rows >= EVERY_SLOT_SHARE * spec.max_seqs
         key = (spec.max_seqs if every_slot else batch_bucket(rows, spec.max_seqs), kv_len, every_slot)
         bucket = self.buckets.get(key) or self._new_bucket(*key)
         bucket.index.copy_(_index_columns(bucket, slots, starts), non_blocking=True)  # one host-to-device copy

@@ -1,0 +1,55 @@
+"""On a GPU: decode steps replayed from CUDA graphs, through the written-out layers compiled with
+torch.compile, agree with transformers' layers run eagerly. Skipped without CUDA (CI has none);
+run on the GPU machine with `python -m pytest tests/test_gpu_decode.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hetserve.model.stage import StageModel, StageSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+             vocab_size=512, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module", params=[2, 8], ids=["gqa", "mha"])
+def model_dir(tmp_path_factory, request):
+    """Llama with 8 query heads over 2 K/V heads (grouped) or over 8 (one each)."""
+    path = tmp_path_factory.mktemp("gpu-model")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **SHAPE, num_key_value_heads=request.param)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("precision", ["native", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_graph_decode_matches_transformers_layers(model_dir, precision, rows):
+    """Rows in scattered slots of 16, at positions past several key blocks of the attention kernel."""
+    spec = StageSpec(0, 4, first=True, last=False, dtype="bfloat16", max_seqs=16, max_context=512,
+                     precisions=(precision,) * 4)
+    graphs, eager = StageModel(model_dir, spec, "cuda"), StageModel(model_dir, spec, "cuda", cuda_graphs=False)
+    assert graphs.decode_layers.compiled and graphs.decode_reads_cache_in_place
+    slots = list(range(1, 2 * rows, 2))[:rows]
+    prompts = [60 + 37 * i for i in range(rows)]  # rows at different positions
+    ids = torch.randint(0, SHAPE["vocab_size"], (rows, max(prompts)), device="cuda")
+
+    def column(values):
+        return torch.tensor(values, dtype=torch.int64, device="cuda")
+
+    for model in (graphs, eager):
+        model.forward(column(slots), column([0] * rows), column(prompts), ids)
+    step = torch.randint(0, SHAPE["vocab_size"], (rows, 1), device="cuda")
+    for i in range(3):  # the first step captures the graph, the next ones replay it
+        starts = [p + i for p in prompts]
+        got = graphs.decode(slots, starts, step)
+        want = eager.forward(column(slots), column(starts), column([1] * rows), step)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+    assert graphs.static_decode.captured == [(min(b for b in (1, 4, 8) if b >= rows), 512, False)]
+    for got_k, want_k in zip(graphs.cache.keys, eager.cache.keys):  # the kernel wrote the new K/V
+        torch.testing.assert_close(got_k[:, :, :512], want_k[:, :, :512], rtol=0.05, atol=0.05)  # not scratch
