@@ -96,6 +96,7 @@ def kernels_per_step(model: StageModel, rows: int, start: int) -> int:
 def with_transformers_layers(model: StageModel) -> None:
     """The same stage, decode graphs captured over transformers' own decoder layers."""
     model.decode_layers = None
+    model.decode_reads_cache_in_place = False
     model.static_decode = StaticDecode(model, capture=True)
 
 

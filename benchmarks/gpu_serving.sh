@@ -23,6 +23,7 @@ for workers in 1 2; do
     hetserve bench --server 127.0.0.1:5566 --model "$model" -c "$c" --requests $((c * 2)) --prompt-tokens 128 \
       --output-tokens 128 --wait 600 --no-progress "${extra[@]}" --json "$out/stages$workers-c$c.json" \
       | tee "$out/stages$workers-c$c.txt"
+    hetserve status --server 127.0.0.1:5566 | tee -a "$out/stages$workers-c$c.txt"  # sizes and stage times
   done
   kill -INT "$server"
   wait "$server" || true

@@ -248,15 +248,21 @@ class Engine:
             return
         del self.in_flight[result.mb]
         self._measure(flight, result)
+        accepted = []
         for (request, tokens), token in zip(flight.rows, result.tokens):
             request.in_flight = False
             if request.done:
                 continue
             request.cached += tokens
             if request.prompt_left == 0:
-                self._accept_token(request, token)
+                accepted.append((request, token, self._take_token(request, token)))
         self.token_rate.add(self.generated_tokens, time.monotonic())
+        # The next micro-batch leaves before this one's text work: the stages compute while the
+        # leader detokenizes and streams (a request that turns out to hit a stop string costs
+        # one wasted row, whose result is dropped).
         self.schedule()
+        for request, token, finish in accepted:
+            self._stream_token(request, token, finish)
 
     def _measure(self, flight: InFlight, result: StepResult) -> None:
         self.times[flight.phase].add(result.stage_ms)
@@ -288,18 +294,27 @@ class Engine:
             if flight.sent < older_than:
                 self.on_failure(StepFailed(mb, -1, "the micro-batch did not come back in time", self.epoch))
 
-    def _accept_token(self, request: Request, token: int) -> None:
+    def _take_token(self, request: Request, token: int) -> str | None:
+        """Record a generated token; -> the finish reason its count or EOS gives, if any (the
+        request's slot is then free for the next micro-batch)."""
         request.generated.append(token)
         self.generated_tokens += 1
-        eos = token in self.eos_ids
-        piece = "" if eos else request.text.push(token)
         finish = None
-        if request.text.stopped or eos:
+        if token in self.eos_ids:
             finish = "stop"
         elif (len(request.generated) >= request.max_tokens
               or len(request.prompt_ids) + len(request.generated) >= self.limits.max_context):
             finish = "length"
-        if finish and not request.text.stopped:
+        if finish:
+            self._release(request)
+        return finish
+
+    def _stream_token(self, request: Request, token: int, finish: str | None) -> None:
+        """Detokenize a taken token, stream it, and end the request on a stop string or `finish`."""
+        piece = "" if token in self.eos_ids else request.text.push(token)
+        if request.text.stopped:
+            finish = "stop"
+        elif finish:
             piece += request.text.finish()
         if request.stream:
             request.sink(token_event(request.id, piece, token))

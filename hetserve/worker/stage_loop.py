@@ -85,9 +85,10 @@ class StageLoop:
             raise WireError(f"expected one tensor frame, got {len(frames)}")
         rows, steps = len(step.slots), max(step.lengths)
         if model.embed is not None:
-            inputs = from_frame(step.tensor, frames[0], (rows, steps), ("int64",), model.device)
-            if int(inputs.min()) < 0 or int(inputs.max()) >= model.embed.num_embeddings:
+            ids = from_frame(step.tensor, frames[0], (rows, steps), ("int64",), torch.device("cpu"))
+            if int(ids.min()) < 0 or int(ids.max()) >= model.embed.num_embeddings:  # on the host: no GPU sync
                 raise WireError("token id out of the vocabulary")
+            inputs = ids.to(model.device)
         else:
             inputs = from_frame(step.tensor, frames[0], (rows, steps, model.hidden_size),
                                 (model.spec.dtype,), model.device)
