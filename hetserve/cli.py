@@ -454,7 +454,8 @@ def status(server, as_json, token_file):
     if batching := info.get("batching"):
         click.echo(f"batching ({batching['regime'] or 'idle'}): prefill chunks of {batching['prefill_tokens']} tokens, "
                    f"{batching['max_in_flight']} micro-batches in flight, decode round trip "
-                   f"{batching['decode_round_ms']} ms, prefill {batching['prefill_ms_per_token']} ms/token")
+                   f"{batching['decode_round_ms']} ms, prefill {batching['prefill_ms_per_token']} ms/token"
+                   + (f" (fit {fit[0]} ms + {fit[1]} ms/token)" if (fit := batching.get("prefill_ms_fit")) else ""))
     rows = [("STAGE", "HOST", "DEVICE", "MEM GiB", "LAYERS", "PRECISION", "STATE", "HEALTH", "LOAD", "STEPS",
              "PREFILL ms", "DECODE ms")]
     for h in info["hosts"]:

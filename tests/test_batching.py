@@ -34,6 +34,17 @@ def test_decoding_caps_the_chunk_at_a_few_decode_steps_of_the_slowest_stage():
     assert choose_sizes(LIMITS, 2, fast_prefill, decoding=16).prefill_tokens == 2048
 
 
+def test_a_chunk_stays_large_where_its_fixed_cost_dominates():
+    """GPU-like eager prefill: 65 ms fixed + 0.03 ms a token, against 5 ms decode steps. The
+    average ms per token at 32-token chunks (~2 ms) would keep chunks at 32; the fit does not."""
+    eager_gpu = Measured((5.0,), 12.0, prefill_ms_per_token=2.0, prefill_fit=fitted(65.0, 0.03, rows=(32, 1024)))
+    assert choose_sizes(LIMITS, 1, eager_gpu, decoding=16).prefill_tokens == 2048  # break-even 2166 tokens
+    # CPU-like: 5 ms fixed + 0.5 ms a token against 30 ms decode steps: the stall budget rules.
+    cpu = Measured((30.0,), 40.0, prefill_ms_per_token=0.6, prefill_fit=fitted(5.0, 0.5, rows=(32, 256)))
+    want = (STALL_DECODE_STEPS * 30.0 - 5.0) / 0.5  # 230
+    assert abs(choose_sizes(LIMITS, 1, cpu, decoding=16).prefill_tokens - want) <= 1
+
+
 def fitted(fixed: float, per_row: float, rows=(8, 16, 32)) -> RowFit:
     fit = RowFit()
     for _ in range(4):

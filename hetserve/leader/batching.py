@@ -19,7 +19,13 @@ precisions and the mix of work, so the leader re-sizes from what it measures:
   STALL_DECODE_STEPS decode micro-batches of the slowest stage's time (steady time per output
   token); with nothing decoding there is nothing to stall, and chunks take the operator's whole
   `prefill_tokens` (prefill throughput). The leader switches between the two regimes as the mix
-  of work changes.
+  of work changes. A chunk's time is fitted as fixed + per_token x tokens (the same decayed fit),
+  and a chunk is never made smaller than fixed / per_token tokens, where its fixed part is half
+  its time: below that a smaller chunk hardly shortens the stall but multiplies the fixed cost.
+  (Measured on an H200: an eager prefill step costs ~65 ms whatever its size, 0.03 ms a token;
+  chunks sized from the average ms per token alone shrank to 32 tokens and took 16 s to prefill
+  64 prompts of 128 tokens, docs/benchmarks.md.) Until the fit has two sizes to go by, the
+  average ms per token stands in.
 Operator limits are upper bounds; an operator's `max_in_flight` is kept as given.
 """
 
@@ -72,6 +78,7 @@ class Measured:
     decode_round_ms: float = 0.0  # send to result of a decode micro-batch, all included
     prefill_ms_per_token: float = 0.0  # the slowest stage's prefill time per prompt token
     decode_fit: RowFit = RowFit()  # the slowest stage's decode ms against rows
+    prefill_fit: RowFit = RowFit()  # the slowest stage's prefill ms against tokens
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,17 @@ def choose_sizes(limits: Limits, stages: int, measured: Measured, decoding: int)
         return Sizes(limits.prefill_tokens, in_flight, "prefill")
     if slowest <= 0 or measured.prefill_ms_per_token <= 0:
         return Sizes(limits.prefill_tokens, in_flight, "decode")
-    fit = int(STALL_DECODE_STEPS * slowest / measured.prefill_ms_per_token)
-    return Sizes(max(min(MIN_PREFILL_TOKENS, limits.prefill_tokens), min(limits.prefill_tokens, fit)), in_flight, "decode")
+    budget = STALL_DECODE_STEPS * slowest  # ms a chunk may hold decoding up
+    line = measured.prefill_fit.line()
+    if line is None:
+        tokens = budget / measured.prefill_ms_per_token
+    elif line[1] <= 0:  # no cost per token to save: the whole chunk
+        tokens = limits.prefill_tokens
+    else:
+        fixed, per_token = line
+        tokens = max((budget - fixed) / per_token, fixed / per_token)
+    return Sizes(max(min(MIN_PREFILL_TOKENS, limits.prefill_tokens), min(limits.prefill_tokens, int(tokens))),
+                 in_flight, "decode")
 
 
 def _decode_in_flight(stages: int, measured: Measured, decoding: int) -> int:

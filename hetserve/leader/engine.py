@@ -127,6 +127,7 @@ class Engine:
         self.decode_round_ms = 0.0  # moving average: a decode micro-batch's send -> result
         self.prefill_ms_per_token = 0.0  # moving average: the slowest stage's prefill ms per token
         self.decode_fit = RowFit()  # the slowest stage's decode ms against rows per micro-batch
+        self.prefill_fit = RowFit()  # the slowest stage's prefill ms against tokens per micro-batch
         self.sizes: Sizes | None = None  # what batching.choose_sizes chose last
         self.outcomes: Counter[str] = Counter()  # finish reasons, "error", "overloaded"
         self._next_key = 0
@@ -200,7 +201,7 @@ class Engine:
             return
         decoding = sum(1 for r in self.requests.values() if r.slot is not None and r.prompt_left == 0)
         measured = Measured(tuple(self.times["decode"].stage_ms), self.decode_round_ms, self.prefill_ms_per_token,
-                            self.decode_fit)
+                            self.decode_fit, self.prefill_fit)
         self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding)
         batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
                                    self.sizes.max_in_flight)
@@ -273,6 +274,7 @@ class Engine:
         elif result.stage_ms:
             tokens = sum(t for _, t in flight.rows)
             self.prefill_ms_per_token = ema(self.prefill_ms_per_token, max(result.stage_ms) / tokens)
+            self.prefill_fit = self.prefill_fit.add(tokens, max(result.stage_ms))
 
     def on_failure(self, failure: StepFailed) -> None:
         if failure.epoch != self.epoch:
@@ -366,4 +368,5 @@ class Engine:
                 "decode_seqs": self.limits.decode_seqs,
                 "decode_round_ms": round(self.decode_round_ms, 2),
                 "decode_ms_fit": [round(v, 4) for v in line] if (line := self.decode_fit.line()) else None,
+                "prefill_ms_fit": [round(v, 4) for v in line] if (line := self.prefill_fit.line()) else None,
                 "prefill_ms_per_token": round(self.prefill_ms_per_token, 4)}
