@@ -53,3 +53,13 @@ def test_graph_decode_matches_transformers_layers(model_dir, precision, rows):
     assert graphs.static_decode.captured == [(min(b for b in (1, 4, 8) if b >= rows), 512, False)]
     for got_k, want_k in zip(graphs.cache.keys, eager.cache.keys):  # the kernel wrote the new K/V
         torch.testing.assert_close(got_k[:, :, :512], want_k[:, :, :512], rtol=0.05, atol=0.05)  # not scratch
+
+
+def test_warm_up_captures_every_batch_bucket_before_serving(model_dir):
+    spec = StageSpec(0, 4, first=True, last=True, dtype="bfloat16", max_seqs=16, max_context=512)
+    model = StageModel(model_dir, spec, "cuda")
+    want = [(rows, 512, False) for rows in (1, 2, 4, 8, 16)]
+    assert model.static_decode.warm_up() == want
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 1), device="cuda")
+    model.decode([0, 5, 9], [0, 0, 0], ids)  # served from a graph captured before: none added
+    assert model.static_decode.captured == want

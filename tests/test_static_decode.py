@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hetserve.model.stage import StageModel, StageSpec
-from hetserve.model.static_decode import BATCH_BUCKETS, CONTEXT_STEP, batch_bucket, context_bucket
+from hetserve.model.static_decode import BATCH_BUCKETS, CONTEXT_STEP, batch_bucket, batch_buckets, context_bucket
 
 from conftest import PROMPTS
 
@@ -20,6 +20,7 @@ def test_buckets():
     assert batch_bucket(9, 64) == 16 and all(b in BATCH_BUCKETS for b in (1, 2, 4, 8, 16, 32, 64))
     assert context_bucket(1, 2048) == CONTEXT_STEP and context_bucket(CONTEXT_STEP + 1, 2048) == 2 * CONTEXT_STEP
     assert context_bucket(2000, 1000) == 1000
+    assert batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
 
 
 def pair(model_dir, first: bool, last: bool, start: int, end: int, slots: int = 6):

@@ -100,6 +100,18 @@ def _fuse(*linears: torch.nn.Linear) -> torch.nn.Linear:
     return fused
 
 
+_COMPILED: dict = {}  # function -> its compiled form, one per process
+
+
+def _compiled(fn):
+    """fn compiled once per process and shared by every stage model: a fresh torch.compile per
+    model would compile again, and past dynamo's recompile limit fall back to eager. dynamic:
+    one compiled kernel serves every batch bucket and every layer (whose tensors are arguments)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
+
+
 class _Layer:
     """One decoder layer's parts, as the decode step calls them."""
 
@@ -141,14 +153,7 @@ class DecodeLayers:
         # reads the cache in place (slot_attention.py); else gather + SDPA, as transformers does.
         weight = layers[0].self_attn.o_proj.weight
         self.in_place_attention = compile and slot_attention.available(weight.device, self.layers[0].head_dim)
-        if compile:
-            # dynamic: one compiled kernel serves every batch and context bucket (and every
-            # layer, whose tensors are arguments), so compiling costs seconds once per process.
-            def fused(fn):
-                return torch.compile(fn, dynamic=True, fullgraph=True)
-        else:
-            def fused(fn):
-                return fn
+        fused = _compiled if compile else (lambda fn: fn)
         self._norm, self._add_norm = fused(rms_norm), fused(add_rms_norm)
         self._split_heads, self._silu_mul = fused(split_heads), fused(silu_mul)
 

@@ -50,6 +50,11 @@ def batch_bucket(rows: int, max_rows: int) -> int:
     return min([b for b in BATCH_BUCKETS if b >= rows] + [max_rows])
 
 
+def batch_buckets(max_rows: int) -> list[int]:
+    """Every bucket a step of 1..max_rows rows can land in."""
+    return sorted({batch_bucket(rows, max_rows) for rows in range(1, max_rows + 1)})
+
+
 def context_bucket(kv_len: int, max_context: int) -> int:
     return min(max_context, math.ceil(kv_len / CONTEXT_STEP) * CONTEXT_STEP)
 
@@ -122,6 +127,19 @@ class StaticDecode:
             bucket.graph.replay()
             out = bucket.output
         return out.index_select(0, where) if every_slot else out[:rows]
+
+    def warm_up(self) -> list[tuple[int, int, bool]]:
+        """Capture every batch bucket now, where the bucket is the rows alone (attention reads the
+        cache in place): a first use while serving would stall that step by a capture (and, the
+        first time a shape is seen, a compile). Every row is padding, so only the cache's scratch
+        column is written. -> the buckets captured."""
+        spec = self.model.spec
+        if not (self.capture and self.model.decode_reads_cache_in_place):
+            return []
+        for rows in batch_buckets(spec.max_seqs):
+            if (rows, spec.max_context, False) not in self.buckets:
+                self._new_bucket(rows, spec.max_context, False)
+        return self.captured
 
     def _new_bucket(self, rows: int, kv_len: int, every_slot: bool) -> _Bucket:
         bucket = _Bucket(self.model, rows, kv_len, every_slot)

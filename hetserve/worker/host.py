@@ -283,7 +283,12 @@ class Host:
         layers = load_config(model_dir).num_hidden_layers
         if layers != msg.num_layers:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
-        return StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs)
+        model = StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs)
+        started = time.perf_counter()
+        if captured := model.static_decode.warm_up():
+            log.info("captured decode graphs for %d batch sizes (up to %d rows) in %.1f s", len(captured),
+                     captured[-1][0], time.perf_counter() - started)
+        return model
 
     async def _send(self, msg) -> None:
         if self.control is not None:  # None between a lost leader and the next rejoin
