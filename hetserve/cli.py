@@ -257,8 +257,9 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
               help="active: OpenMP threads spin between steps instead of sleeping (for CPU hosts whose cores "
                    "are their own; see docs/benchmarks.md). OMP_WAIT_POLICY in the environment wins.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="On a GPU, replay decode steps from captured CUDA graphs (one per batch and context bucket); "
-                   "off: launch every kernel eagerly.")
+              help="On a GPU, replay decode steps from CUDA graphs (one per batch bucket, captured at load) "
+                   "through fused layers (torch.compile, Triton attention); off: launch transformers' layers "
+                   "eagerly (for debugging, or where torch.compile or Triton fails).")
 @log_options
 def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, cuda_graphs,
          log_level, log_json):
