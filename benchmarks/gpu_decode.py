@@ -27,7 +27,6 @@ import torch
 
 from hetserve.model.precision import module_bytes
 from hetserve.model.stage import StageModel, StageSpec, load_config
-from hetserve.model.static_decode import StaticDecode
 
 
 def copy_bandwidth(device: torch.device, gib: int = 2) -> float:
@@ -93,13 +92,6 @@ def kernels_per_step(model: StageModel, rows: int, start: int) -> int:
     return sum(1 for e in trace.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name)
 
 
-def with_transformers_layers(model: StageModel) -> None:
-    """The same stage, decode graphs captured over transformers' own decoder layers."""
-    model.decode_layers = None
-    model.decode_reads_cache_in_place = False
-    model.static_decode = StaticDecode(model, capture=True)
-
-
 def prefill_tokens_per_s(model: StageModel, length: int) -> float:
     device = model.device
     ids = torch.randint(0, model.embed.num_embeddings, (1, length), device=device)
@@ -160,7 +152,7 @@ def main() -> None:
         kernels = {b: kernels_per_step(model, b, args.prompt + args.steps + 2) for b in batches}
         print(f"{precision:>9} graphs {model.static_decode.captured}, captured and timed in "
               f"{time.perf_counter() - started:.0f} s (includes torch.compile)", flush=True)
-        with_transformers_layers(model)
+        model.use_transformers_layers()  # the same stage, graphs over transformers' own layers
         hf_layers = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
         for b in batches:
             eager = decode_ms(model, b, args.prompt, args.steps, graphs=False)

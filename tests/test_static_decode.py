@@ -94,3 +94,19 @@ def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():
     want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert got.shape == want.shape == (4, 1, 9, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_falling_back_to_transformers_layers_decodes_the_same(model_dir):
+    """use_transformers_layers (the host's fallback where compile or Triton fails) keeps serving:
+    a middle stage's decode through transformers' layers equals the written-out layers'."""
+    spec = StageSpec(10, 14, first=False, last=False, max_seqs=4, max_context=64)
+    fused, fallback = StageModel(model_dir, spec), StageModel(model_dir, spec)
+    fallback.use_transformers_layers()
+    assert fused.decode_layers is not None and fallback.decode_layers is None
+    torch.manual_seed(0)
+    prompt, step = torch.randn(2, 9, fused.hidden_size), torch.randn(2, 1, fused.hidden_size)
+    outs = []
+    for model in (fused, fallback):
+        model.forward(longs([1, 3]), longs([0, 0]), longs([9, 5]), prompt)
+        outs.append(model.decode([1, 3], [9, 5], step))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)

@@ -169,6 +169,13 @@ class StageModel:
         self.decode_reads_cache_in_place = self.decode_layers is not None and self.decode_layers.in_place_attention
         self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
 
+    def use_transformers_layers(self) -> None:
+        """Decode through transformers' own layers from here on (graphs recaptured on use): the
+        fallback where torch.compile or Triton does not work on a device, and a baseline."""
+        self.decode_layers = None
+        self.decode_reads_cache_in_place = False
+        self.static_decode = StaticDecode(self, capture=self.static_decode.capture)
+
     def _assign(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         state = {k[len(prefix):]: v.to(device=self.device, dtype=self.dtype)
                  for k, v in tensors.items() if k.startswith(prefix)}

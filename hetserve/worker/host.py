@@ -285,7 +285,13 @@ class Host:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
         model = StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs)
         started = time.perf_counter()
-        if captured := model.static_decode.warm_up():
+        try:
+            captured = model.static_decode.warm_up()
+        except Exception:  # torch.compile or Triton failing on this device must not stop the host
+            log.exception("fused decode failed to compile or capture; decoding through transformers' layers")
+            model.use_transformers_layers()
+            captured = []
+        if captured:
             log.info("captured decode graphs for %d batch sizes (up to %d rows) in %.1f s", len(captured),
                      captured[-1][0], time.perf_counter() - started)
         return model
