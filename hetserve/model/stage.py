@@ -164,17 +164,19 @@ class StageModel:
         # with their elementwise kernels fused (torch.compile) when steps are captured as graphs.
         self.decode_layers = DecodeLayers(self.layers, compile=self.static_decode.capture) if \
             DecodeLayers.supports(self.layers, stage_config) else None
-        # Decode attention reads each row's slot where it lies (slot_attention.py): steps need no
-        # K/V gather and no context bucket.
-        self.decode_reads_cache_in_place = self.decode_layers is not None and self.decode_layers.in_place_attention
         self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
 
     def use_transformers_layers(self) -> None:
         """Decode through transformers' own layers from here on (graphs recaptured on use): the
         fallback where torch.compile or Triton does not work on a device, and a baseline."""
         self.decode_layers = None
-        self.decode_reads_cache_in_place = False
         self.static_decode = StaticDecode(self, capture=self.static_decode.capture)
+
+    @property
+    def decode_reads_cache_in_place(self) -> bool:
+        """Decode attention reads each row's slot where it lies (slot_attention.py): steps need no
+        K/V gather and no context bucket."""
+        return self.decode_layers is not None and self.decode_layers.in_place_attention
 
     def _assign(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         state = {k[len(prefix):]: v.to(device=self.device, dtype=self.dtype)
