@@ -25,16 +25,11 @@ writes it: llama, mistral, qwen2 with q/k/v biases, qwen3 with per-head q/k norm
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from . import slot_attention
 from .kv_cache import SlotKVCache, StepLayout
-
-log = logging.getLogger(__name__)
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm, same ops in the same order: x [..., H] -> [..., H]."""
