@@ -113,8 +113,7 @@ class StaticDecode:
         else:
             kv_len = context_bucket(max(starts) + 1, spec.max_context)
             every_slot = rows >= EVERY_SLOT_SHARE * spec.max_seqs
-        key = (spec.max_seqs if every_slot else batch_bucket(rows, spec.max_seqs), kv_len, every_slot)
-        bucket = self.buckets.get(key) or self._new_bucket(*key)
+        bucket = self._bucket(spec.max_seqs if every_slot else batch_bucket(rows, spec.max_seqs), kv_len, every_slot)
         bucket.index.copy_(_index_columns(bucket, slots, starts), non_blocking=True)  # one host-to-device copy
         if every_slot:  # row i of the step is slot i
             where = torch.tensor(slots, dtype=torch.int64).to(self.model.device)
@@ -137,9 +136,11 @@ class StaticDecode:
         if not (self.capture and self.model.decode_reads_cache_in_place):
             return []
         for rows in batch_buckets(spec.max_seqs):
-            if (rows, spec.max_context, False) not in self.buckets:
-                self._new_bucket(rows, spec.max_context, False)
+            self._bucket(rows, spec.max_context, False)
         return self.captured
+
+    def _bucket(self, rows: int, kv_len: int, every_slot: bool) -> _Bucket:
+        return self.buckets.get((rows, kv_len, every_slot)) or self._new_bucket(rows, kv_len, every_slot)
 
     def _new_bucket(self, rows: int, kv_len: int, every_slot: bool) -> _Bucket:
         bucket = _Bucket(self.model, rows, kv_len, every_slot)
