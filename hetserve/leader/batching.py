@@ -39,13 +39,14 @@ from ..config import Limits
 MAX_IN_FLIGHT_PER_STAGE = 2  # decode micro-batches per stage at most: hides a round trip twice the compute
 STALL_DECODE_STEPS = 4.0  # a prefill chunk may hold decode up for this many decode micro-batch times
 MIN_PREFILL_TOKENS = 32  # chunks never get smaller: below this a chunk's fixed costs dominate
-FIT_DECAY = 0.95  # weight of the past in the decode-time fit per micro-batch: about the last 20 count
-MIN_ROWS_SPREAD = 1.0  # rows' standard deviation needed before the fit's slope is trusted
+FIT_DECAY = 0.95  # weight of the past in a cost fit per micro-batch: about the last 20 count
+MIN_ROWS_SPREAD = 1.0  # standard deviation of the sizes (rows or tokens) before a fit's slope is trusted
 
 
 @dataclass(frozen=True)
 class RowFit:
-    """Decayed least-squares sums of (rows, slowest stage ms) over decode micro-batches."""
+    """Decayed least-squares sums of (size, slowest stage ms) over micro-batches: the engine keeps
+    one with rows of decode micro-batches, one with tokens of prefill ones."""
 
     n: float = 0.0
     rows: float = 0.0
@@ -59,7 +60,7 @@ class RowFit:
                       d * self.rows_ms + rows * ms)
 
     def line(self) -> tuple[float, float] | None:
-        """(fixed ms, ms per row), or None while the rows have not varied enough to tell."""
+        """(fixed ms, ms per row or token), or None while the sizes have not varied enough to tell."""
         if self.n < 2:
             return None
         mean_rows, mean_ms = self.rows / self.n, self.ms / self.n
