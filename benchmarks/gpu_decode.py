@@ -4,7 +4,9 @@ throughput, and transformers `generate` on the same GPU in the same run.
 Columns: "graph" is what a stage serves with (CUDA graphs of the written-out layers, elementwise
 kernels fused by torch.compile: model/decode_layers.py); "hf-layer graph" replays graphs of
 transformers' own decoder layers instead (the previous path); "eager" runs transformers' layers
-without graphs; "kernels" counts the GPU kernels of one served decode step.
+without graphs; "kernels" counts the GPU kernels of one served decode step. Prefill tokens/s:
+"graph" as served (one row per prompt token through the same layers, model/static_steps.py),
+"eager" through transformers' layers.
 
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer
     python benchmarks/gpu_decode.py /tmp/llama-3-8b --json out.json
@@ -92,10 +94,15 @@ def kernels_per_step(model: StageModel, rows: int, start: int) -> int:
     return sum(1 for e in trace.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name)
 
 
-def prefill_tokens_per_s(model: StageModel, length: int) -> float:
+def prefill_tokens_per_s(model: StageModel, length: int, graphs: bool) -> float:
+    """One prompt of `length` tokens: as served (a graph of one row per token, up to
+    MAX_GRAPH_TOKENS) or eagerly through transformers' layers (forward)."""
     device = model.device
     ids = torch.randint(0, model.embed.num_embeddings, (1, length), device=device)
-    run = lambda: model.forward(longs([0], device), longs([0], device), longs([length], device), ids)  # noqa: E731
+    if graphs:
+        run = lambda: model.run([0], [0], [length], ids)  # noqa: E731
+    else:
+        run = lambda: model.forward(longs([0], device), longs([0], device), longs([length], device), ids)  # noqa: E731
     run()
     return length / (statistics.median(timed(run, device) for _ in range(3)) / 1000)
 
@@ -146,11 +153,12 @@ def main() -> None:
         model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True)
         read = module_bytes(model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
         floor = read / bandwidth * 1000
-        prefill_rates = {n: round(prefill_tokens_per_s(model, n)) for n in lengths}
+        prefill_rates = {f"{path} {n}": round(prefill_tokens_per_s(model, n, path == "graph"))
+                         for n in lengths for path in ("graph", "eager")}
         started = time.perf_counter()
         graph = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
         kernels = {b: kernels_per_step(model, b, args.prompt + args.steps + 2) for b in batches}
-        print(f"{precision:>9} graphs {model.static_decode.captured}, captured and timed in "
+        print(f"{precision:>9} graphs {model.static_steps.captured}, captured and timed in "
               f"{time.perf_counter() - started:.0f} s (includes torch.compile)", flush=True)
         model.use_transformers_layers()  # the same stage, graphs over transformers' own layers
         hf_layers = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}

@@ -1,5 +1,5 @@
-"""On a GPU: decode steps replayed from CUDA graphs, through the written-out layers compiled with
-torch.compile, agree with transformers' layers run eagerly. Skipped without CUDA (CI has none);
+"""On a GPU: decode and prefill steps replayed from CUDA graphs, through the written-out layers
+compiled with torch.compile and the Triton attention, agree with transformers' layers run eagerly. Skipped without CUDA (CI has none);
 run on the GPU machine with `python -m pytest tests/test_gpu_decode.py`.
 """
 
@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hetserve.model.stage import StageModel, StageSpec
+from hetserve.model.static_steps import TOKEN_BUCKETS, BucketKey
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -50,7 +51,7 @@ def test_graph_decode_matches_transformers_layers(model_dir, precision, rows):
         got = graphs.decode(slots, starts, step)
         want = eager.forward(column(slots), column(starts), column([1] * rows), step)
         torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
-    assert graphs.static_decode.captured == [(min(b for b in (1, 4, 8) if b >= rows), 512, False)]
+    assert graphs.static_steps.captured == [(min(b for b in (1, 4, 8) if b >= rows), 512, False, False)]
     for got_k, want_k in zip(graphs.cache.keys, eager.cache.keys):  # the kernel wrote the new K/V
         torch.testing.assert_close(got_k[:, :, :512], want_k[:, :, :512], rtol=0.05, atol=0.05)  # not scratch
 
@@ -58,8 +59,31 @@ def test_graph_decode_matches_transformers_layers(model_dir, precision, rows):
 def test_warm_up_captures_every_batch_bucket_before_serving(model_dir):
     spec = StageSpec(0, 4, first=True, last=True, dtype="bfloat16", max_seqs=16, max_context=512)
     model = StageModel(model_dir, spec, "cuda")
-    want = [(rows, 512, False) for rows in (1, 2, 4, 8, 16)]
-    assert model.static_decode.warm_up() == want
-    ids = torch.randint(0, SHAPE["vocab_size"], (3, 1), device="cuda")
-    model.decode([0, 5, 9], [0, 0, 0], ids)  # served from a graph captured before: none added
-    assert model.static_decode.captured == want
+    want = sorted([BucketKey(rows, 512, False, False) for rows in (1, 2, 4, 8, 16)] +
+                  [BucketKey(tokens, 512, False, True) for tokens in TOKEN_BUCKETS])
+    assert model.static_steps.warm_up() == want
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 20), device="cuda")
+    model.run([0, 5, 9], [0, 0, 0], [20, 7, 11], ids)  # served from graphs captured before: none added
+    model.run([0, 5, 9], [20, 7, 11], [1, 1, 1], ids[:, :1])
+    assert model.static_steps.captured == want
+
+
+@pytest.mark.parametrize("precision", ["native", "int4"])
+def test_graph_prefill_matches_transformers_layers(model_dir, precision):
+    """A prefill micro-batch run as one row per prompt token from a graph (rows sharing slots: K/V
+    written before attention), one row continuing an earlier chunk, past several key blocks."""
+    spec = StageSpec(0, 4, first=True, last=False, dtype="bfloat16", max_seqs=16, max_context=512,
+                     precisions=(precision,) * 4)
+    graphs, eager = StageModel(model_dir, spec, "cuda"), StageModel(model_dir, spec, "cuda", cuda_graphs=False)
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 150), device="cuda")
+    slots, starts, lengths = [7, 2, 11], [0, 0, 0], [150, 3, 90]
+    earlier = eager.run(slots[:1], [0], [70], ids[:1, :70]), graphs.run(slots[:1], [0], [70], ids[:1, :70])
+    torch.testing.assert_close(earlier[1].float(), earlier[0].float(), rtol=0.05, atol=0.05)
+    starts, lengths = [70, 0, 0], [80, 3, 90]  # 173 tokens: the 192-token bucket
+    want = eager.run(slots, starts, lengths, ids[:, :90])
+    got = graphs.run(slots, starts, lengths, ids[:, :90])
+    assert BucketKey(192, 512, False, True) in graphs.static_steps.captured
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(got[row, :n].float(), want[row, :n].float(), rtol=0.05, atol=0.05)
+    for got_k, want_k in zip(graphs.cache.keys, eager.cache.keys):
+        torch.testing.assert_close(got_k[:, :, :512], want_k[:, :, :512], rtol=0.05, atol=0.05)

@@ -178,9 +178,11 @@ class DecodeLayers:
             q, k, v = self._split_heads(*layer.projections(normed), cos, sin, layer.head_dim,
                                         layer.q_norm, layer.k_norm, layer.eps)  # [b, heads, 1, D]
             if self.in_place_attention:
+                if layout.shared_slots:  # prompt tokens: all K/V written before any row attends
+                    cache.write(k, v, index)
                 attended = slot_attention.slot_decode_attention(
                     q, k, v, cache.keys[index], cache.values[index], layout.slots, layout.starts, layout.lengths,
-                    cache.scratch, layer.scaling)  # [b, 1, Hq*D]
+                    cache.scratch, layer.scaling, write=not layout.shared_slots)  # [b, 1, Hq*D]
             else:
                 keys, values = cache.update(k, v, index)  # [b, Hkv, L, D]
                 attended = grouped_decode(q, keys, values, layout.mask, layer.scaling)  # [b, 1, Hq*D]

@@ -14,6 +14,8 @@ every stage in the order the leader sent them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -43,13 +45,18 @@ class SlotKVCache:
     def begin(self, layout: "StepLayout") -> None:
         self._layout = layout
 
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """key_states, value_states: [B, kv_heads, T, head_dim] -> layer `layer_idx` of the rows' slots."""
+        lay = self._layout
+        # Indices on dims 0 and 2 around a slice: the indexed view is [B, T, kv_heads, head_dim].
+        self.keys[layer_idx][lay.slot_rows, :, lay.write_pos] = key_states.transpose(1, 2)
+        self.values[layer_idx][lay.slot_rows, :, lay.write_pos] = value_states.transpose(1, 2)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key_states, value_states: [B, kv_heads, T, head_dim] -> [B, kv_heads, L, head_dim]."""
         lay = self._layout
+        self.write(key_states, value_states, layer_idx)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # Indices on dims 0 and 2 around a slice: the indexed view is [B, T, kv_heads, head_dim].
-        keys[lay.slot_rows, :, lay.write_pos] = key_states.transpose(1, 2)
-        values[lay.slot_rows, :, lay.write_pos] = value_states.transpose(1, 2)
         if lay.every_slot:  # row i is slot i: attend to the cache in place, no gather
             return keys[:, :, : lay.kv_len], values[:, :, : lay.kv_len]
         return (keys[:, :, : lay.kv_len].index_select(0, lay.slots),
@@ -61,15 +68,19 @@ class StepLayout:
 
     slots [B], starts [B] (tokens already cached), lengths [B] (new tokens; rows right-padded to
     T = max(lengths)). Derived: position_ids [B, T], write_pos [B, T] (padding -> scratch),
-    mask [B, 1, T, L] with L = max(starts + lengths): query (b, t) sees keys 0..starts[b]+t.
+    mask [B, 1, T, L] with L = max(starts + lengths): query (b, t) sees keys 0..starts[b]+t
+    (built on first use: attention that reads the cache in place needs none).
     """
 
     def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scratch: int,
-                 steps: int | None = None, kv_len: int | None = None, every_slot: bool = False):
+                 steps: int | None = None, kv_len: int | None = None, every_slot: bool = False,
+                 shared_slots: bool = False):
         """steps, kv_len: fixed sizes for a static-shape step (a captured CUDA graph: no host sync,
         rows with length 0 are padding); None = the batch's own, read from the tensors.
         every_slot: the rows are all the cache's slots in order (slots = 0..S-1), so attention
-        reads the cache where it lies instead of a gathered copy."""
+        reads the cache where it lies instead of a gathered copy. shared_slots: rows may share a
+        slot (a prefill step run as one row per prompt token), so every row's K/V is written
+        before any row attends."""
         device = slots.device
         steps = int(lengths.max()) if steps is None else steps
         t = torch.arange(steps, device=device)
@@ -77,12 +88,16 @@ class StepLayout:
         self.starts = starts
         self.slot_rows = slots[:, None]
         self.every_slot = every_slot
+        self.shared_slots = shared_slots
         self.lengths = lengths
         self.position_ids = starts[:, None] + t[None, :]
-        valid = t[None, :] < lengths[:, None]
-        self.write_pos = torch.where(valid, self.position_ids, scratch)
+        self._valid = t[None, :] < lengths[:, None]
+        self.write_pos = torch.where(self._valid, self.position_ids, scratch)
         self.kv_len = int((starts + lengths).max()) if kv_len is None else kv_len
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
         # Padded query rows may see key 0 only: a row with nothing visible would give NaN.
-        visible_upto = torch.where(valid, self.position_ids, 0)
-        keys = torch.arange(self.kv_len, device=device)
-        self.mask = keys[None, None, None, :] <= visible_upto[:, None, :, None]
+        visible_upto = torch.where(self._valid, self.position_ids, 0)
+        keys = torch.arange(self.kv_len, device=self.slots.device)
+        return keys[None, None, None, :] <= visible_upto[:, None, :, None]

@@ -40,6 +40,7 @@ if triton is not None:
         stride_cs, stride_ch, stride_cl, stride_ob, stride_oh,
         scratch, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        WRITE: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -49,10 +50,13 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         cache = slot * stride_cs + kv_head * stride_ch
 
-        write_at = tl.where(real, position, scratch)
-        tl.store(k_cache_ptr + cache + write_at * stride_cl + d, tl.load(k_new_ptr + row * stride_kb + kv_head * stride_kh + d))
-        tl.store(v_cache_ptr + cache + write_at * stride_cl + d, tl.load(v_new_ptr + row * stride_vb + kv_head * stride_vh + d))
-        tl.debug_barrier()  # the key just written is read below, by other threads of this program
+        if WRITE:
+            write_at = tl.where(real, position, scratch)
+            tl.store(k_cache_ptr + cache + write_at * stride_cl + d,
+                     tl.load(k_new_ptr + row * stride_kb + kv_head * stride_kh + d))
+            tl.store(v_cache_ptr + cache + write_at * stride_cl + d,
+                     tl.load(v_new_ptr + row * stride_vb + kv_head * stride_vh + d))
+            tl.debug_barrier()  # the key just written is read below, by other threads of this program
 
         g = tl.arange(0, BLOCK_G)
         heads = kv_head * GROUP + g
@@ -83,9 +87,11 @@ if triton is not None:
 
 def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
-                          lengths: torch.Tensor, scratch: int, scale: float) -> torch.Tensor:
+                          lengths: torch.Tensor, scratch: int, scale: float, write: bool = True) -> torch.Tensor:
     """q [b, Hq, 1, D], new k and v [b, Hkv, 1, D], caches [slots, Hkv, max_context + 1, D],
-    slots/starts/lengths [b] int64 -> attention output [b, 1, Hq*D]; k and v land in the caches."""
+    slots/starts/lengths [b] int64 -> attention output [b, 1, Hq*D]; k and v land in the caches
+    (unless `write` is off: rows that share a slot, whose K/V the caller wrote before, since
+    programs run in no order)."""
     rows, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and key_cache.is_contiguous() and value_cache.is_contiguous()
@@ -96,6 +102,6 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
         scratch, scale,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=dim,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=dim, WRITE=write,
     )
     return out.view(rows, 1, heads * dim)

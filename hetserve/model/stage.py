@@ -30,7 +30,7 @@ from .precision import apply_precisions, module_bytes
 from .resolve import ModelError
 from ..wire.messages import SamplingRows
 from .sampling import sample
-from .static_decode import StaticDecode
+from .static_steps import StaticSteps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -159,10 +159,10 @@ class StageModel:
             max_context=spec.max_context, dtype=self.dtype, device=self.device,
         )
         self.hidden_size = config.hidden_size
-        self.static_decode = StaticDecode(self, capture=self.device.type == "cuda" and cuda_graphs)
-        # Decode steps run the written-out layers (decode_layers.py) where the architecture fits,
-        # with their elementwise kernels fused (torch.compile) when steps are captured as graphs.
-        self.decode_layers = DecodeLayers(self.layers, compile=self.static_decode.capture) if \
+        self.static_steps = StaticSteps(self, capture=self.device.type == "cuda" and cuda_graphs)
+        # Fixed-shape steps run the written-out layers (decode_layers.py) where the architecture
+        # fits, with their elementwise kernels fused (torch.compile) when steps are captured as graphs.
+        self.decode_layers = DecodeLayers(self.layers, compile=self.static_steps.capture) if \
             DecodeLayers.supports(self.layers, stage_config) else None
         self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
 
@@ -170,7 +170,7 @@ class StageModel:
         """Decode through transformers' own layers from here on (graphs recaptured on use): the
         fallback where torch.compile or Triton does not work on a device, and a baseline."""
         self.decode_layers = None
-        self.static_decode = StaticDecode(self, capture=self.static_decode.capture)
+        self.static_steps = StaticSteps(self, capture=self.static_steps.capture)
 
     @property
     def decode_reads_cache_in_place(self) -> bool:
@@ -205,9 +205,12 @@ class StageModel:
     def run(self, slots: list[int], starts: list[int], lengths: list[int], inputs: torch.Tensor,
             sampling: SamplingRows | None = None) -> torch.Tensor:
         """One micro-batch as the host gets it (columns as lists), by the path that serves it: a
-        decode step (one token per row) from CUDA graphs where they are on, else forward()."""
-        if self.static_decode.capture and max(lengths) == 1:
+        fixed-shape step from CUDA graphs where they are on (decode; prefill where its attention
+        reads the cache in place), else forward()."""
+        if self.static_steps.capture and max(lengths) == 1:
             return self.decode(slots, starts, inputs, sampling)
+        if self.static_steps.capture and self.static_steps.serves_prefill(sum(lengths)):
+            return self.prefill(slots, starts, lengths, inputs, sampling)
         def column(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
         return self.forward(column(slots), column(starts), column(lengths), inputs, sampling)
@@ -216,20 +219,33 @@ class StageModel:
     def decode(self, slots: list[int], starts: list[int], inputs: torch.Tensor,
                sampling: SamplingRows | None = None) -> torch.Tensor:
         """One decode micro-batch (one new token per row) at bucketed static shapes: from a CUDA
-        graph on a GPU (static_decode.py). Returns what forward() returns."""
-        out = self.static_decode(slots, starts, inputs)
+        graph on a GPU (static_steps.py). Returns what forward() returns."""
+        out = self.static_steps.decode(slots, starts, inputs)
         return out if self.norm is None else sample(out, sampling)
 
-    def static_decode_step(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                           inputs: torch.Tensor, kv_len: int, every_slot: bool = False) -> torch.Tensor:
+    @torch.no_grad()
+    def prefill(self, slots: list[int], starts: list[int], lengths: list[int], inputs: torch.Tensor,
+                sampling: SamplingRows | None = None) -> torch.Tensor:
+        """One prefill micro-batch as one row per prompt token, at a bucketed static shape: from a
+        CUDA graph on a GPU (static_steps.py). Returns what forward() returns."""
+        out = self.static_steps.prefill(slots, starts, lengths, inputs)
+        return out if self.norm is None else sample(out, sampling)
+
+    def static_step(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, inputs: torch.Tensor,
+                    kv_len: int, every_slot: bool = False, shared_slots: bool = False,
+                    picks: torch.Tensor | None = None) -> torch.Tensor:
         """The fixed-shape step a graph captures: no host sync, rows of length 0 are padding.
-        inputs [b, 1] or [b, 1, H] -> hidden [b, 1, H], or logits [b, V] on the last stage.
-        every_slot: row i is slot i for every slot (StepLayout)."""
-        layout = StepLayout(slots, starts, lengths, self.cache.scratch, steps=1, kv_len=kv_len, every_slot=every_slot)
-        hidden = self._layers(layout, inputs, self.decode_layers)
+        inputs [b, 1] or [b, 1, H] -> hidden [b, 1, H], or logits [b, V] on the last stage (of the
+        rows `picks` [p] where given: [p, V]). every_slot: row i is slot i for every slot;
+        shared_slots: rows may share a slot (prompt tokens; StepLayout)."""
+        layout = StepLayout(slots, starts, lengths, self.cache.scratch, steps=1, kv_len=kv_len, every_slot=every_slot,
+                            shared_slots=shared_slots)
+        hidden = self._layers(layout, inputs, self.decode_layers)[:, 0]  # [b, H]
         if self.norm is None:
-            return hidden
-        return self.lm_head(self.norm(hidden[:, 0])).float()
+            return hidden.unsqueeze(1)
+        if picks is not None:
+            hidden = hidden.index_select(0, picks)
+        return self.lm_head(self.norm(hidden)).float()
 
     @torch.no_grad()
     def hidden_states(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,

@@ -286,14 +286,15 @@ class Host:
         model = StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs)
         started = time.perf_counter()
         try:
-            captured = model.static_decode.warm_up()
+            captured = model.static_steps.warm_up()
         except Exception:  # torch.compile or Triton failing on this device must not stop the host
-            log.exception("fused decode failed to compile or capture; decoding through transformers' layers")
+            log.exception("fused steps failed to compile or capture; running transformers' layers")
             model.use_transformers_layers()
             captured = []
         if captured:
-            log.info("captured decode graphs for %d batch sizes (up to %d rows) in %.1f s", len(captured),
-                     captured[-1][0], time.perf_counter() - started)
+            log.info("captured %d step graphs (decode up to %d rows, prefill up to %d tokens) in %.1f s",
+                     len(captured), max(k.rows for k in captured if not k.prefill),
+                     max(k.rows for k in captured if k.prefill), time.perf_counter() - started)
         return model
 
     async def _send(self, msg) -> None:

@@ -1,4 +1,5 @@
-"""Fixed-shape decode (what a CUDA graph replays) equals the dynamic path, rows and context padded.
+"""Fixed-shape steps (what a CUDA graph replays) equal the dynamic path: decode with rows and
+context padded, and prefill run as one row per prompt token.
 
 Capture itself needs a GPU; on CPU the same fixed-shape step runs eagerly, so these tests check
 everything a graph would replay: padding rows, the context bucket, the cache writes.
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from hetserve.model.stage import StageModel, StageSpec
-from hetserve.model.static_decode import BATCH_BUCKETS, CONTEXT_STEP, batch_bucket, batch_buckets, context_bucket
+from hetserve.model.static_steps import (BATCH_BUCKETS, CONTEXT_STEP, MAX_GRAPH_TOKENS, BucketKey, batch_bucket,
+                                         batch_buckets, context_bucket, token_bucket)
 
 from conftest import PROMPTS
 
@@ -21,6 +23,8 @@ def test_buckets():
     assert context_bucket(1, 2048) == CONTEXT_STEP and context_bucket(CONTEXT_STEP + 1, 2048) == 2 * CONTEXT_STEP
     assert context_bucket(2000, 1000) == 1000
     assert batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert token_bucket(2) == 2 and token_bucket(129) == 192 and token_bucket(MAX_GRAPH_TOKENS) == MAX_GRAPH_TOKENS
+    assert token_bucket(MAX_GRAPH_TOKENS + 1) is None
 
 
 def pair(model_dir, first: bool, last: bool, start: int, end: int, slots: int = 6):
@@ -33,14 +37,14 @@ def longs(values):
 
 
 @pytest.mark.parametrize("slots, buckets", [
-    (16, [(4, 256, False), (4, 512, False)]),  # 3 rows of 16 slots: padded to 4 rows, K/V gathered
-    (6, [(6, 256, True), (6, 512, True)]),  # 3 rows of 6 slots: one row per slot, K/V in place
+    (16, [(4, 256, False, False), (4, 512, False, False)]),  # 3 rows of 16 slots: padded to 4 rows, K/V gathered
+    (6, [(6, 256, True, False), (6, 512, True, False)]),  # 3 rows of 6 slots: one row per slot, K/V in place
 ])
 def test_static_decode_equals_dynamic_with_padding_and_buckets(model_dir, reference, slots, buckets):
     """Three requests in scattered slots decode past a context bucket boundary (256): the fixed-
     shape step (rows padded, context padded to 256 then 512) gives the dynamic outputs."""
     dynamic, static = pair(model_dir, first=True, last=True, start=0, end=30, slots=slots)
-    assert not static.static_decode.capture  # CPU: the fixed-shape step runs eagerly
+    assert not static.static_steps.capture  # CPU: the fixed-shape step runs eagerly
     tok = reference.tokenizer
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]] + [tok(" ".join(PROMPTS) * 8)["input_ids"][:250]]
     slots = [5, 1, 3]  # scattered, within 6 slots
@@ -59,7 +63,7 @@ def test_static_decode_equals_dynamic_with_padding_and_buckets(model_dir, refere
         starts = [s + 1 for s in starts]
         ids = [[t] for t in got.tolist()]
     assert crossed
-    assert sorted(static.static_decode.buckets) == buckets
+    assert sorted(static.static_steps.buckets) == buckets
 
 
 def test_static_decode_of_a_middle_stage_matches_hidden_states(model_dir):
@@ -110,3 +114,35 @@ def test_falling_back_to_transformers_layers_decodes_the_same(model_dir):
         model.forward(longs([1, 3]), longs([0, 0]), longs([9, 5]), prompt)
         outs.append(model.decode([1, 3], [9, 5], step))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("first, last, start, end", [(True, False, 0, 6), (False, False, 10, 14), (False, True, 26, 30)])
+def test_prefill_as_one_row_per_token_equals_forward(model_dir, first, last, start, end):
+    """A prefill micro-batch of three prompts, one continuing an earlier chunk, run as one row per
+    prompt token (rows sharing slots, every K/V written before any row attends): the same hidden
+    states or sampled tokens, and the same K/V, as forward(); padding positions come back zero."""
+    dynamic, static = pair(model_dir, first=first, last=last, start=start, end=end)
+    torch.manual_seed(0)
+    vocab = dynamic.config.vocab_size
+
+    def inputs(rows, steps):
+        if first:
+            return torch.randint(0, vocab, (rows, steps))
+        return torch.randn(rows, steps, dynamic.hidden_size)
+
+    earlier = inputs(1, 7)
+    for model in (dynamic, static):
+        model.forward(longs([4]), longs([0]), longs([7]), earlier)
+    slots, starts, lengths = [4, 0, 2], [7, 0, 0], [5, 9, 2]
+    batch = inputs(3, 9)
+    want = dynamic.forward(longs(slots), longs(starts), longs(lengths), batch)
+    got = static.prefill(slots, starts, lengths, batch)
+    assert sorted(static.static_steps.buckets) == [BucketKey(16, 256, False, True)]  # 16 tokens
+    if last:
+        assert got.tolist() == want.tolist()
+    else:
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(got[row, :n], want[row, :n], rtol=1e-4, atol=1e-4)
+            assert not got[row, n:].any()
+    for k_dyn, k_static in zip(dynamic.cache.keys, static.cache.keys):
+        torch.testing.assert_close(k_static[:, :, :600], k_dyn[:, :, :600], rtol=1e-4, atol=1e-4)
