@@ -6,8 +6,8 @@
 #   python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer
 #   bash benchmarks/gpu_serving.sh /tmp/llama-3-8b OUT_DIR [CONCURRENCY...]
 #
-# WORKERS="1 2" (default) picks the pipeline depths; DEVICE and DTYPE (cuda, bfloat16) allow a
-# CPU dry run. With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and
+# WORKERS="1 2" (default) picks the pipeline depths; BASELINE=none skips transformers; DEVICE and
+# DTYPE (cuda, bfloat16) allow a CPU dry run. With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and
 # the first host for N seconds (2 s into the level) into OUT_DIR/*.pyspy (collapsed stacks:
 # where their per-step time goes).
 set -euo pipefail
@@ -29,7 +29,7 @@ for workers in ${WORKERS:-1 2}; do
     --wait 600 --no-progress > "$out/stages$workers-ready.txt"
   for c in ${levels[*]}; do
     extra=()
-    [ "$workers" = 1 ] && extra=(--baseline hf --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
+    [ "$workers" = 1 ] && [ "${BASELINE:-hf}" != none ] && extra=(--baseline hf --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
     if [ -n "${PYSPY_SECONDS:-}" ]; then
       for role in leader join; do  # 2 s in: past bench's warm-up, within its measured load
         (sleep 2; pid=$(pgrep -f "hetserve $role" | head -1) &&
