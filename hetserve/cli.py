@@ -257,7 +257,8 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
               help="active: OpenMP threads spin between steps instead of sleeping (for CPU hosts whose cores "
                    "are their own; see docs/benchmarks.md). OMP_WAIT_POLICY in the environment wins.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="On a GPU, replay decode steps from CUDA graphs (one per batch bucket, captured at load) "
+              help="On a GPU, replay decode and prefill steps from CUDA graphs (one per bucket of rows or "
+                   "prompt tokens, captured at load) "
                    "through fused layers (torch.compile, Triton attention); off: launch transformers' layers "
                    "eagerly (for debugging, or where torch.compile or Triton fails).")
 @log_options

@@ -93,4 +93,4 @@ class HostSettings:
     disk_limit: int | None = None  # most bytes the weights cache may hold; None = the free disk
     keys: str | None = None  # CURVE keys directory (transport/security.py); None = plain text
     insecure: bool = False  # allow plain text to a leader beyond loopback
-    cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs (model/static_steps.py)
+    cuda_graphs: bool = True  # on a GPU, replay decode and prefill steps from CUDA graphs (model/static_steps.py)
