@@ -60,10 +60,16 @@ def decode(data: bytes, expect: tuple[type, ...] | None = None):
     return _build(cls, body, name)
 
 
+_SCALARS = (int, float, str, bool, bytes, type(None))
+
+
 def _to_plain(value):
     if dataclasses.is_dataclass(value):
         return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
+        # A micro-batch header is mostly lists of numbers, one per row: copied in one pass.
+        if all(type(v) in _SCALARS for v in value):
+            return list(value)
         return [_to_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
@@ -95,41 +101,77 @@ def _build(cls, body, path: str):
 
 
 def _check(value, tp, path: str):
+    return _checker(tp)(value, path)
+
+
+_CHECKERS: dict[typing.Any, typing.Callable] = {}
+
+
+def _checker(tp) -> typing.Callable:
+    """The validator of annotation `tp`: (value, path) -> value as the message holds it, or
+    WireError. Built once per annotation: a header's lists are checked per item, so the
+    annotation must not be taken apart again for every item."""
+    if tp not in _CHECKERS:
+        _CHECKERS[tp] = _make_checker(tp)
+    return _CHECKERS[tp]
+
+
+def _make_checker(tp) -> typing.Callable:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check(value, arg, path)
-            except WireError:
-                pass
-        raise WireError(f"{path}: {type(value).__name__} is not {tp}")
+        optional = type(None) in args
+        options = [_checker(arg) for arg in args if arg is not type(None)]
+
+        def check_union(value, path):
+            if value is None and optional:
+                return None
+            for option in options:
+                try:
+                    return option(value, path)
+                except WireError:
+                    pass
+            raise WireError(f"{path}: {type(value).__name__} is not {tp}")
+        return check_union
     if origin is list:
-        if not isinstance(value, list):
-            raise WireError(f"{path}: expected a list")
         (item,) = typing.get_args(tp)
-        return [_check(v, item, f"{path}[]") for v in value]
+        check_item = _checker(item)
+        exact = {int: int, float: float, str: str, bool: bool, bytes: bytes}.get(item)
+
+        def check_list(value, path):
+            if not isinstance(value, list):
+                raise WireError(f"{path}: expected a list")
+            if exact is not None and all(type(v) is exact for v in value):  # the common case, in one pass
+                return value
+            return [check_item(v, f"{path}[]") for v in value]
+        return check_list
     if origin is dict:
-        if not isinstance(value, dict):
-            raise WireError(f"{path}: expected a map")
         _, item = typing.get_args(tp)
-        return {_check(k, str, f"{path} key"): _check(v, item, f"{path}[{k!r}]") for k, v in value.items()}
+        check_key, check_value = _checker(str), _checker(item)
+
+        def check_dict(value, path):
+            if not isinstance(value, dict):
+                raise WireError(f"{path}: expected a map")
+            return {check_key(k, f"{path} key"): check_value(v, f"{path}[{k!r}]") for k, v in value.items()}
+        return check_dict
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return lambda value, path: _build(tp, value, path)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WireError(f"{path}: expected a number")
-        return float(value)
+        def check_float(value, path):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise WireError(f"{path}: expected a number")
+            return float(value)
+        return check_float
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise WireError(f"{path}: expected an integer")
-        return value
+        def check_int(value, path):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise WireError(f"{path}: expected an integer")
+            return value
+        return check_int
     if tp in (str, bool, bytes):
-        if not isinstance(value, tp):
-            raise WireError(f"{path}: expected {tp.__name__}")
-        return value
-    raise TypeError(f"{path}: unsupported annotation {tp!r}")
+        def check_exact(value, path):
+            if not isinstance(value, tp):
+                raise WireError(f"{path}: expected {tp.__name__}")
+            return value
+        return check_exact
+    raise TypeError(f"unsupported annotation {tp!r}")
