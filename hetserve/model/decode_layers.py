@@ -18,6 +18,8 @@ Fused projections: where q/k/v (and gate/up) are plain nn.Linear, their weights 
 into one [out_q + out_k + out_v, H] tensor and the modules' weights become row views of it, so
 prefill (transformers' layers) and decode read the same memory and nothing is stored twice.
 
+Prefill steps on a GPU run through the same layers, one row per prompt token (static_steps.py).
+
 Only layers of the shape written out here take this path (the Llama family as transformers 5
 writes it: llama, mistral, qwen2 with q/k/v biases, qwen3 with per-head q/k norms, SiLU MLP);
 `DecodeLayers.supports` says which, and others keep transformers' own layers.

@@ -12,6 +12,12 @@ after fusing the elementwise ones, and at 16 of 64 rows the gather made the step
     online softmax (a row's own length bounds the loop, so no mask and no context padding).
 The query heads of one K/V head form the rows of a [BLOCK_G, D] tile (padded to 16, the
 smallest tile tl.dot takes), so grouped-query attention reads each key once.
+
+Prefill steps run their prompt tokens as rows of the same kernel (static_steps.py). Rows of one
+prompt share a slot and programs run in no order, so there the caller writes every row's K/V
+first and the kernel only attends (`write=False`). Each row rereads its prompt's keys: fine for
+serving chunks, but at 2048 tokens in one step it is slower than a query-tiled kernel
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
