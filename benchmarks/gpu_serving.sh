@@ -7,9 +7,10 @@
 #   bash benchmarks/gpu_serving.sh /tmp/llama-3-8b OUT_DIR [CONCURRENCY...]
 #
 # WORKERS="1 2" (default) picks the pipeline depths; BASELINE=none skips transformers; DEVICE and
-# DTYPE (cuda, bfloat16) allow a CPU dry run. With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and
-# the first host for N seconds (2 s into the level) into OUT_DIR/*.pyspy (collapsed stacks:
-# where their per-step time goes).
+# DTYPE (cuda, bfloat16) allow a CPU dry run; REQUESTS_PER_CLIENT (2) sets each level's length.
+# With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and the first
+# host for N seconds (2 s into the level) into OUT_DIR/*.pyspy (collapsed stacks: where their
+# per-step time goes); py-spy takes a few seconds to attach there, so make the levels long.
 set -euo pipefail
 model=$1
 out=$2
@@ -37,7 +38,7 @@ for workers in ${WORKERS:-1 2}; do
             --nonblocking -o "$out/stages$workers-c$c-$role.pyspy" || true) </dev/null >/dev/null 2>&1 &
       done
     fi
-    hetserve bench --server 127.0.0.1:5566 --model "$model" -c "$c" --requests $((c * 2)) --prompt-tokens 128 \
+    hetserve bench --server 127.0.0.1:5566 --model "$model" -c "$c" --requests $((c * ${REQUESTS_PER_CLIENT:-2})) --prompt-tokens 128 \
       --output-tokens 128 --wait 600 --no-progress "${extra[@]}" --json "$out/stages$workers-c$c.json" \
       | tee "$out/stages$workers-c$c.txt"
     hetserve status --server 127.0.0.1:5566 | tee -a "$out/stages$workers-c$c.txt"  # sizes and stage times
