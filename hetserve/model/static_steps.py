@@ -146,13 +146,10 @@ class StaticSteps:
         """One decode step: inputs [B, 1] ids (stage 0) or [B, 1, H] hidden states.
         Returns hidden states [B, 1, H], or logits [B, V] (float32) on the last stage."""
         rows, spec = len(slots), self.model.spec
-        if self.model.decode_reads_cache_in_place:  # neither a gather to avoid nor a context to pad
-            kv_len, every_slot = spec.max_context, False
-        else:
-            kv_len = context_bucket(max(starts) + 1, spec.max_context)
-            every_slot = rows >= EVERY_SLOT_SHARE * spec.max_seqs
+        # In place there is no gather to avoid by running every slot.
+        every_slot = not self.model.decode_reads_cache_in_place and rows >= EVERY_SLOT_SHARE * spec.max_seqs
         bucket = self._bucket(BucketKey(spec.max_seqs if every_slot else batch_bucket(rows, spec.max_seqs),
-                                        kv_len, every_slot, False))
+                                        self._context(max(starts) + 1), every_slot, False))
         bucket.index.copy_(_decode_columns(bucket, slots, starts), non_blocking=True)  # one host-to-device copy
         if every_slot:  # row i of the step is slot i
             where = torch.tensor(slots, dtype=torch.int64).to(self.model.device)
@@ -172,9 +169,7 @@ class StaticSteps:
         size = token_bucket(tokens)
         if size is None:
             raise ValueError(f"a prefill step of {tokens} tokens is past the largest graph ({MAX_GRAPH_TOKENS})")
-        kv_len = model.spec.max_context if model.decode_reads_cache_in_place else \
-            context_bucket(max(s + n for s, n in zip(starts, lengths)), model.spec.max_context)
-        bucket = self._bucket(BucketKey(size, kv_len, False, True))
+        bucket = self._bucket(BucketKey(size, self._context(max(s + n for s, n in zip(starts, lengths))), False, True))
         counts = torch.tensor(lengths, dtype=torch.int64)
         row_of = torch.repeat_interleave(torch.arange(rows), counts)  # [tokens]: each token's row
         firsts = torch.cumsum(counts, 0) - counts  # [B]: each row's first token
@@ -212,6 +207,12 @@ class StaticSteps:
         for tokens in TOKEN_BUCKETS:
             self._bucket(BucketKey(tokens, spec.max_context, False, True))
         return self.captured
+
+    def _context(self, kv_end: int) -> int:
+        """Keys a step whose rows reach `kv_end` spans: all of max_context where attention reads
+        the cache in place (bounded per row, nothing to pad), else a context bucket."""
+        max_context = self.model.spec.max_context
+        return max_context if self.model.decode_reads_cache_in_place else context_bucket(kv_end, max_context)
 
     def _bucket(self, key: BucketKey) -> _Bucket:
         return self.buckets.get(key) or self._new_bucket(key)
