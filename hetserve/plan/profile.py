@@ -101,8 +101,8 @@ def stage_for_profile(model_dir: Path, layers: int, precision: str, dtype: str, 
 
 
 def step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int) -> float:
-    """One micro-batch by the path serving takes (StageModel.run: on a GPU, decode replays CUDA
-    graphs, captured in the warm-ups)."""
+    """One micro-batch by the path serving takes (StageModel.run: on a GPU, decode and prefill
+    up to MAX_GRAPH_TOKENS replay CUDA graphs, captured in the warm-ups)."""
     slots = list(range(batch))
     if phase == "prefill":
         starts, lengths, steps = [0] * batch, [tokens] * batch, tokens
