@@ -7,10 +7,13 @@
 #   bash benchmarks/gpu_serving.sh /tmp/llama-3-8b OUT_DIR [CONCURRENCY...]
 #
 # WORKERS="1 2" (default) picks the pipeline depths; BASELINE=none skips transformers; DEVICE and
-# DTYPE (cuda, bfloat16) allow a CPU dry run; REQUESTS_PER_CLIENT (2) sets each level's length.
+# DTYPE (cuda, bfloat16) allow a CPU dry run; REQUESTS_PER_CLIENT (2) sets each level's length;
+# UP_ARGS adds options to `hetserve up` (e.g. --no-decode-ahead) and LABEL prefixes the output
+# files, so that two settings can be run side by side into one OUT_DIR.
 # With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and the first
 # host for N seconds (2 s into the level) into OUT_DIR/*.pyspy (collapsed stacks: where their
-# per-step time goes); py-spy takes a few seconds to attach there, so make the levels long.
+# per-step time goes); py-spy takes a few seconds to attach there, so make the levels long, and
+# it needs ptrace rights (on the GPU machine we use it wrote nothing).
 set -euo pipefail
 model=$1
 out=$2
@@ -22,12 +25,12 @@ for workers in ${WORKERS:-1 2}; do
   # python3 itself in the background, not the shell function: $! must be the process that TERM stops (a background job ignores INT).
   python3 -m hetserve up --workers "$workers" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --model "$model" --listen 127.0.0.1:5565 \
     --serve 127.0.0.1:5566 --max-seqs 64 --decode-seqs 64 --prefill-seqs 8 --prefill-tokens 1024 \
-    --max-context 1024 --log-level warning &
+    --max-context 1024 --log-level warning ${UP_ARGS:-} &
   server=$!
   trap 'kill -TERM "$server" 2>/dev/null || true' EXIT  # never leave a cluster behind
   # Wait for the cluster to serve (one short request), so that every level starts on a ready one.
   hetserve bench --server 127.0.0.1:5566 --model "$model" -c 1 --requests 1 --prompt-tokens 8 --output-tokens 4 \
-    --wait 600 --no-progress > "$out/stages$workers-ready.txt"
+    --wait 600 --no-progress > "$out/${LABEL:-}stages$workers-ready.txt"
   for c in ${levels[*]}; do
     extra=()
     [ "$workers" = 1 ] && [ "${BASELINE:-hf}" != none ] && extra=(--baseline hf --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
@@ -35,13 +38,13 @@ for workers in ${WORKERS:-1 2}; do
       for role in leader join; do  # 2 s in: past bench's warm-up, within its measured load
         (sleep 2; pid=$(pgrep -f "hetserve $role" | head -1) &&
           timeout $((PYSPY_SECONDS + 30)) py-spy record --pid "$pid" --duration "$PYSPY_SECONDS" --format raw \
-            --nonblocking -o "$out/stages$workers-c$c-$role.pyspy" || true) </dev/null >/dev/null 2>&1 &
+            --nonblocking -o "$out/${LABEL:-}stages$workers-c$c-$role.pyspy" || true) </dev/null >/dev/null 2>&1 &
       done
     fi
     hetserve bench --server 127.0.0.1:5566 --model "$model" -c "$c" --requests $((c * ${REQUESTS_PER_CLIENT:-2})) --prompt-tokens 128 \
-      --output-tokens 128 --wait 600 --no-progress "${extra[@]}" --json "$out/stages$workers-c$c.json" \
-      | tee "$out/stages$workers-c$c.txt"
-    hetserve status --server 127.0.0.1:5566 | tee -a "$out/stages$workers-c$c.txt"  # sizes and stage times
+      --output-tokens 128 --wait 600 --no-progress "${extra[@]}" --json "$out/${LABEL:-}stages$workers-c$c.json" \
+      | tee "$out/${LABEL:-}stages$workers-c$c.txt"
+    hetserve status --server 127.0.0.1:5566 | tee -a "$out/${LABEL:-}stages$workers-c$c.txt"  # sizes and stage times
   done
   kill -TERM "$server"
   wait "$server" || true

@@ -33,6 +33,8 @@ LIMIT_HELP = {
     "prefill_tokens": "Most prompt tokens in one prefill micro-batch; longer prompts are chunked.",
     "decode_seqs": "Most requests in one decode micro-batch.",
     "max_in_flight": "Micro-batches in the pipeline at once; 0 = chosen at runtime from measured stage times (one per stage up).",
+    "decode_ahead": "One-stage pipelines: queue each request's next decode step before its token is back (the stage "
+                    "feeds it the token it sampled), so the stage never waits on the leader between steps.",
 }
 
 
@@ -111,7 +113,9 @@ def limit_options(func):
     """Add one --option per `Limits` field, defaults and help from the dataclass."""
     for field in reversed(dataclasses.fields(Limits)):
         flag = "--" + field.name.replace("_", "-")
-        func = click.option(flag, field.name, type=int, default=field.default, show_default=True,
+        if isinstance(field.default, bool):
+            flag = f"{flag}/--no-{flag[2:]}"
+        func = click.option(flag, field.name, type=type(field.default), default=field.default, show_default=True,
                             help=LIMIT_HELP[field.name])(func)
     return func
 
@@ -319,7 +323,8 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
             if kwargs[key] is not None:
                 leader_cmd += ["--" + key.replace("_", "-"), str(kwargs[key])]
     for field in dataclasses.fields(Limits):
-        leader_cmd += ["--" + field.name.replace("_", "-"), str(getattr(limits, field.name))]
+        flag, value = field.name.replace("_", "-"), getattr(limits, field.name)
+        leader_cmd += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     procs = [spawn_child(leader_cmd)]
     for i in range(workers):
         cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", device,
@@ -455,7 +460,8 @@ def status(server, as_json, token_file):
                f"{info['tokens_per_s']} tokens/s now")
     if batching := info.get("batching"):
         click.echo(f"batching ({batching['regime'] or 'idle'}): prefill chunks of {batching['prefill_tokens']} tokens, "
-                   f"{batching['max_in_flight']} micro-batches in flight, decode round trip "
+                   f"{batching['max_in_flight']} micro-batches in flight"
+                   + (" (+1 each, decode-ahead)" if batching.get("decode_ahead") else "") + ", decode round trip "
                    f"{batching['decode_round_ms']} ms, prefill {batching['prefill_ms_per_token']} ms/token"
                    + (f" (fit {fit[0]} ms + {fit[1]} ms/token)" if (fit := batching.get("prefill_ms_fit")) else ""))
     rows = [("STAGE", "HOST", "DEVICE", "MEM GiB", "LAYERS", "PRECISION", "STATE", "HEALTH", "LOAD", "STEPS",

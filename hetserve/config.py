@@ -32,6 +32,10 @@ class Limits:
     decode_seqs: int = 8  # most requests in one decode micro-batch
     max_in_flight: int = 0  # micro-batches in the pipeline at once; 0 = chosen at runtime from measured
     #                          stage times (leader/batching.py), from one per stage up
+    decode_ahead: bool = True  # one-stage pipelines: send a request's next decode step before its
+    #                            token is back (the stage feeds it the token it sampled), so the
+    #                            stage never waits on the leader between steps; each request that
+    #                            ends on EOS or a stop string costs one wasted row
 
     def check(self) -> None:
         for name in ("max_seqs", "max_context", "default_max_tokens", "max_queued", "max_queued_tokens",

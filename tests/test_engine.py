@@ -11,26 +11,97 @@ from hetserve.leader.engine import Engine, Overloaded
 from hetserve.wire.messages import StepResult
 
 
-def make_engine():
+def make_engine(stages=1, **limits):
     sent = []
-    engine = Engine(Limits(max_seqs=2, max_context=64), {2}, lambda ids: "".join(chr(97 + i % 26) for i in ids),
-                    lambda step, ids: sent.append(step), vocab_size=100)
-    engine.pipeline_ready(1)
+    engine = Engine(Limits(**{"max_seqs": 2, "max_context": 64, **limits}), {2},
+                    lambda ids: "".join(chr(97 + i % 26) for i in ids), lambda step, ids: sent.append(step),
+                    vocab_size=100)
+    engine.pipeline_ready(stages)
     return engine, sent
 
 
-def start(engine, events):
-    return engine.new_request("r", events.append, [5, 6, 7], 4, 0.0, 0, 1.0, 1, (), True)
+def start(engine, events, max_tokens=4, request_id="r"):
+    return engine.new_request(request_id, events.append, [5, 6, 7], max_tokens, 0.0, 0, 1.0, 1, (), True)
 
 
-def test_a_result_is_turned_into_tokens_and_slots_come_back():
-    engine, sent = make_engine()
+def answer(engine, *tokens):
+    """The pipeline returns its oldest micro-batch in flight (a stage keeps send order)."""
+    engine.on_result(StepResult(min(engine.in_flight), list(tokens), [1.0]))
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_result_is_turned_into_tokens_and_slots_come_back(ahead):
+    engine, sent = make_engine(decode_ahead=ahead)
     events = []
     start(engine, events)
-    for _ in range(4):
-        engine.on_result(StepResult(sent[-1].mb, [11], [1.0]))
-    assert [e["event"] for e in events] == ["token"] * 4 + ["done"]
+    for token in (11, 12, 13, 14):
+        answer(engine, token)
+    assert [e["token_id"] for e in events[:-1]] == [11, 12, 13, 14] and events[-1]["event"] == "done"
     assert events[-1]["finish_reason"] == "length" and len(engine.free_slots) == 2 and not engine.in_flight
+    assert len(sent) == 4, "no row is computed past max_tokens"
+
+
+def test_decode_ahead_queues_the_next_row_before_the_token_is_back():
+    engine, sent = make_engine()
+    start(engine, [], max_tokens=10)
+    answer(engine, 11)  # prefill -> first token
+    first, follower = sent[-2:]
+    assert first.phase == follower.phase == "decode" and len(engine.in_flight) == 2
+    assert first.feeds == [] and first.starts == [3] and first.sampling.step == [1]
+    assert follower.feeds == [0] and follower.starts == [4] and follower.sampling.step == [2]
+    assert follower.slots == first.slots
+    answer(engine, 12)
+    assert sent[-1].feeds == [0] and sent[-1].starts == [5] and sent[-1].sampling.step == [3]
+    assert engine.snapshot()["batching"]["decode_ahead"]
+
+
+def test_decode_ahead_drops_the_row_after_an_eos():
+    engine, sent = make_engine()
+    events = []
+    start(engine, events, max_tokens=10)
+    answer(engine, 11)
+    answer(engine, 2)  # EOS: the follower in flight computed a row for nothing
+    assert events[-1]["event"] == "done" and events[-1]["finish_reason"] == "stop"
+    assert len(engine.free_slots) == 2 and len(engine.in_flight) == 1
+    answer(engine, 13)  # the wasted row's result
+    assert events[-1]["event"] == "done" and [e["token_id"] for e in events[:-1]] == [11, 2]
+    assert not engine.in_flight and not engine.requests
+
+
+def test_a_freed_slot_taken_while_a_wasted_row_is_in_flight_starts_clean():
+    engine, sent = make_engine(max_seqs=1)
+    first, second = [], []
+    start(engine, first, max_tokens=10)
+    start(engine, second, max_tokens=2, request_id="s")  # waits for the one slot
+    answer(engine, 11)
+    answer(engine, 2)  # EOS: the slot goes to "s" while the follower is still in flight
+    prefill = sent[-1]
+    assert prefill.phase == "prefill" and prefill.starts == [0] and prefill.feeds == []
+    answer(engine, 13)  # the wasted row
+    answer(engine, 21)  # "s": prefill -> first token; its decode row is not fed (its token is known)
+    assert sent[-1].feeds == [] and sent[-1].starts == [3]
+    answer(engine, 22)
+    assert [e["token_id"] for e in second if e["event"] == "token"] == [21, 22]
+
+
+@pytest.mark.parametrize("stages, ahead", [(2, True), (1, False)])
+def test_no_decode_ahead_past_one_stage_or_when_off(stages, ahead):
+    engine, sent = make_engine(stages, decode_ahead=ahead)
+    start(engine, [], max_tokens=10)
+    answer(engine, 11)
+    assert len(engine.in_flight) == 1 and sent[-1].feeds == []
+    assert not engine.snapshot()["batching"]["decode_ahead"]
+
+
+def test_a_followers_round_trip_starts_when_the_row_before_is_back():
+    engine, sent = make_engine()
+    start(engine, [], max_tokens=100)
+    answer(engine, 11)
+    for _ in range(6):  # the follower was sent long before; its own turn is what counts
+        for flight in engine.in_flight.values():
+            flight.sent -= 10.0 if flight.follows else 0.0
+        answer(engine, 12)
+    assert engine.decode_round_ms < 1000
 
 
 def test_malformed_result_fails_the_requests_and_frees_slots():
@@ -70,8 +141,8 @@ def test_replay_refeeds_the_whole_history_and_continues_the_token_count():
     engine, sent = make_engine()
     events = []
     start(engine, events)
-    engine.on_result(StepResult(sent[-1].mb, [11], [1.0]))  # prefill -> first token
-    engine.on_result(StepResult(sent[-1].mb, [12], [1.0]))  # decode -> second token
+    answer(engine, 11)  # prefill -> first token
+    answer(engine, 12)  # decode -> second token
     lost = sent[-1]  # the decode in flight when the pipeline broke
     epoch = engine.replay_all()
     engine.on_result(StepResult(lost.mb, [99], [1.0], lost.epoch))  # a stale result is ignored

@@ -101,3 +101,26 @@ async def test_mixed_precision_with_w8a8_equals_one_process(cluster_factory, ref
     eos = reference.tokenizer.eos_token_id
     assert ids == (want[: want.index(eos) + 1] if eos in want else want)
     assert want != reference(prompt, 12), "w8a8 and int8 layers should change some greedy token"
+
+
+async def test_decode_ahead_samples_what_waiting_for_each_token_samples(cluster_factory):
+    """One stage queues each request's next decode step before its token is back (the stage feeds
+    it); seeded sampling, stop strings and max_tokens give exactly what the leader waiting for every
+    token gives."""
+    bodies = [{"prompt": p, "max_tokens": 12 + 3 * i, "temperature": 0.8, "top_k": 40, "seed": 100 + i}
+              for i, p in enumerate(PROMPTS[:4])] + [{"prompt": PROMPTS[4], "max_tokens": 24, "stop": [" the"]}]
+    runs = {}
+    for ahead in ("--decode-ahead", "--no-decode-ahead"):
+        client = await connect(cluster_factory(1, ahead))
+        try:
+            status = await client.status()
+            runs[ahead] = await asyncio.gather(*(client.call(body) for body in bodies))
+        finally:
+            await client.close()
+        assert status["batching"]["decode_ahead"] == (ahead == "--decode-ahead")
+    def without_ids(events):
+        return [{k: v for k, v in e.items() if k != "id"} for e in events]
+    for with_ahead, without in zip(runs["--decode-ahead"], runs["--no-decode-ahead"]):
+        assert with_ahead[-1]["event"] == "done"
+        assert without_ids(with_ahead) == without_ids(without)
+    assert runs["--decode-ahead"][-1][-1]["finish_reason"] == "stop"

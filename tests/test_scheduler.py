@@ -54,3 +54,20 @@ def test_decode_capped_by_decode_seqs():
     limits = BatchLimits(2, 100, decode_seqs=3, max_in_flight=1)
     reqs = [view(k) for k in range(1, 9)]
     assert len(next_microbatch(reqs, 0, 0, limits, None).rows) == 3
+
+
+AHEAD = BatchLimits(prefill_seqs=2, prefill_tokens=100, decode_seqs=8, max_in_flight=1, ahead=True)
+
+
+def test_decode_ahead_lets_a_decode_row_follow_the_one_in_flight():
+    reqs = [view(1, in_flight=True), RequestView(2, True, 0, True, can_follow=True), view(3)]
+    batch = next_microbatch(reqs, 0, 1, AHEAD, "decode")
+    assert batch.phase == "decode" and [r.key for r in batch.rows] == [2, 3]
+    assert next_microbatch(reqs, 0, 2, AHEAD, "decode") is None, "one computing, one queued behind it"
+    assert next_microbatch(reqs, 0, 1, BatchLimits(2, 100, 8, max_in_flight=1), "decode") is None
+
+
+def test_decode_ahead_still_alternates_with_prompts():
+    reqs = [RequestView(1, True, 0, True, can_follow=True), view(2, False, 10)]
+    assert next_microbatch(reqs, 1, 1, AHEAD, "decode").phase == "prefill"
+    assert next_microbatch(reqs, 1, 1, AHEAD, "prefill").phase == "decode"

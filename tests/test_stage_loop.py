@@ -1,14 +1,17 @@
-"""A host's data path on one micro-batch (StageLoop._compute, no sockets): token ids are checked
-against the vocabulary before they reach the device, and a good batch flows on."""
+"""A host's data path on one micro-batch (StageLoop.launch and finish, no sockets): token ids are checked
+against the vocabulary before they reach the device, a good batch flows on, and a stage that is first
+and last feeds a row the token its slot sampled (decode-ahead)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from hetserve.model.stage import StageModel, StageSpec
 from hetserve.wire.codec import WireError, decode
-from hetserve.wire.messages import SamplingRows, Step
+from hetserve.wire.messages import SamplingRows, Step, StepResult
 from hetserve.wire.tensors import to_frame
 from hetserve.worker.stage_loop import StageLoop
 
@@ -31,10 +34,46 @@ def test_token_ids_outside_the_vocabulary_are_refused(loop, bad):
     vocab = loop.model.embed.num_embeddings
     ids = torch.tensor([[5, 7, vocab if bad == "vocab" else bad]])
     with pytest.raises(WireError, match="out of the vocabulary"):
-        loop._compute(*step_of(ids))
+        loop.launch(*step_of(ids))
 
 
 def test_a_good_micro_batch_goes_downstream(loop):
-    header, frame = loop._compute(*step_of(torch.tensor([[5, 7, 9], [11, 13, 17]])))
+    header, frame = loop.finish(loop.launch(*step_of(torch.tensor([[5, 7, 9], [11, 13, 17]]))))
     step = decode(header, expect=(Step,))
     assert step.tensor.shape == [2, 3, loop.model.hidden_size] and len(step.stage_ms) == 1
+
+
+@pytest.fixture(scope="module")
+def whole(model_dir):
+    """A stage that is first and last: it keeps each slot's sampled token for decode-ahead."""
+    model = StageModel(model_dir, StageSpec(0, 2, first=True, last=True, max_seqs=2, max_context=64))
+    return StageLoop(model, 0, data_in=None, data_out=None, torch_thread=None)
+
+
+def tokens_of(loop, step, frames) -> list[int]:
+    return decode(loop.finish(loop.launch(step, frames))[0], expect=(StepResult,)).tokens
+
+
+def test_a_fed_row_takes_the_token_its_slot_sampled(whole):
+    prefill = step_of(torch.tensor([[5, 7, 9], [11, 13, 17]]))
+    first = tokens_of(whole, *prefill)
+    meta, frame = to_frame(torch.tensor([[0], [first[1]]]))  # row 0's token is fed, row 1's is sent
+    sampling = SamplingRows([0.0] * 2, [0] * 2, [1.0] * 2, [0] * 2, [1] * 2)
+    fed = tokens_of(whole, Step(2, "decode", [0, 1], [3, 3], [1, 1], sampling, meta, feeds=[0]), [frame])
+    tokens_of(whole, *prefill)  # the same prompts again, then both tokens sent
+    meta, frame = to_frame(torch.tensor([[first[0]], [first[1]]]))
+    sent = tokens_of(whole, Step(3, "decode", [0, 1], [3, 3], [1, 1], sampling, meta), [frame])
+    assert fed == sent
+    assert whole.model.sampled.tolist() == sent
+
+
+def test_feeds_are_refused_where_they_cannot_be_honoured(loop, whole):
+    step, frames = step_of(torch.tensor([[5]]))
+    with pytest.raises(WireError, match="first and last"):
+        loop.launch(replace(step, feeds=[0]), frames)  # stage 0 of two: it samples nothing
+    for feeds in ([1], [0, 0]):
+        with pytest.raises(WireError, match="distinct rows of one token"):
+            whole.launch(replace(step, feeds=feeds), frames)
+    step, frames = step_of(torch.tensor([[5, 7]]))
+    with pytest.raises(WireError, match="distinct rows of one token"):
+        whole.launch(replace(step, feeds=[0]), frames)

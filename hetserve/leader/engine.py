@@ -50,7 +50,8 @@ class Request:
     prefill_len: int = 0  # tokens to cache before decoding: the prompt, or after a fault the whole history
     cached: int = 0  # tokens whose K/V every stage holds
     generated: list[int] = field(default_factory=list)
-    in_flight: bool = False
+    in_flight: int = 0  # micro-batches in flight holding a row of it
+    ahead: int = 0  # of those, decode rows: tokens sampled on the stage, not back yet (decode-ahead: up to 2)
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
@@ -71,6 +72,7 @@ class InFlight:
     phase: str
     rows: list[tuple[Request, int]]  # (request, new tokens fed)
     sent: float
+    follows: bool = False  # some rows follow a decode row still in flight (decode-ahead)
 
 
 @dataclass
@@ -133,6 +135,7 @@ class Engine:
         self._next_key = 0
         self._next_mb = 0
         self._last_phase: str | None = None
+        self._last_result_at = 0.0  # monotonic time the latest result came back
 
     # ---- requests in and out
 
@@ -191,7 +194,7 @@ class Engine:
         self.in_flight.clear()
         self.epoch += 1
         for request in self.requests.values():
-            request.in_flight = False
+            request.in_flight = request.ahead = 0
             request.cached = 0
             request.prefill_len = len(request.prompt_ids) + len(request.generated)
         return self.epoch
@@ -204,37 +207,56 @@ class Engine:
                             self.decode_fit, self.prefill_fit)
         self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding)
         batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
-                                   self.sizes.max_in_flight)
+                                   self.sizes.max_in_flight, self.decode_ahead)
         while True:
-            views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight)
+            views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight > 0, self._can_follow(r))
                      for r in self.requests.values()]
             batch = next_microbatch(views, len(self.free_slots), len(self.in_flight), batch_limits, self._last_phase)
             if batch is None:
                 return
             self._dispatch(batch)
 
+    @property
+    def decode_ahead(self) -> bool:
+        """Decode rows may follow one in flight: the one stage is first and last, so it holds the
+        token it sampled and feeds it to the next row itself (config.Limits.decode_ahead)."""
+        return self.limits.decode_ahead and self.num_stages == 1
+
+    def _can_follow(self, r: Request) -> bool:
+        """Its one row in flight is a decode row, after whose token it is still decoding."""
+        return (self.decode_ahead and r.in_flight == 1 and r.ahead == 1 and len(r.generated) + 1 < r.max_tokens
+                and len(r.prompt_ids) + len(r.generated) + 1 < self.limits.max_context)
+
     def _dispatch(self, batch: MicroBatch) -> None:
         for key in batch.admit:
             self.requests[key].slot = self.free_slots.pop(0)
         rows = [(self.requests[row.key], row.tokens) for row in batch.rows]
         steps = max(tokens for _, tokens in rows)
-        padded = []
-        for request, tokens in rows:
-            padded.append(request.history(request.cached, tokens) + [0] * (steps - tokens))
-            request.in_flight = True
+        padded, starts, feeds = [], [], []
+        for i, (request, tokens) in enumerate(rows):
+            start = request.cached + request.ahead  # past the decode row in flight, if any
+            if request.ahead:  # its input is the token that row samples: the stage feeds it
+                feeds.append(i)
+                padded.append([0] * steps)
+            else:
+                padded.append(request.history(start, tokens) + [0] * (steps - tokens))
+            starts.append(start)
         ids = torch.tensor(padded, dtype=torch.int64)  # [B, T], right-padded
         self._next_mb += 1
         step = Step(
             mb=self._next_mb, phase=batch.phase,
-            slots=[r.slot for r, _ in rows], starts=[r.cached for r, _ in rows], lengths=[t for _, t in rows],
+            slots=[r.slot for r, _ in rows], starts=starts, lengths=[t for _, t in rows],
             sampling=SamplingRows(
                 temperature=[r.temperature for r, _ in rows], top_k=[r.top_k for r, _ in rows],
                 top_p=[r.top_p for r, _ in rows], seed=[r.seed for r, _ in rows],
-                step=[len(r.generated) for r, _ in rows],
+                step=[len(r.generated) + r.ahead for r, _ in rows],
             ),
-            tensor=TensorMeta("int64", list(ids.shape)), epoch=self.epoch,
+            tensor=TensorMeta("int64", list(ids.shape)), epoch=self.epoch, feeds=feeds,
         )
-        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic())
+        for request, _ in rows:
+            request.in_flight += 1
+            request.ahead += batch.phase == "decode"
+        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), bool(feeds))
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase
         self._send(step, ids)
@@ -251,7 +273,8 @@ class Engine:
         self._measure(flight, result)
         accepted = []
         for (request, tokens), token in zip(flight.rows, result.tokens):
-            request.in_flight = False
+            request.in_flight -= 1
+            request.ahead -= flight.phase == "decode"
             if request.done:
                 continue
             request.cached += tokens
@@ -267,8 +290,13 @@ class Engine:
 
     def _measure(self, flight: InFlight, result: StepResult) -> None:
         self.times[flight.phase].add(result.stage_ms)
+        now, last = time.monotonic(), self._last_result_at
+        self._last_result_at = now
         if flight.phase == "decode":
-            self.decode_round_ms = ema(self.decode_round_ms, (time.monotonic() - flight.sent) * 1000)
+            # A row that follows one in flight waited on the stage behind it: its round trip
+            # starts when that one's result came back (one stage: results return in order).
+            began = max(flight.sent, last) if flight.follows else flight.sent
+            self.decode_round_ms = ema(self.decode_round_ms, (now - began) * 1000)
             if result.stage_ms:
                 self.decode_fit = self.decode_fit.add(len(flight.rows), max(result.stage_ms))
         elif result.stage_ms:
@@ -285,7 +313,8 @@ class Engine:
         where = f"stage {failure.stage}" if failure.stage >= 0 else "the pipeline"
         log.error("%s failed micro-batch %d: %s", where, failure.mb, failure.error)
         for request, _ in flight.rows:
-            request.in_flight = False
+            request.in_flight -= 1
+            request.ahead -= flight.phase == "decode"
             if not request.done:
                 self._fail(request, f"{where} failed: {failure.error}")
         self.schedule()
@@ -366,6 +395,7 @@ class Engine:
                 "prefill_tokens": sizes.prefill_tokens if sizes else self.limits.prefill_tokens,
                 "max_in_flight": sizes.max_in_flight if sizes else self.limits.max_in_flight,
                 "decode_seqs": self.limits.decode_seqs,
+                "decode_ahead": self.decode_ahead,
                 "decode_round_ms": round(self.decode_round_ms, 2),
                 "decode_ms_fit": [round(v, 4) for v in line] if (line := self.decode_fit.line()) else None,
                 "prefill_ms_fit": [round(v, 4) for v in line] if (line := self.prefill_fit.line()) else None,

@@ -2,7 +2,10 @@
 
 Rules, in order:
 - Never more micro-batches in flight than the pipeline holds (one per stage by default), and
-  never one request in two micro-batches at once (its next input depends on its last output).
+  never one request in two micro-batches at once (its next input depends on its last output),
+  except with decode-ahead (a one-stage pipeline): there the stage feeds a decode row the token
+  its slot sampled last, so a request whose decode row is in flight may follow it with the next
+  one, and the pipeline holds twice the micro-batches (one computing, one queued behind it).
 - Waiting requests are admitted in arrival order while KV slots are free.
 - Prefill and decode are separate micro-batches with their own size limits. A prompt longer than
   the prefill token budget is prefilled in chunks across several micro-batches.
@@ -25,6 +28,7 @@ class RequestView:
     has_slot: bool  # admitted: holds a KV slot
     prompt_left: int  # prompt tokens not yet cached
     in_flight: bool  # in a micro-batch that has not come back
+    can_follow: bool = False  # decode-ahead: its next decode row may go before that one is back
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class BatchLimits:
     prefill_tokens: int
     decode_seqs: int
     max_in_flight: int
+    ahead: bool = False  # decode-ahead: twice max_in_flight may be in flight
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class MicroBatch:
 def next_microbatch(requests: list[RequestView], free_slots: int, in_flight: int,
                     limits: BatchLimits, last_phase: str | None) -> MicroBatch | None:
     """requests in arrival order; returns None when nothing should be sent now."""
-    if in_flight >= limits.max_in_flight:
+    if in_flight >= limits.max_in_flight * (2 if limits.ahead else 1):
         return None
     prefill = _prefill(requests, free_slots, limits)
     decode = _decode(requests, limits)
@@ -81,7 +86,7 @@ def _prefill(requests: list[RequestView], free_slots: int, limits: BatchLimits) 
 
 def _decode(requests: list[RequestView], limits: BatchLimits) -> MicroBatch | None:
     decoding = [r for r in requests if r.has_slot and r.prompt_left == 0]
-    ready = [r for r in decoding if not r.in_flight]
+    ready = [r for r in decoding if not r.in_flight or r.can_follow]
     if not ready:
         return None
     size = min(limits.decode_seqs, math.ceil(len(decoding) / limits.max_in_flight))

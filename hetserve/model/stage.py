@@ -24,6 +24,7 @@ from transformers import AutoConfig
 
 from . import attention
 from .arch import architecture, attention_window
+from .copies import column
 from .decode_layers import DecodeLayers
 from .kv_cache import SlotKVCache, StepLayout
 from .precision import apply_precisions, module_bytes
@@ -159,6 +160,11 @@ class StageModel:
             max_context=spec.max_context, dtype=self.dtype, device=self.device,
         )
         self.hidden_size = config.hidden_size
+        # A stage that is first and last keeps the token each slot sampled last [max_seqs], on the
+        # device: a row may take it as its input (decode-ahead, `run`'s feeds) before the leader
+        # has seen it, so the next step is queued while this one computes.
+        self.sampled = torch.zeros(spec.max_seqs, dtype=torch.int64, device=self.device) \
+            if spec.first and spec.last else None
         self.static_steps = StaticSteps(self, capture=self.device.type == "cuda" and cuda_graphs)
         # Fixed-shape steps run the written-out layers (decode_layers.py) where the architecture
         # fits, with their elementwise kernels fused (torch.compile) when steps are captured as graphs.
@@ -203,17 +209,26 @@ class StageModel:
         return sample(logits, sampling)
 
     def run(self, slots: list[int], starts: list[int], lengths: list[int], inputs: torch.Tensor,
-            sampling: SamplingRows | None = None) -> torch.Tensor:
+            sampling: SamplingRows | None = None, feeds: list[int] = ()) -> torch.Tensor:
         """One micro-batch as the host gets it (columns as lists), by the path that serves it: a
         fixed-shape step from CUDA graphs where they are on (decode; prefill where its attention
-        reads the cache in place), else forward()."""
+        reads the cache in place), else forward(). feeds: rows (of one token) whose input is the
+        token their slot sampled last here, in place of inputs' placeholder; nothing waits for it."""
+        device = self.device
+        if feeds:
+            rows = column(feeds, device)
+            fed = self.sampled.index_select(0, column([slots[r] for r in feeds], device))
+            inputs = inputs.index_put((rows, torch.zeros_like(rows)), fed)
         if self.static_steps.capture and max(lengths) == 1:
-            return self.decode(slots, starts, inputs, sampling)
-        if self.static_steps.capture and self.static_steps.serves_prefill(sum(lengths)):
-            return self.prefill(slots, starts, lengths, inputs, sampling)
-        def column(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-        return self.forward(column(slots), column(starts), column(lengths), inputs, sampling)
+            out = self.decode(slots, starts, inputs, sampling)
+        elif self.static_steps.capture and self.static_steps.serves_prefill(sum(lengths)):
+            out = self.prefill(slots, starts, lengths, inputs, sampling)
+        else:
+            out = self.forward(column(slots, device), column(starts, device), column(lengths, device), inputs,
+                               sampling)
+        if self.sampled is not None:  # out: token ids [B]
+            self.sampled.index_copy_(0, column(slots, device), out)
+        return out
 
     @torch.no_grad()
     def decode(self, slots: list[int], starts: list[int], inputs: torch.Tensor,

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .copies import column, copy_into, to_device
+
 if TYPE_CHECKING:
     from .stage import StageModel
 
@@ -150,9 +152,9 @@ class StaticSteps:
         every_slot = not self.model.decode_reads_cache_in_place and rows >= EVERY_SLOT_SHARE * spec.max_seqs
         bucket = self._bucket(BucketKey(spec.max_seqs if every_slot else batch_bucket(rows, spec.max_seqs),
                                         self._context(max(starts) + 1), every_slot, False))
-        bucket.index.copy_(_decode_columns(bucket, slots, starts), non_blocking=True)  # one host-to-device copy
+        copy_into(bucket.index, _decode_columns(bucket, slots, starts))  # one copy to the device
         if every_slot:  # row i of the step is slot i
-            where = torch.tensor(slots, dtype=torch.int64).to(self.model.device)
+            where = column(slots, self.model.device)
             bucket.inputs.index_copy_(0, where, inputs)
         else:
             bucket.inputs[:rows].copy_(inputs)
@@ -181,7 +183,7 @@ class StaticSteps:
             torch.nn.functional.pad(torch.ones(tokens, dtype=torch.int64), (0, pad)),
         ])
         where = row_of * steps + offset  # [tokens]: each token in inputs viewed as [B * T, ...]
-        packed = torch.cat([columns.flatten(), where, firsts + counts - 1]).to(model.device, non_blocking=True)
+        packed = to_device(torch.cat([columns.flatten(), where, firsts + counts - 1]), model.device)
         bucket.index.copy_(packed[:3 * size].view(3, size))
         where = packed[3 * size:3 * size + tokens]
         flat = inputs.reshape(rows * steps, *inputs.shape[2:])

@@ -15,7 +15,7 @@ from dataclasses import field
 from ..plan.device_profile import DeviceProfile
 from .codec import message
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Step.feeds (decode-ahead); hosts of another version are refused at join
 
 
 @message("inventory")
@@ -175,6 +175,9 @@ class Step:
     tensor: TensorMeta  # token ids [B, T] int64 into stage 0, hidden [B, T, H] after
     stage_ms: list[float] = field(default_factory=list)  # compute time of each stage so far
     epoch: int = 0  # the pipeline it was sent into (Assign.epoch)
+    # Rows whose token id is the one their slot sampled last on this stage, still on its way to
+    # the leader (decode-ahead: a stage that is first and last keeps them; their ids are 0 here).
+    feeds: list[int] = field(default_factory=list)
 
 
 @message("step_result")

@@ -1,10 +1,13 @@
 """A host's data path: receive a micro-batch from upstream, compute it, send it downstream.
 
 Compute runs on the host's torch thread (torch releases the GIL), so the event loop keeps answering the
-control channel and ZeroMQ's I/O thread keeps receiving the next micro-batch meanwhile. Micro-batches
-are computed strictly in arrival order: the KV cache depends on it. Each carries the epoch of the
-pipeline it was sent into; one from an earlier epoch (still on its way when the leader rebuilt the
-pipeline after a fault) is dropped, so it can never write into the rebuilt pipeline's KV cache.
+control channel and ZeroMQ's I/O thread keeps receiving the next micro-batch meanwhile. On a GPU a
+micro-batch is launched (its copies and kernels queued, nothing waited for) and then finished
+(its output copied back, encoded and sent) apart: the next micro-batch is launched as soon as it
+arrives, so the GPU runs it right behind the one before while that one is sent on. Micro-batches
+are launched and sent strictly in arrival order: the KV cache depends on it. Each carries the epoch
+of the pipeline it was sent into; one from an earlier epoch (still on its way when the leader rebuilt
+the pipeline after a fault) is dropped, so it can never write into the rebuilt pipeline's KV cache.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import zmq
 
+from ..model.copies import HostCopy, to_device
 from ..model.stage import StageModel
 from ..stats import ema
 from ..wire.codec import WireError, decode, encode
@@ -43,6 +48,22 @@ def check_step(step: Step, model: StageModel) -> None:
         raise WireError(f"rows must hold 1..{spec.max_context} tokens in all")
     if len(step.stage_ms) > 4096:
         raise WireError("stage_ms is too long")
+    if step.feeds:
+        if model.sampled is None:
+            raise WireError("only a stage that is both first and last can feed rows the token they sampled")
+        if len(set(step.feeds)) != len(step.feeds) or not all(0 <= r < rows and step.lengths[r] == 1
+                                                              for r in step.feeds):
+            raise WireError("fed rows must be distinct rows of one token")
+
+
+@dataclass
+class Launched:
+    """A micro-batch whose work is queued: what `finish` needs to send it on."""
+
+    step: Step
+    out: HostCopy  # token ids [B] (last stage) or hidden states [B, T, H], on their way to the host
+    began: torch.cuda.Event | None  # GPU: recorded before its first kernel; CPU: None
+    cpu_seconds: float = 0.0  # CPU: the compute time (it ran in `launch`)
 
 
 class StageLoop:
@@ -55,8 +76,19 @@ class StageLoop:
         self.data_out = data_out
         self.stats = StageStats()
         self._executor = torch_thread
+        # Waits for a GPU's copies back to the host, off the torch thread so that it keeps launching.
+        # It runs no torch compute (a second OpenMP team would slow a CPU host: host.py).
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="gpu-wait") if model.device.type == "cuda" else None
 
     async def run(self) -> None:
+        queue: asyncio.Queue = asyncio.Queue()  # launched micro-batches (or frames to pass on), in order
+        sender = asyncio.create_task(self._send_loop(queue))
+        try:
+            await self._receive_loop(queue)
+        finally:
+            sender.cancel()
+
+    async def _receive_loop(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
             frames = await self.data_in.recv_multipart(copy=False)
@@ -69,16 +101,31 @@ class StageLoop:
                 log.debug("dropped micro-batch %d of epoch %d (now %d)", header.mb, header.epoch, self.epoch)
                 continue
             if isinstance(header, StepFailed):
-                await self.data_out.send(encode(header))
+                queue.put_nowait([encode(header)])
                 continue
             try:
-                out = await loop.run_in_executor(self._executor, self._compute, header, frames[1:])
+                queue.put_nowait(await loop.run_in_executor(self._executor, self.launch, header, frames[1:]))
             except Exception as exc:  # a bad batch must not kill the stage; tell the leader
-                log.exception("micro-batch %d failed on stage %d", header.mb, self.index)
-                out = [encode(StepFailed(header.mb, self.index, f"{type(exc).__name__}: {exc}", self.epoch))]
-            await self.data_out.send_multipart(out, copy=False)
+                queue.put_nowait(self._failed(header, exc))
 
-    def _compute(self, step: Step, frames: list) -> list:
+    async def _send_loop(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await queue.get()
+            if isinstance(item, Launched):
+                try:
+                    item = await loop.run_in_executor(self._waiter, self.finish, item) if self._waiter else \
+                        self.finish(item)
+                except Exception as exc:  # e.g. a device error surfacing at the copy back
+                    item = self._failed(item.step, exc)
+            await self.data_out.send_multipart(item, copy=False)
+
+    def _failed(self, step: Step, exc: Exception) -> list[bytes]:
+        log.error("micro-batch %d failed on stage %d", step.mb, self.index, exc_info=exc)
+        return [encode(StepFailed(step.mb, self.index, f"{type(exc).__name__}: {exc}", self.epoch))]
+
+    def launch(self, step: Step, frames: list) -> Launched:
+        """Check a micro-batch and queue its work (on the torch thread); on a CPU it runs here."""
         model = self.model
         check_step(step, model)
         if len(frames) != 1:
@@ -88,27 +135,34 @@ class StageLoop:
             ids = from_frame(step.tensor, frames[0], (rows, steps), ("int64",), torch.device("cpu"))
             if int(ids.min()) < 0 or int(ids.max()) >= model.embed.num_embeddings:  # on the host: no GPU sync
                 raise WireError("token id out of the vocabulary")
-            inputs = ids.to(model.device)
+            inputs = to_device(ids, model.device)
         else:
             inputs = from_frame(step.tensor, frames[0], (rows, steps, model.hidden_size),
                                 (model.spec.dtype,), model.device)
-        start = time.perf_counter()
-        out = model.run(step.slots, step.starts, step.lengths, inputs, step.sampling)
+        began = None
         if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        elapsed = time.perf_counter() - start
-        self._record(step.phase, elapsed, sum(step.lengths))
-        stage_ms = step.stage_ms + [round(elapsed * 1000, 3)]
-        if model.norm is not None:
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
+        start = time.perf_counter()
+        out = HostCopy(model.run(step.slots, step.starts, step.lengths, inputs, step.sampling, step.feeds))
+        return Launched(step, out, began, time.perf_counter() - start)
+
+    def finish(self, launched: Launched) -> list:
+        """Wait for a launched micro-batch's output -> the frames to send downstream."""
+        step = launched.step
+        out = launched.out.wait()
+        ms = launched.began.elapsed_time(launched.out.done) if launched.began else launched.cpu_seconds * 1000
+        self._record(step.phase, ms, sum(step.lengths))
+        stage_ms = step.stage_ms + [round(ms, 3)]
+        if self.model.norm is not None:
             return [encode(StepResult(step.mb, out.tolist(), stage_ms, step.epoch))]
         meta, frame = to_frame(out)
         header = Step(step.mb, step.phase, step.slots, step.starts, step.lengths, step.sampling, meta, stage_ms,
                       step.epoch)
         return [encode(header), frame]
 
-    def _record(self, phase: str, seconds: float, tokens: int) -> None:
+    def _record(self, phase: str, ms: float, tokens: int) -> None:
         s = self.stats
-        ms = seconds * 1000
         prefill_ms = ema(s.prefill_ms, ms) if phase == "prefill" else s.prefill_ms
         decode_ms = ema(s.decode_ms, ms) if phase == "decode" else s.decode_ms
-        self.stats = StageStats(s.steps + 1, s.tokens + tokens, s.busy_seconds + seconds, prefill_ms, decode_ms)
+        self.stats = StageStats(s.steps + 1, s.tokens + tokens, s.busy_seconds + ms / 1000, prefill_ms, decode_ms)
