@@ -10,6 +10,7 @@ without graphs; "kernels" counts the GPU kernels of one served decode step. Pref
 
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer
     python benchmarks/gpu_decode.py /tmp/llama-3-8b --json out.json
+    python benchmarks/gpu_decode.py /tmp/llama-3-8b --graph-only --kernel-table 12  # where a step's time goes
 
 The stage holds every layer, the embedding and the head (what `hetserve up --workers 1` runs).
 Floor: bytes a decode step must read (layers + norm + lm_head, quantized sizes as stored) divided
@@ -83,15 +84,30 @@ def decode_ms(model: StageModel, rows: int, prompt: int, steps: int, graphs: boo
     return statistics.median(times[2:])  # the first steps capture graphs
 
 
-def kernels_per_step(model: StageModel, rows: int, start: int) -> int:
-    """GPU kernels in one decode step of `rows` rows (graph replays are traced kernel by kernel)."""
+def kernel_times(model: StageModel, rows: int, start: int) -> dict[str, tuple[int, float]]:
+    """GPU kernels of one served decode step of `rows` rows (graph replays are traced kernel by
+    kernel): kernel name -> (launches, total µs). Copies are left out."""
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.zeros((rows, 1), dtype=torch.int64, device=model.device)
     with profile(activities=[ProfilerActivity.CUDA]) as trace:
         model.decode(list(range(rows)), [start] * rows, ids).tolist()
         torch.cuda.synchronize(model.device)
-    return sum(1 for e in trace.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name)
+    kernels: dict[str, tuple[int, float]] = {}
+    for e in trace.events():
+        if e.device_type.name == "CUDA" and "Memcpy" not in e.name and "Memset" not in e.name:
+            count, us = kernels.get(e.name, (0, 0.0))
+            kernels[e.name] = (count + 1, us + e.device_time)
+    return kernels
+
+
+def print_kernel_table(precision: str, rows: int, kernels: dict[str, tuple[int, float]], top: int) -> None:
+    """Where one decode step's GPU time goes: the `top` kernels by total time."""
+    total = sum(us for _, us in kernels.values())
+    print(f"{precision} batch {rows}: {sum(n for n, _ in kernels.values())} kernels, {total / 1000:.2f} ms of GPU "
+          f"time in kernels", flush=True)
+    for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {us / 1000:7.3f} ms {us / total:6.1%} {count:5d}x  {name[:110]}", flush=True)
 
 
 def prefill_tokens_per_s(model: StageModel, length: int, graphs: bool) -> float:
@@ -133,15 +149,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prefill", default="512,2048")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--kernel-table", type=int, default=0, metavar="N",
+                        help="also print each decode step's N costliest kernels")
+    parser.add_argument("--graph-only", action="store_true",
+                        help="time only the served path: no transformers generate, hf-layer graph or eager columns")
     args = parser.parse_args()
     device = torch.device("cuda")
     batches = [int(b) for b in args.batches.split(",")]
-    lengths = [int(n) for n in args.prefill.split(",")]
+    lengths = [int(n) for n in args.prefill.split(",") if n]
     layers = load_config(args.model_dir).num_hidden_layers
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     results = {"bandwidth_tbs": bandwidth / 1e12, "prompt": args.prompt, "rows": []}
-    hf = hf_step_ms(args.model_dir, batches, args.prompt, device)
+    hf = {} if args.graph_only else hf_step_ms(args.model_dir, batches, args.prompt, device)
     torch.cuda.empty_cache()  # transformers' copy of the weights is gone with hf_step_ms's frame
     print(f"transformers generate ms/step: {hf}", flush=True)
     print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'kernels':>7} "
@@ -153,23 +173,30 @@ def main() -> None:
         model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True)
         read = module_bytes(model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
         floor = read / bandwidth * 1000
+        paths = ("graph",) if args.graph_only else ("graph", "eager")
         prefill_rates = {f"{path} {n}": round(prefill_tokens_per_s(model, n, path == "graph"))
-                         for n in lengths for path in ("graph", "eager")}
+                         for n in lengths for path in paths}
         started = time.perf_counter()
         graph = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
-        kernels = {b: kernels_per_step(model, b, args.prompt + args.steps + 2) for b in batches}
+        profiles = {b: kernel_times(model, b, args.prompt + args.steps + 2) for b in batches}
+        kernels = {b: sum(n for n, _ in profiles[b].values()) for b in batches}
         print(f"{precision:>9} graphs {model.static_steps.captured}, captured and timed in "
               f"{time.perf_counter() - started:.0f} s (includes torch.compile)", flush=True)
-        model.use_transformers_layers()  # the same stage, graphs over transformers' own layers
-        hf_layers = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
+        for b in batches if args.kernel_table else ():
+            print_kernel_table(precision, b, profiles[b], args.kernel_table)
+        nan = float("nan")
+        if not args.graph_only:
+            model.use_transformers_layers()  # the same stage, graphs over transformers' own layers
+        hf_layers = {b: nan if args.graph_only else decode_ms(model, b, args.prompt, args.steps, graphs=True)
+                     for b in batches}
         for b in batches:
-            eager = decode_ms(model, b, args.prompt, args.steps, graphs=False)
+            eager = nan if args.graph_only else decode_ms(model, b, args.prompt, args.steps, graphs=False)
             row = {"precision": precision, "batch": b, "weight_gb": read / 1e9, "floor_ms": floor,
                    "graph_ms": graph[b], "kernels": kernels[b], "hf_layer_graph_ms": hf_layers[b],
                    "eager_ms": eager, "hf_ms": hf.get(b) if precision == "native" else None,
                    "prefill_tokens_per_s": prefill_rates}
             results["rows"].append(row)
-            vs_hf = f"{hf[b] / graph[b]:6.1f}" if precision == "native" else f"{'':>6}"
+            vs_hf = f"{hf[b] / graph[b]:6.1f}" if precision == "native" and b in hf else f"{'':>6}"
             print(f"{precision:>9} {b:>5} {floor:8.2f} {graph[b]:8.2f} {graph[b] / floor:6.2f} {kernels[b]:7d} "
                   f"{hf_layers[b]:17.2f} {eager:8.2f} {b / graph[b] * 1000:11.0f} {vs_hf}", flush=True)
         print(f"{precision:>9} prefill tokens/s (batch 1): {prefill_rates}", flush=True)

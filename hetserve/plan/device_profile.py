@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..files import write_atomic
 from ..wire.codec import message
 
 
@@ -40,10 +41,7 @@ class DeviceProfile:
     head_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> [batch]
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "DeviceProfile":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from ..model.precision import ACTIVATIONS_QUANTIZED, apply_precisions
 from ..model.resolve import hetserve_home
 from ..model.stage import StageModel, StageSpec
@@ -100,10 +101,7 @@ def activation_scales(model_dir: Path) -> list[dict[str, float]]:
 
 
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data))
 
 
 def measure_ppl(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu") -> float:

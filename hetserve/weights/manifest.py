@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_atomic
 from ..model.resolve import ModelError, hetserve_home
 from ..wire.codec import decode, encode
 from ..wire.messages import Manifest, ManifestEntry
@@ -129,11 +130,8 @@ def load_manifest(model_dir: Path, progress: bool = True) -> tuple[Manifest, dic
         except (OSError, ValueError):
             pass  # unreadable cache: hash again
     manifest, sources = build_manifest(model_dir, progress)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_bytes(encode(manifest))
-    tmp.replace(cache)
-    cache.with_suffix(".json").write_text(json.dumps(stamps))
+    write_atomic(cache, encode(manifest))
+    write_atomic(cache.with_suffix(".json"), json.dumps(stamps))
     return manifest, sources
 
 

@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_atomic
 from ..model.resolve import ModelError, hetserve_home
 from ..wire.messages import ManifestEntry
 from .manifest import hash_range, safetensors_header
@@ -142,6 +143,4 @@ class WeightStore:
     def write_index(self) -> None:
         """List every complete tensor so the stage loader finds it (atomically replaced)."""
         weight_map = {f.name[: -len(".safetensors")]: f.name for f in sorted(self.root.glob("*.safetensors"))}
-        tmp = self.root / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        os.replace(tmp, self.root / INDEX)
+        write_atomic(self.root / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
