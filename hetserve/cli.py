@@ -35,6 +35,8 @@ LIMIT_HELP = {
     "max_in_flight": "Micro-batches in the pipeline at once; 0 = chosen at runtime from measured stage times (one per stage up).",
     "decode_ahead": "One-stage pipelines: queue each request's next decode step before its token is back (the stage "
                     "feeds it the token it sampled), so the stage never waits on the leader between steps.",
+    "mixed_batches": "Decode rows ride in prefill micro-batches where every stage runs rows at their own lengths "
+                     "(GPU stages from CUDA graphs), so prompt tokens share the decode step's weight reads.",
 }
 
 

@@ -36,6 +36,9 @@ class Limits:
     #                            token is back (the stage feeds it the token it sampled), so the
     #                            stage never waits on the leader between steps; each request that
     #                            ends on EOS or a stop string costs one wasted row
+    mixed_batches: bool = True  # decode rows ride in prefill micro-batches where every stage runs
+    #                             rows at their own lengths (GPU stages from graphs): the prompt
+    #                             tokens share the decode step's weight reads
 
     def check(self) -> None:
         for name in ("max_seqs", "max_context", "default_max_tokens", "max_queued", "max_queued_tokens",

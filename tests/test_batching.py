@@ -5,8 +5,8 @@ from __future__ import annotations
 from hetserve.config import Limits
 import pytest
 
-from hetserve.leader.batching import (MAX_IN_FLIGHT_PER_STAGE, MIN_PREFILL_TOKENS, STALL_DECODE_STEPS, Measured, RowFit,
-                                      choose_sizes)
+from hetserve.leader.batching import (MAX_IN_FLIGHT_PER_STAGE, MIN_PREFILL_TOKENS, MIXED_STALL_DECODE_STEPS,
+                                      STALL_DECODE_STEPS, Measured, RowFit, choose_sizes)
 from hetserve.leader.engine import Engine
 from hetserve.wire.messages import StepResult
 
@@ -32,6 +32,16 @@ def test_decoding_caps_the_chunk_at_a_few_decode_steps_of_the_slowest_stage():
     assert choose_sizes(LIMITS, 2, slow_prefill, decoding=16).prefill_tokens == MIN_PREFILL_TOKENS
     fast_prefill = Measured((4.0, 10.0), 15.0, prefill_ms_per_token=1e-4)
     assert choose_sizes(LIMITS, 2, fast_prefill, decoding=16).prefill_tokens == 2048
+
+
+def test_mixed_chunks_hold_decoding_up_less_with_the_riding_decode_rows_counted():
+    """GPU-like graph prefill (2.3 ms + 0.0326 ms a token) against 5.3 ms decode steps of 64 rows."""
+    gpu = Measured((5.3,), 5.4, prefill_ms_per_token=0.04, prefill_fit=fitted(2.3, 0.0326, rows=(256, 1024)))
+    apart = choose_sizes(Limits(max_seqs=64, prefill_tokens=1024, decode_seqs=64), 1, gpu, decoding=64)
+    mixed = choose_sizes(Limits(max_seqs=64, prefill_tokens=1024, decode_seqs=64), 1, gpu, decoding=64, mixed=True)
+    assert apart.regime == "decode" and mixed.regime == "mixed"
+    assert apart.prefill_tokens == int((STALL_DECODE_STEPS * 5.3 - 2.3) / 0.0326)  # 579
+    assert mixed.prefill_tokens == int((MIXED_STALL_DECODE_STEPS * 5.3 - 2.3) / 0.0326 - 64)  # 190: 64 decode rows ride
 
 
 def test_a_chunk_stays_large_where_its_fixed_cost_dominates():

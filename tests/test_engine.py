@@ -11,12 +11,12 @@ from hetserve.leader.engine import Engine, Overloaded
 from hetserve.wire.messages import StepResult
 
 
-def make_engine(stages=1, **limits):
+def make_engine(stages=1, flat_tokens=0, **limits):
     sent = []
     engine = Engine(Limits(**{"max_seqs": 2, "max_context": 64, **limits}), {2},
                     lambda ids: "".join(chr(97 + i % 26) for i in ids), lambda step, ids: sent.append(step),
                     vocab_size=100)
-    engine.pipeline_ready(stages)
+    engine.pipeline_ready(stages, flat_tokens)
     return engine, sent
 
 
@@ -163,3 +163,28 @@ def test_history_slices_prompt_and_generated_as_one_sequence():
     for begin in range(len(whole) + 1):
         for count in range(len(whole) - begin + 1):
             assert request.history(begin, count) == whole[begin: begin + count]
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_decode_rows_ride_in_a_prompts_micro_batch_where_stages_run_rows_flat(stages):
+    engine, sent = make_engine(stages, flat_tokens=2048, max_seqs=3, prefill_tokens=4)
+    events = {key: [] for key in "abc"}
+    engine.new_request("a", events["a"].append, [5, 6, 7], 10, 0.0, 0, 1.0, 1, (), True)
+    answer(engine, 11)  # prefill -> first token; "a" decodes
+    for key in "bc":
+        engine.new_request(key, events[key].append, [8] * 10, 2, 0.0, 0, 1.0, 1, (), True)
+    while engine.requests:
+        answer(engine, *([13] * len(engine.in_flight[min(engine.in_flight)].rows)))
+    mixed = [step for step in sent if step.phase == "prefill" and 1 in step.lengths and max(step.lengths) > 1]
+    assert mixed and all(len(step.lengths) > 1 for step in mixed), "a's decode rows rode with prompt chunks"
+    assert engine.snapshot()["batching"]["mix_tokens"] == 2048
+    assert engine.snapshot()["batching"]["mixed_microbatches"] == len(mixed)
+    for key, count in (("a", 10), ("b", 2), ("c", 2)):
+        assert [e["event"] for e in events[key]] == ["token"] * count + ["done"], key
+        assert events[key][-1]["finish_reason"] == "length"
+    assert len(engine.free_slots) == 3 and not engine.in_flight
+
+
+def test_no_mixing_where_a_stage_pads_rows_or_when_off():
+    for engine, _ in (make_engine(flat_tokens=0), make_engine(flat_tokens=2048, mixed_batches=False)):
+        assert engine.snapshot()["batching"]["mix_tokens"] == 0

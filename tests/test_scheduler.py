@@ -71,3 +71,23 @@ def test_decode_ahead_still_alternates_with_prompts():
     reqs = [RequestView(1, True, 0, True, can_follow=True), view(2, False, 10)]
     assert next_microbatch(reqs, 1, 1, AHEAD, "decode").phase == "prefill"
     assert next_microbatch(reqs, 1, 1, AHEAD, "prefill").phase == "decode"
+
+
+MIXING = BatchLimits(prefill_seqs=2, prefill_tokens=100, decode_seqs=8, max_in_flight=1, mix_tokens=104)
+
+
+def test_decode_rows_ride_in_the_prefill_micro_batch_where_stages_mix():
+    reqs = [view(1), view(2), view(3, False, 500), view(4, False, 50)]
+    batch = next_microbatch(reqs, 4, 0, MIXING, "prefill")
+    assert batch.phase == "prefill" and batch.admit == (3,)
+    assert [(r.key, r.tokens) for r in batch.rows] == [(1, 1), (2, 1), (3, 100)], "prompt tokens take the rest"
+    tight = BatchLimits(2, 100, 8, 1, mix_tokens=52)
+    assert [(r.key, r.tokens) for r in next_microbatch(reqs, 4, 0, tight, None).rows] == [(1, 1), (2, 1), (3, 50)]
+    full = BatchLimits(2, 100, 8, 1, mix_tokens=2)
+    assert next_microbatch(reqs, 4, 0, full, None).phase == "decode", "no room left for prompt tokens"
+
+
+def test_mixing_needs_both_kinds_of_work():
+    assert next_microbatch([view(1), view(2)], 4, 0, MIXING, None).phase == "decode"
+    batch = next_microbatch([view(1, False, 30)], 4, 0, MIXING, None)
+    assert batch.phase == "prefill" and [(r.key, r.tokens) for r in batch.rows] == [(1, 30)]

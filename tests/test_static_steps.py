@@ -116,11 +116,13 @@ def test_falling_back_to_transformers_layers_decodes_the_same(model_dir):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("continued", [5, 1])
 @pytest.mark.parametrize("first, last, start, end", [(True, False, 0, 6), (False, False, 10, 14), (False, True, 26, 30)])
-def test_prefill_as_one_row_per_token_equals_forward(model_dir, first, last, start, end):
-    """A prefill micro-batch of three prompts, one continuing an earlier chunk, run as one row per
-    prompt token (rows sharing slots, every K/V written before any row attends): the same hidden
-    states or sampled tokens, and the same K/V, as forward(); padding positions come back zero."""
+def test_prefill_as_one_row_per_token_equals_forward(model_dir, first, last, start, end, continued):
+    """A prefill micro-batch of three prompts, one continuing an earlier chunk by `continued`
+    tokens (1: a decode row riding in a mixed micro-batch), run as one row per token (rows sharing
+    slots, every K/V written before any row attends): the same hidden states or sampled tokens,
+    and the same K/V, as forward(); padding positions come back zero."""
     dynamic, static = pair(model_dir, first=first, last=last, start=start, end=end)
     torch.manual_seed(0)
     vocab = dynamic.config.vocab_size
@@ -133,7 +135,7 @@ def test_prefill_as_one_row_per_token_equals_forward(model_dir, first, last, sta
     earlier = inputs(1, 7)
     for model in (dynamic, static):
         model.forward(longs([4]), longs([0]), longs([7]), earlier)
-    slots, starts, lengths = [4, 0, 2], [7, 0, 0], [5, 9, 2]
+    slots, starts, lengths = [4, 0, 2], [7, 0, 0], [continued, 9, 2]
     batch = inputs(3, 9)
     want = dynamic.forward(longs(slots), longs(starts), longs(lengths), batch)
     got = static.prefill(slots, starts, lengths, batch)

@@ -19,7 +19,11 @@ precisions and the mix of work, so the leader re-sizes from what it measures:
   STALL_DECODE_STEPS decode micro-batches of the slowest stage's time (steady time per output
   token); with nothing decoding there is nothing to stall, and chunks take the operator's whole
   `prefill_tokens` (prefill throughput). The leader switches between the two regimes as the mix
-  of work changes. A chunk's time is fitted as fixed + per_token x tokens (the same decayed fit),
+  of work changes. Where decode rows ride in the prefill micro-batch (mixed micro-batches,
+  scheduler.py) every prompt token shares a decode step's weight reads, so chunks are kept
+  smaller, to MIXED_STALL_DECODE_STEPS decode times with the step's decode rows counted in: the
+  decode rows are slowed less and prompts still start at a multiple of the rate they arrive at
+  while anything decodes. A chunk's time is fitted as fixed + per_token x tokens (the same decayed fit),
   and a chunk is never made smaller than fixed / per_token tokens, where its fixed part is half
   its time: below that a smaller chunk hardly shortens the stall but multiplies the fixed cost.
   (Measured on an H200: an eager prefill step costs ~65 ms whatever its size, 0.03 ms a token;
@@ -38,6 +42,7 @@ from ..config import Limits
 
 MAX_IN_FLIGHT_PER_STAGE = 2  # decode micro-batches per stage at most: hides a round trip twice the compute
 STALL_DECODE_STEPS = 4.0  # a prefill chunk may hold decode up for this many decode micro-batch times
+MIXED_STALL_DECODE_STEPS = 2.0  # a mixed micro-batch (decode rows + a chunk) may take this many decode micro-batch times
 MIN_PREFILL_TOKENS = 32  # chunks never get smaller: below this a chunk's fixed costs dominate
 FIT_DECAY = 0.95  # weight of the past in a cost fit per micro-batch: about the last 20 count
 MIN_ROWS_SPREAD = 1.0  # standard deviation of the sizes (rows or tokens) before a fit's slope is trusted
@@ -86,28 +91,32 @@ class Measured:
 class Sizes:
     prefill_tokens: int  # most prompt tokens in the next prefill micro-batch
     max_in_flight: int  # micro-batches in the pipeline at once
-    regime: str  # "decode" (chunks sized not to stall decoding) | "prefill" (nothing decoding)
+    regime: str  # "decode" (chunks sized not to stall decoding) | "mixed" (the same, decode rows riding
+    #              in the chunks' micro-batches) | "prefill" (nothing decoding)
 
 
-def choose_sizes(limits: Limits, stages: int, measured: Measured, decoding: int) -> Sizes:
-    """Sizes for the next micro-batches. decoding: requests past their prompt, holding a slot."""
+def choose_sizes(limits: Limits, stages: int, measured: Measured, decoding: int, mixed: bool = False) -> Sizes:
+    """Sizes for the next micro-batches. decoding: requests past their prompt, holding a slot;
+    mixed: decode rows ride in prefill micro-batches."""
     in_flight = limits.max_in_flight or _decode_in_flight(stages, measured, decoding)
     slowest = max(measured.decode_stage_ms, default=0.0)
     if decoding == 0:
         return Sizes(limits.prefill_tokens, in_flight, "prefill")
+    regime = "mixed" if mixed else "decode"
     if slowest <= 0 or measured.prefill_ms_per_token <= 0:
-        return Sizes(limits.prefill_tokens, in_flight, "decode")
-    budget = STALL_DECODE_STEPS * slowest  # ms a chunk may hold decoding up
+        return Sizes(limits.prefill_tokens, in_flight, regime)
+    budget = (MIXED_STALL_DECODE_STEPS if mixed else STALL_DECODE_STEPS) * slowest  # ms a chunk may hold decoding up
+    riders = min(limits.decode_seqs, math.ceil(decoding / in_flight)) if mixed else 0  # decode rows in its step
     line = measured.prefill_fit.line()
     if line is None:
-        tokens = budget / measured.prefill_ms_per_token
+        tokens = budget / measured.prefill_ms_per_token - riders
     elif line[1] <= 0:  # no cost per token to save: the whole chunk
         tokens = limits.prefill_tokens
     else:
         fixed, per_token = line
-        tokens = max((budget - fixed) / per_token, fixed / per_token)
+        tokens = max((budget - fixed) / per_token - riders, fixed / per_token)
     return Sizes(max(min(MIN_PREFILL_TOKENS, limits.prefill_tokens), min(limits.prefill_tokens, int(tokens))),
-                 in_flight, "decode")
+                 in_flight, regime)
 
 
 def _decode_in_flight(stages: int, measured: Measured, decoding: int) -> int:

@@ -221,7 +221,7 @@ class Leader:
                                 msg.stage, msg.epoch)
                     continue
                 host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
-                host.fetched_bytes = msg.fetched_bytes
+                host.fetched_bytes, host.flat_tokens = msg.fetched_bytes, msg.flat_tokens
                 log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s "
                          "(%.1f MiB fetched from the leader)", host.name, msg.stage, msg.weight_bytes / 2**20,
                          msg.kv_bytes / 2**20, msg.load_seconds, msg.fetched_bytes / 2**20)
@@ -490,7 +490,7 @@ class Leader:
         else:
             log.info("serving: %d stage(s) ready after %.1f s", len(self.stages), time.monotonic() - self.started)
         self.served = True
-        self.engine.pipeline_ready(len(self.stages))
+        self.engine.pipeline_ready(len(self.stages), min(h.flat_tokens for h in self.stages))
         await self._maybe_assign()  # a host that joined meanwhile
 
     async def _host_lost(self, host: HostRecord, why: str, state: str = "dead") -> None:

@@ -72,6 +72,7 @@ class InFlight:
     phase: str
     rows: list[tuple[Request, int]]  # (request, new tokens fed)
     sent: float
+    decoding: list[bool]  # per row: a decode row (the request was past its prompt); may ride in a prefill micro-batch
     follows: bool = False  # some rows follow a decode row still in flight (decode-ahead)
 
 
@@ -121,6 +122,7 @@ class Engine:
         self.free_slots = list(range(limits.max_seqs))
         self.in_flight: dict[int, InFlight] = {}
         self.num_stages = 0  # 0 until the pipeline is ready; nothing is sent before
+        self.flat_tokens = 0  # every stage runs rows at their own lengths up to this many tokens (0 = pads them)
         self.epoch = 0  # pipeline generation, bumped when a fault destroys the pipeline
         self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
         self.generated_tokens = 0
@@ -132,6 +134,7 @@ class Engine:
         self.prefill_fit = RowFit()  # the slowest stage's prefill ms against tokens per micro-batch
         self.sizes: Sizes | None = None  # what batching.choose_sizes chose last
         self.outcomes: Counter[str] = Counter()  # finish reasons, "error", "overloaded"
+        self.mixed_microbatches = 0  # sent with decode rows riding among prompt tokens
         self._next_key = 0
         self._next_mb = 0
         self._last_phase: str | None = None
@@ -180,8 +183,10 @@ class Engine:
 
     # ---- the pipeline
 
-    def pipeline_ready(self, num_stages: int) -> None:
+    def pipeline_ready(self, num_stages: int, flat_tokens: int = 0) -> None:
+        """flat_tokens: the least, over the stages, of Ready.flat_tokens (mixed micro-batches fit it)."""
         self.num_stages = num_stages
+        self.flat_tokens = flat_tokens
         self.schedule()
 
     def replay_all(self) -> int:
@@ -205,9 +210,9 @@ class Engine:
         decoding = sum(1 for r in self.requests.values() if r.slot is not None and r.prompt_left == 0)
         measured = Measured(tuple(self.times["decode"].stage_ms), self.decode_round_ms, self.prefill_ms_per_token,
                             self.decode_fit, self.prefill_fit)
-        self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding)
+        self.sizes = choose_sizes(self.limits, self.num_stages, measured, decoding, self.mix_tokens > 0)
         batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
-                                   self.sizes.max_in_flight, self.decode_ahead)
+                                   self.sizes.max_in_flight, self.decode_ahead, self.mix_tokens)
         while True:
             views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight > 0, self._can_follow(r))
                      for r in self.requests.values()]
@@ -222,6 +227,12 @@ class Engine:
         token it sampled and feeds it to the next row itself (config.Limits.decode_ahead)."""
         return self.limits.decode_ahead and self.num_stages == 1
 
+    @property
+    def mix_tokens(self) -> int:
+        """Most tokens of a micro-batch of decode rows and prompt tokens together; 0 = they go apart
+        (a stage pads rows to the longest, or config.Limits.mixed_batches is off)."""
+        return self.flat_tokens if self.limits.mixed_batches else 0
+
     def _can_follow(self, r: Request) -> bool:
         """Its one row in flight is a decode row, after whose token it is still decoding."""
         return (self.decode_ahead and r.in_flight == 1 and r.ahead == 1 and len(r.generated) + 1 < r.max_tokens
@@ -232,6 +243,8 @@ class Engine:
             self.requests[key].slot = self.free_slots.pop(0)
         rows = [(self.requests[row.key], row.tokens) for row in batch.rows]
         steps = max(tokens for _, tokens in rows)
+        decoding = [request.prompt_left == 0 for request, _ in rows]
+        self.mixed_microbatches += batch.phase == "prefill" and any(decoding)
         padded, starts, feeds = [], [], []
         for i, (request, tokens) in enumerate(rows):
             start = request.cached + request.ahead  # past the decode row in flight, if any
@@ -253,10 +266,10 @@ class Engine:
             ),
             tensor=TensorMeta("int64", list(ids.shape)), epoch=self.epoch, feeds=feeds,
         )
-        for request, _ in rows:
+        for (request, _), decode_row in zip(rows, decoding):
             request.in_flight += 1
-            request.ahead += batch.phase == "decode"
-        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), bool(feeds))
+            request.ahead += decode_row
+        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding, bool(feeds))
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase
         self._send(step, ids)
@@ -272,9 +285,9 @@ class Engine:
         del self.in_flight[result.mb]
         self._measure(flight, result)
         accepted = []
-        for (request, tokens), token in zip(flight.rows, result.tokens):
+        for (request, tokens), token, decode_row in zip(flight.rows, result.tokens, flight.decoding):
             request.in_flight -= 1
-            request.ahead -= flight.phase == "decode"
+            request.ahead -= decode_row
             if request.done:
                 continue
             request.cached += tokens
@@ -312,9 +325,9 @@ class Engine:
             return
         where = f"stage {failure.stage}" if failure.stage >= 0 else "the pipeline"
         log.error("%s failed micro-batch %d: %s", where, failure.mb, failure.error)
-        for request, _ in flight.rows:
+        for (request, _), decode_row in zip(flight.rows, flight.decoding):
             request.in_flight -= 1
-            request.ahead -= flight.phase == "decode"
+            request.ahead -= decode_row
             if not request.done:
                 self._fail(request, f"{where} failed: {failure.error}")
         self.schedule()
@@ -396,6 +409,8 @@ class Engine:
                 "max_in_flight": sizes.max_in_flight if sizes else self.limits.max_in_flight,
                 "decode_seqs": self.limits.decode_seqs,
                 "decode_ahead": self.decode_ahead,
+                "mix_tokens": self.mix_tokens,
+                "mixed_microbatches": self.mixed_microbatches,
                 "decode_round_ms": round(self.decode_round_ms, 2),
                 "decode_ms_fit": [round(v, 4) for v in line] if (line := self.decode_fit.line()) else None,
                 "prefill_ms_fit": [round(v, 4) for v in line] if (line := self.prefill_fit.line()) else None,

@@ -29,6 +29,7 @@ class HostRecord:
     stats: StageStats = StageStats()
     weight_bytes: int = 0
     kv_bytes: int = 0
+    flat_tokens: int = 0  # Ready.flat_tokens of its stage
     profile: DeviceProfile | None = None  # sent on request when the leader plans live
     fetched_bytes: int = 0  # weights it streamed from the leader for its slice
     link: Link | None = None  # measured from the leader after it joined

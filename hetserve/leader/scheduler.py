@@ -7,10 +7,14 @@ Rules, in order:
   its slot sampled last, so a request whose decode row is in flight may follow it with the next
   one, and the pipeline holds twice the micro-batches (one computing, one queued behind it).
 - Waiting requests are admitted in arrival order while KV slots are free.
-- Prefill and decode are separate micro-batches with their own size limits. A prompt longer than
-  the prefill token budget is prefilled in chunks across several micro-batches.
-- When both kinds of work are ready they alternate, so arriving prompts do not stall running
-  decodes and decodes do not starve new prompts.
+- Prefill and decode rows have their own size limits. A prompt longer than the prefill token
+  budget is prefilled in chunks across several micro-batches.
+- When both kinds of work are ready and every stage runs a micro-batch's rows at their own
+  lengths (`mix_tokens`: GPU stages, one row per token), the decode rows ride in the prefill
+  micro-batch (a mixed micro-batch, phase "prefill"): a decode step is bound by reading the
+  weights, so prompt tokens in the same step cost little more than their arithmetic. Elsewhere a
+  row pads to the longest, so prefill and decode are separate micro-batches that alternate: arriving
+  prompts do not stall running decodes and decodes do not starve new prompts.
 - A decode micro-batch takes ceil(decoding requests / micro-batches in flight) rows (capped by
   decode_seqs), so that the decoding requests spread over the pipeline's stages and keep every
   stage busy (LLM-PQ's rule: decode micro-batch = global batch / stages).
@@ -38,6 +42,7 @@ class BatchLimits:
     decode_seqs: int
     max_in_flight: int
     ahead: bool = False  # decode-ahead: twice max_in_flight may be in flight
+    mix_tokens: int = 0  # most tokens of a mixed micro-batch (decode rows + prompt tokens); 0 = never mix
 
 
 @dataclass(frozen=True)
@@ -58,16 +63,19 @@ def next_microbatch(requests: list[RequestView], free_slots: int, in_flight: int
     """requests in arrival order; returns None when nothing should be sent now."""
     if in_flight >= limits.max_in_flight * (2 if limits.ahead else 1):
         return None
-    prefill = _prefill(requests, free_slots, limits)
     decode = _decode(requests, limits)
+    if decode and limits.mix_tokens:
+        budget = min(limits.prefill_tokens, limits.mix_tokens - len(decode.rows))
+        prefill = _prefill(requests, free_slots, limits, budget) if budget > 0 else None
+        return MicroBatch("prefill", decode.rows + prefill.rows, prefill.admit) if prefill else decode
+    prefill = _prefill(requests, free_slots, limits, limits.prefill_tokens)
     if prefill and decode:
         return decode if last_phase == "prefill" else prefill
     return prefill or decode
 
 
-def _prefill(requests: list[RequestView], free_slots: int, limits: BatchLimits) -> MicroBatch | None:
+def _prefill(requests: list[RequestView], free_slots: int, limits: BatchLimits, budget: int) -> MicroBatch | None:
     rows, admit = [], []
-    budget = limits.prefill_tokens
     for r in requests:
         if len(rows) == limits.prefill_seqs or budget == 0:
             break

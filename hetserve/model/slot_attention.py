@@ -46,7 +46,7 @@ if triton is not None:
         stride_cs, stride_ch, stride_cl, stride_ob, stride_oh,
         scratch, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        WRITE: tl.constexpr,
+        WRITE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -77,14 +77,14 @@ if triton is not None:
             valid = n < keys
             offsets = cache + n[:, None] * stride_cl + d[None, :]
             k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-            scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N] float32
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] float32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             rescale = tl.exp(best - new_best)
             p = tl.exp(scores - new_best[:, None])
             total = total * rescale + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
         out = acc / total[:, None]
         tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -109,5 +109,8 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
         scratch, scale,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=dim, WRITE=write,
+        # float32 stages keep float32 products (tl.dot would round them to tf32, and greedy tokens
+        # would drift from transformers'); 16-bit inputs multiply exactly either way.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out.view(rows, 1, heads * dim)

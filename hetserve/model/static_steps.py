@@ -140,6 +140,12 @@ class StaticSteps:
         """Every captured graph's bucket, for status and logs."""
         return sorted(k for k, b in self.buckets.items() if b.graph is not None)
 
+    @property
+    def flat_tokens(self) -> int:
+        """Most tokens of a micro-batch that runs one row per token, each row at its own length (any
+        mix of prompt chunks and decode rows); 0 where rows pad to the longest (forward())."""
+        return MAX_GRAPH_TOKENS if self.capture and self.model.decode_reads_cache_in_place else 0
+
     def serves_prefill(self, tokens: int) -> bool:
         """Whether a prefill micro-batch of `tokens` prompt tokens runs here (else forward())."""
         return self.model.decode_reads_cache_in_place and token_bucket(tokens) is not None

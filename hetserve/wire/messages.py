@@ -53,6 +53,8 @@ class Ready:
     load_seconds: float
     fetched_bytes: int = 0  # weights streamed from the leader for this slice (0 = all were here)
     epoch: int = 0  # of the Assign it answers
+    flat_tokens: int = 0  # most tokens of a micro-batch it runs one row per token, each row at its own
+    #                       length (GPU graphs); 0 = it pads rows to the longest (no mixed micro-batches)
 
 
 @message("failed")

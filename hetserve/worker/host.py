@@ -224,7 +224,7 @@ class Host:
         log.info("stage %d ready in %.1f s: %.0f MiB weights, %.0f MiB KV cache", msg.stage, seconds,
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)
         await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3),
-                               fetched, msg.epoch))
+                               fetched, msg.epoch, model.static_steps.flat_tokens))
 
     async def _stop_stage(self) -> None:
         """Stop serving micro-batches (a step computing now finishes on the torch thread first)."""
