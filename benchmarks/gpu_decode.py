@@ -2,7 +2,9 @@
 throughput, and transformers `generate` on the same GPU in the same run.
 
 Columns: "graph" is what a stage serves with (CUDA graphs of the written-out layers, elementwise
-kernels fused by torch.compile: model/decode_layers.py); "hf-layer graph" replays graphs of
+kernels fused by torch.compile: model/decode_layers.py), one step timed alone up to its token ids
+on the host; "queued" is the same step run back to back, each queued while the one before
+computes (how a stage runs with decode-ahead), time per step; "hf-layer graph" replays graphs of
 transformers' own decoder layers instead (the previous path); "eager" runs transformers' layers
 without graphs; "kernels" counts the GPU kernels of one served decode step. Prefill tokens/s:
 "graph" as served (one row per prompt token through the same layers, model/static_steps.py),
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from hetserve.model.copies import HostCopy
 from hetserve.model.precision import module_bytes
 from hetserve.model.stage import StageModel, StageSpec, load_config
 
@@ -82,6 +85,21 @@ def decode_ms(model: StageModel, rows: int, prompt: int, steps: int, graphs: boo
                                         ids).tolist()
         times.append(timed(run, device))
     return statistics.median(times[2:])  # the first steps capture graphs
+
+
+def queued_decode_ms(model: StageModel, rows: int, prompt: int, steps: int) -> float:
+    """ms per step of `steps` greedy decode steps queued back to back, each copying its token ids
+    back (model/copies.py), with one wait at the end: how a stage runs them with decode-ahead,
+    where the next step is queued while one computes (worker/stage_loop.py)."""
+    device = model.device
+    prefill(model, rows, prompt)
+    slots = list(range(rows))
+    ids = torch.randint(0, model.embed.num_embeddings, (rows, 1), device=device)
+    model.decode(slots, [prompt] * rows, ids).tolist()  # the bucket's graph exists from decode_ms
+    start = time.perf_counter()
+    copies = [HostCopy(model.decode(slots, [prompt + 1 + i] * rows, ids)) for i in range(steps)]
+    copies[-1].wait()
+    return (time.perf_counter() - start) * 1000 / steps
 
 
 def kernel_times(model: StageModel, rows: int, start: int) -> dict[str, tuple[int, float]]:
@@ -164,7 +182,8 @@ def main() -> None:
     hf = {} if args.graph_only else hf_step_ms(args.model_dir, batches, args.prompt, device)
     torch.cuda.empty_cache()  # transformers' copy of the weights is gone with hf_step_ms's frame
     print(f"transformers generate ms/step: {hf}", flush=True)
-    print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'kernels':>7} "
+    print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'queued ms':>9} {'/floor':>6} "
+          f"{'kernels':>7} "
           f"{'hf-layer graph ms':>17} {'eager ms':>8} {'graph tok/s':>11} {'vs hf':>6}")
     for precision in args.precisions.split(","):
         spec = StageSpec(0, layers, first=True, last=True, dtype="bfloat16", max_seqs=max(batches),
@@ -178,6 +197,7 @@ def main() -> None:
                          for n in lengths for path in paths}
         started = time.perf_counter()
         graph = {b: decode_ms(model, b, args.prompt, args.steps, graphs=True) for b in batches}
+        queued = {b: queued_decode_ms(model, b, args.prompt, args.steps) for b in batches}
         profiles = {b: kernel_times(model, b, args.prompt + args.steps + 2) for b in batches}
         kernels = {b: sum(n for n, _ in profiles[b].values()) for b in batches}
         print(f"{precision:>9} graphs {model.static_steps.captured}, captured and timed in "
@@ -192,12 +212,13 @@ def main() -> None:
         for b in batches:
             eager = nan if args.graph_only else decode_ms(model, b, args.prompt, args.steps, graphs=False)
             row = {"precision": precision, "batch": b, "weight_gb": read / 1e9, "floor_ms": floor,
-                   "graph_ms": graph[b], "kernels": kernels[b], "hf_layer_graph_ms": hf_layers[b],
+                   "graph_ms": graph[b], "queued_ms": queued[b], "kernels": kernels[b], "hf_layer_graph_ms": hf_layers[b],
                    "eager_ms": eager, "hf_ms": hf.get(b) if precision == "native" else None,
                    "prefill_tokens_per_s": prefill_rates}
             results["rows"].append(row)
             vs_hf = f"{hf[b] / graph[b]:6.1f}" if precision == "native" and b in hf else f"{'':>6}"
-            print(f"{precision:>9} {b:>5} {floor:8.2f} {graph[b]:8.2f} {graph[b] / floor:6.2f} {kernels[b]:7d} "
+            print(f"{precision:>9} {b:>5} {floor:8.2f} {graph[b]:8.2f} {graph[b] / floor:6.2f} {queued[b]:9.2f} "
+                  f"{queued[b] / floor:6.2f} {kernels[b]:7d} "
                   f"{hf_layers[b]:17.2f} {eager:8.2f} {b / graph[b] * 1000:11.0f} {vs_hf}", flush=True)
         print(f"{precision:>9} prefill tokens/s (batch 1): {prefill_rates}", flush=True)
         del model

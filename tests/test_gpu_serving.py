@@ -40,19 +40,24 @@ def random_model(tmp_path_factory) -> Path:
     return path
 
 
-async def test_one_gpu_stage_serves_transformers_greedy_tokens(random_model):
+async def serve(cluster: Cluster, prompts: list[str]) -> tuple[list[list[dict]], dict]:
+    client = await connect(cluster)
+    try:
+        results = await asyncio.gather(*(client.call({"prompt": p, "max_tokens": 24}) for p in prompts))
+        return results, (await client.status())["batching"]
+    finally:
+        await client.close()
+
+
+def test_one_gpu_stage_serves_transformers_greedy_tokens(random_model):
+    """Synchronous (asyncio.run): the GPU machine's image has no pytest-asyncio."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = [" ".join(WORDS[7 * i: 7 * i + 5 + 13 * i]) for i in range(8)]  # 5 to 96 words
     cluster = Cluster(1, "--model", str(random_model), "--device", "cuda", "--dtype", "float32", "--max-seqs", "8",
                       "--prefill-seqs", "2", "--prefill-tokens", "48")
     try:
-        client = await connect(cluster)
-        try:
-            results = await asyncio.gather(*(client.call({"prompt": p, "max_tokens": 24}) for p in prompts))
-            batching = (await client.status())["batching"]
-        finally:
-            await client.close()
+        results, batching = asyncio.run(serve(cluster, prompts))
     finally:
         assert cluster.stop() == 0
     assert batching["decode_ahead"] and batching["mix_tokens"] > 0 and batching["mixed_microbatches"] > 0
