@@ -162,3 +162,4 @@ async def test_curl_stream_and_metrics(http_cluster, line):
                  "hetserve_microbatches_in_flight_limit", "hetserve_prefill_chunk_tokens",
                  "hetserve_decode_round_trip_seconds"):
         assert name in samples, name
+    assert samples["hetserve_mixed_microbatches_total"] == "0", "CPU stages pad rows: no mixed micro-batches"

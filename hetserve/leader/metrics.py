@@ -45,6 +45,8 @@ def render_metrics(status: dict) -> str:
              [({}, batching["max_in_flight"])])
     w.metric("hetserve_prefill_chunk_tokens", "gauge", "Most prompt tokens the leader puts in a prefill micro-batch now.",
              [({}, batching["prefill_tokens"])])
+    w.metric("hetserve_mixed_microbatches_total", "counter", "Prefill micro-batches sent with decode rows riding in them.",
+             [({}, batching["mixed_microbatches"])])
     w.metric("hetserve_decode_round_trip_seconds", "gauge", "Moving average of a decode micro-batch's send to result.",
              [({}, batching["decode_round_ms"] / 1000)])
     w.metric("hetserve_stage_step_seconds", "gauge", "Moving average of a stage's compute time per micro-batch.",

@@ -87,6 +87,8 @@ class StageLoop:
             await self._receive_loop(queue)
         finally:
             sender.cancel()
+            if self._waiter is not None:
+                self._waiter.shutdown(wait=False)
 
     async def _receive_loop(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
