@@ -3,8 +3,9 @@ leader's event loop beside the stages' compute.
 
 For R requests decoding together (one micro-batch of R rows), times, median over `--steps`:
   - result -> next send: decoding the last stage's StepResult, recording its tokens and
-    choosing and building the next micro-batch (the part on the pipeline's critical path: the
-    stages wait for it);
+    choosing and building the next micro-batch (one stage, decode-ahead on, as served: the stage
+    computes the micro-batch queued behind this one meanwhile, so the stages wait only where this
+    takes longer than a step's compute);
   - whole step: the above plus detokenizing and streaming the R tokens (done after the send,
     while the stages compute);
   - the header codec: encoding the R-row Step the leader sends and decoding it (what every host
@@ -41,14 +42,14 @@ def median_us(fn, repeats: int) -> float:
 
 
 def measure(tokenizer, rows: int, steps: int) -> dict[str, float]:
-    sent: list[Step] = []
+    sent: dict[int, Step] = {}
     sent_at: list[float] = []
 
     def send(step, ids):
         sent_at.append(time.perf_counter())
         to_frame(ids)
         encode(step)
-        sent.append(step)
+        sent[step.mb] = step
 
     engine = Engine(Limits(max_seqs=rows, max_context=4096, decode_seqs=rows, prefill_seqs=rows,
                            prefill_tokens=rows * len(PROMPT)),
@@ -58,11 +59,11 @@ def measure(tokenizer, rows: int, steps: int) -> dict[str, float]:
         engine.new_request(f"r{i}", lambda event: None, PROMPT, 100_000, 0.0, 0, 1.0, 1, (), True)
 
     def result() -> bytes:
-        step = sent[-1]
+        step = sent[min(engine.in_flight)]  # the stage returns micro-batches in send order
         return encode(StepResult(step.mb, [1000 + (k * 7 + step.mb) % 500 for k in range(len(step.slots))], [5.0],
                                  step.epoch))
 
-    while any(r.prompt_left for r in engine.requests.values()) or len(sent[-1].slots) < rows:
+    while any(r.prompt_left for r in engine.requests.values()) or len(sent[max(sent)].slots) < rows:
         engine.on_result(decode(result(), expect=(StepResult,)))
     critical, whole = [], []
     for _ in range(steps):
@@ -71,9 +72,10 @@ def measure(tokenizer, rows: int, steps: int) -> dict[str, float]:
         engine.on_result(decode(raw, expect=(StepResult,)))
         whole.append(time.perf_counter() - start)
         critical.append(sent_at[-1] - start)
-    header = encode(sent[-1])
+    last = sent[max(sent)]
+    header = encode(last)
     return {"critical_ms": statistics.median(critical) * 1e3, "step_ms": statistics.median(whole) * 1e3,
-            "encode_us": median_us(lambda: encode(sent[-1]), steps),
+            "encode_us": median_us(lambda: encode(last), steps),
             "decode_us": median_us(lambda: decode(header, expect=(Step,)), steps)}
 
 
