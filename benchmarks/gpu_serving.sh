@@ -8,7 +8,7 @@
 #
 # WORKERS="1 2" (default) picks the pipeline depths; BASELINE=none skips transformers; DEVICE and
 # DTYPE (cuda, bfloat16) allow a CPU dry run; REQUESTS_PER_CLIENT (2) sets each level's length;
-# UP_ARGS adds options to `hetserve up` (e.g. --no-decode-ahead) and LABEL prefixes the output
+# UP_ARGS adds options to `hetserve up` (e.g. '--decode-ahead off') and LABEL prefixes the output
 # files, so that two settings can be run side by side into one OUT_DIR.
 # With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and the first
 # host for N seconds (2 s into the level) into OUT_DIR/*.pyspy (collapsed stacks: where their

@@ -87,10 +87,10 @@ async def drive(serve: str, tokens: int, repeats: int) -> dict:
     return medians(runs)
 
 
-def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats: int) -> dict:
+def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats: int, *extra: str) -> dict:
     serve, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "hetserve", "up", "--model", model, "--workers", str(workers), "--threads", str(threads),
-           "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512"]
+           "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512", *extra]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **EXTRA_ENV})
     try:
         return asyncio.run(drive(serve, tokens, repeats))
@@ -113,15 +113,17 @@ def main() -> None:
     rows = {f"transformers generate (1 process, {threads} threads)":
             bench_transformers(model_dir, args.tokens, args.repeats, threads)}
     rows[f"hetserve 1 stage ({threads} threads)"] = bench_hetserve(args.model, 1, threads, args.tokens, args.repeats)
+    rows[f"hetserve 1 stage ({threads} threads), --decode-ahead on"] = bench_hetserve(
+        args.model, 1, threads, args.tokens, args.repeats, "--decode-ahead", "on")
     rows[f"hetserve 2 stages ({threads} threads each)"] = bench_hetserve(args.model, 2, threads, args.tokens, args.repeats)
     if args.threads is None and cores > 1:
         rows[f"hetserve 2 stages ({cores // 2} thread(s) each)"] = bench_hetserve(args.model, 2, cores // 2, args.tokens,
                                                                                  args.repeats)
     base = next(iter(rows.values()))
     print(f"{args.model} fp32, CPU ({cores} cores), {args.tokens} output tokens, median of {args.repeats}")
-    print(f"{'configuration':46} {'b1 ms/token':>12} {'vs HF':>7} {'b1 tok/s':>9} {'b8 tok/s':>9} {'vs HF':>7}")
+    print(f"{'configuration':52} {'b1 ms/token':>12} {'vs HF':>7} {'b1 tok/s':>9} {'b8 tok/s':>9} {'vs HF':>7}")
     for name, r in rows.items():
-        print(f"{name:46} {r['batch1_ms_per_token']:12.1f} {r['batch1_ms_per_token'] / base['batch1_ms_per_token']:6.2f}x"
+        print(f"{name:52} {r['batch1_ms_per_token']:12.1f} {r['batch1_ms_per_token'] / base['batch1_ms_per_token']:6.2f}x"
               f" {r['batch1_tokens_per_s']:9.1f} {r['batch8_tokens_per_s']:9.1f}"
               f" {r['batch8_tokens_per_s'] / base['batch8_tokens_per_s']:6.2f}x")
     out = Path(args.out)

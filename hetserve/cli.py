@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_LISTEN, DEFAULT_SERVE, HostSettings, LeaderSettings, Limits, PlannerSettings
+from .config import DECODE_AHEAD, DEFAULT_LISTEN, DEFAULT_SERVE, HostSettings, LeaderSettings, Limits, PlannerSettings
 from .model.resolve import DEFAULT_MODEL
 from .settings_file import ENV_PREFIX, config_option, effective_settings
 
@@ -32,12 +32,17 @@ LIMIT_HELP = {
     "prefill_seqs": "Most requests in one prefill micro-batch.",
     "prefill_tokens": "Most prompt tokens in one prefill micro-batch; longer prompts are chunked.",
     "decode_seqs": "Most requests in one decode micro-batch.",
-    "max_in_flight": "Micro-batches in the pipeline at once; 0 = chosen at runtime from measured stage times (one per stage up).",
+    "max_in_flight": "Micro-batches in the pipeline at once; 0 = chosen at runtime from measured stage times (one per "
+                     "stage up). With decode-ahead one more is queued behind each.",
     "decode_ahead": "One-stage pipelines: queue each request's next decode step before its token is back (the stage "
-                    "feeds it the token it sampled), so the stage never waits on the leader between steps.",
+                    "feeds it the token it sampled), so the stage never waits on the leader between steps. auto: "
+                    "where the stage is a GPU (on a CPU the work beside the stage's threads slows it).",
     "mixed_batches": "Decode rows ride in prefill micro-batches where every stage runs rows at their own lengths "
                      "(GPU stages from CUDA graphs), so prompt tokens share the decode step's weight reads.",
 }
+
+
+LIMIT_CHOICES = {"decode_ahead": DECODE_AHEAD}  # Limits fields that take one of a few words
 
 
 def parse_size(text: str) -> int:
@@ -115,9 +120,12 @@ def limit_options(func):
     """Add one --option per `Limits` field, defaults and help from the dataclass."""
     for field in reversed(dataclasses.fields(Limits)):
         flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
+        kind = type(field.default)
+        if kind is bool:
             flag = f"{flag}/--no-{flag[2:]}"
-        func = click.option(flag, field.name, type=type(field.default), default=field.default, show_default=True,
+        elif kind is str:
+            kind = click.Choice(LIMIT_CHOICES[field.name])
+        func = click.option(flag, field.name, type=kind, default=field.default, show_default=True,
                             help=LIMIT_HELP[field.name])(func)
     return func
 

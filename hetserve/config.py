@@ -12,6 +12,7 @@ MAX_LINE_BYTES = 1 << 20  # longest client line (1 MiB), newline excluded
 MAX_REQUESTS_PER_CONNECTION = 256  # running on one client connection; more get `overloaded`
 MAX_AUTH_FAILURES = 3  # wrong tokens on one connection before it is closed
 STEP_TIMEOUT_S = 120.0  # a micro-batch not back by then fails its requests (a stage lost it)
+DECODE_AHEAD = ("auto", "on", "off")  # Limits.decode_ahead
 MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: a prefill micro-batch of
 #                               hidden states (tokens x hidden x 4 bytes) fits with room to spare
 
@@ -32,10 +33,15 @@ class Limits:
     decode_seqs: int = 8  # most requests in one decode micro-batch
     max_in_flight: int = 0  # micro-batches in the pipeline at once; 0 = chosen at runtime from measured
     #                          stage times (leader/batching.py), from one per stage up
-    decode_ahead: bool = True  # one-stage pipelines: send a request's next decode step before its
-    #                            token is back (the stage feeds it the token it sampled), so the
-    #                            stage never waits on the leader between steps; each request that
-    #                            ends on EOS or a stop string costs one wasted row
+    decode_ahead: str = "auto"  # one-stage pipelines: send a request's next decode step before its
+    #                             token is back (the stage feeds it the token it sampled), so the
+    #                             stage never waits on the leader between steps; a request that
+    #                             ends on EOS costs one wasted row, on a stop string two. "auto":
+    #                             where the stage is a GPU (it computes queued work while the
+    #                             host's threads are free; a CPU stage computes with every core,
+    #                             and work beside it cost SmolLM2 11-18 % of its batch-8
+    #                             throughput on 2 cores, docs/benchmarks.md);
+    #                             "on"; "off"
     mixed_batches: bool = True  # decode rows ride in prefill micro-batches where every stage runs
     #                             rows at their own lengths (GPU stages from graphs): the prompt
     #                             tokens share the decode step's weight reads
@@ -45,6 +51,8 @@ class Limits:
                      "prefill_seqs", "prefill_tokens", "decode_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.decode_ahead not in DECODE_AHEAD:
+            raise ValueError(f"decode_ahead must be one of {', '.join(DECODE_AHEAD)}")
         if self.max_in_flight < 0:
             raise ValueError("max_in_flight must be 0 (one per stage) or more")
         if self.default_max_tokens >= self.max_context:

@@ -11,12 +11,12 @@ from hetserve.leader.engine import Engine, Overloaded
 from hetserve.wire.messages import StepResult
 
 
-def make_engine(stages=1, flat_tokens=0, **limits):
+def make_engine(stages=1, flat_tokens=0, gpu=True, **limits):
     sent = []
     engine = Engine(Limits(**{"max_seqs": 2, "max_context": 64, **limits}), {2},
                     lambda ids: "".join(chr(97 + i % 26) for i in ids), lambda step, ids: sent.append(step),
                     vocab_size=100)
-    engine.pipeline_ready(stages, flat_tokens)
+    engine.pipeline_ready(stages, flat_tokens, gpu)
     return engine, sent
 
 
@@ -29,7 +29,7 @@ def answer(engine, *tokens):
     engine.on_result(StepResult(min(engine.in_flight), list(tokens), [1.0]))
 
 
-@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("ahead", ["auto", "off"])
 def test_a_result_is_turned_into_tokens_and_slots_come_back(ahead):
     engine, sent = make_engine(decode_ahead=ahead)
     events = []
@@ -84,13 +84,20 @@ def test_a_freed_slot_taken_while_a_wasted_row_is_in_flight_starts_clean():
     assert [e["token_id"] for e in second if e["event"] == "token"] == [21, 22]
 
 
-@pytest.mark.parametrize("stages, ahead", [(2, True), (1, False)])
-def test_no_decode_ahead_past_one_stage_or_when_off(stages, ahead):
-    engine, sent = make_engine(stages, decode_ahead=ahead)
+@pytest.mark.parametrize("stages, ahead, gpu", [(2, "on", True), (1, "off", True), (1, "auto", False)])
+def test_no_decode_ahead_past_one_stage_off_or_on_a_cpu_unless_asked(stages, ahead, gpu):
+    engine, sent = make_engine(stages, decode_ahead=ahead, gpu=gpu)
     start(engine, [], max_tokens=10)
     answer(engine, 11)
     assert len(engine.in_flight) == 1 and sent[-1].feeds == []
     assert not engine.snapshot()["batching"]["decode_ahead"]
+
+
+def test_decode_ahead_on_a_cpu_when_asked():
+    engine, sent = make_engine(decode_ahead="on", gpu=False)
+    start(engine, [], max_tokens=10)
+    answer(engine, 11)
+    assert len(engine.in_flight) == 2 and sent[-1].feeds == [0]
 
 
 def test_a_followers_round_trip_starts_when_the_row_before_is_back():

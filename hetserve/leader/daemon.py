@@ -490,7 +490,8 @@ class Leader:
         else:
             log.info("serving: %d stage(s) ready after %.1f s", len(self.stages), time.monotonic() - self.started)
         self.served = True
-        self.engine.pipeline_ready(len(self.stages), min(h.flat_tokens for h in self.stages))
+        self.engine.pipeline_ready(len(self.stages), min(h.flat_tokens for h in self.stages),
+                                   all(h.inventory.kind == "cuda" for h in self.stages))
         await self._maybe_assign()  # a host that joined meanwhile
 
     async def _host_lost(self, host: HostRecord, why: str, state: str = "dead") -> None:

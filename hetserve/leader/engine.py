@@ -123,6 +123,7 @@ class Engine:
         self.in_flight: dict[int, InFlight] = {}
         self.num_stages = 0  # 0 until the pipeline is ready; nothing is sent before
         self.flat_tokens = 0  # every stage runs rows at their own lengths up to this many tokens (0 = pads them)
+        self.gpu = False  # every stage computes on a GPU
         self.epoch = 0  # pipeline generation, bumped when a fault destroys the pipeline
         self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
         self.generated_tokens = 0
@@ -183,10 +184,12 @@ class Engine:
 
     # ---- the pipeline
 
-    def pipeline_ready(self, num_stages: int, flat_tokens: int = 0) -> None:
-        """flat_tokens: the least, over the stages, of Ready.flat_tokens (mixed micro-batches fit it)."""
+    def pipeline_ready(self, num_stages: int, flat_tokens: int = 0, gpu: bool = False) -> None:
+        """flat_tokens: the least, over the stages, of Ready.flat_tokens (mixed micro-batches fit it);
+        gpu: every stage computes on a GPU (decode-ahead's "auto")."""
         self.num_stages = num_stages
         self.flat_tokens = flat_tokens
+        self.gpu = gpu
         self.schedule()
 
     def replay_all(self) -> int:
@@ -225,7 +228,8 @@ class Engine:
     def decode_ahead(self) -> bool:
         """Decode rows may follow one in flight: the one stage is first and last, so it holds the
         token it sampled and feeds it to the next row itself (config.Limits.decode_ahead)."""
-        return self.limits.decode_ahead and self.num_stages == 1
+        mode = self.limits.decode_ahead
+        return self.num_stages == 1 and (mode == "on" or (mode == "auto" and self.gpu))
 
     @property
     def mix_tokens(self) -> int:

@@ -40,7 +40,7 @@ class HostCopy:
         self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self.tensor.copy_(tensor, non_blocking=True)
         self.done = torch.cuda.Event(enable_timing=True)  # also ends the stage's timing (stage_loop.py)
-        self.done.record()
+        self.done.record(torch.cuda.current_stream(tensor.device))  # the copy's stream, on cuda:N too
 
     def wait(self) -> torch.Tensor:
         """Blocks (releasing the GIL) until the copy has run."""

@@ -119,6 +119,8 @@ class StageModel:
             raise ModelError(f"max_context {spec.max_context} exceeds the model's sliding window {window}")
         self.spec = spec
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # this thread's current device: graphs, streams and events of cuda:N there
+            torch.cuda.set_device(self.device)
         self.dtype = DTYPES[spec.dtype]
         arch = architecture(config)
 

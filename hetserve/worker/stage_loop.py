@@ -82,11 +82,12 @@ class StageLoop:
 
     async def run(self) -> None:
         queue: asyncio.Queue = asyncio.Queue()  # launched micro-batches (or frames to pass on), in order
-        sender = asyncio.create_task(self._send_loop(queue))
+        loops = [asyncio.create_task(self._receive_loop(queue)), asyncio.create_task(self._send_loop(queue))]
         try:
-            await self._receive_loop(queue)
+            await asyncio.gather(*loops)  # neither returns: the first to fail (a broken socket) ends both
         finally:
-            sender.cancel()
+            for task in loops:
+                task.cancel()
             if self._waiter is not None:
                 self._waiter.shutdown(wait=False)
 
@@ -144,7 +145,7 @@ class StageLoop:
         began = None
         if model.device.type == "cuda":
             began = torch.cuda.Event(enable_timing=True)
-            began.record()
+            began.record(torch.cuda.current_stream(model.device))
         start = time.perf_counter()
         out = HostCopy(model.run(step.slots, step.starts, step.lengths, inputs, step.sampling, step.feeds))
         return Launched(step, out, began, time.perf_counter() - start)
