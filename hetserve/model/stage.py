@@ -119,8 +119,8 @@ class StageModel:
             raise ModelError(f"max_context {spec.max_context} exceeds the model's sliding window {window}")
         self.spec = spec
         self.device = torch.device(device)
-        if self.device.type == "cuda":  # this thread's current device: graphs, streams and events of cuda:N there
-            torch.cuda.set_device(self.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # this thread's current device: cuda:N's graphs and streams there
         self.dtype = DTYPES[spec.dtype]
         arch = architecture(config)
 
