@@ -100,15 +100,18 @@ def test_decode_ahead_on_a_cpu_when_asked():
     assert len(engine.in_flight) == 2 and sent[-1].feeds == [0]
 
 
-def test_a_followers_round_trip_starts_when_the_row_before_is_back():
-    engine, sent = make_engine()
+@pytest.mark.parametrize("ahead", ["on", "off"])
+def test_with_decode_ahead_a_round_trip_starts_when_the_micro_batch_before_is_back(ahead):
+    """Every micro-batch in flight is made 10 s older: queued behind the one before (decode-ahead),
+    its own turn is what counts; alone in flight, all of those 10 s are its round trip."""
+    engine, sent = make_engine(decode_ahead=ahead)
     start(engine, [], max_tokens=100)
     answer(engine, 11)
-    for _ in range(6):  # the follower was sent long before; its own turn is what counts
+    for _ in range(6):
         for flight in engine.in_flight.values():
-            flight.sent -= 10.0 if flight.follows else 0.0
+            flight.sent -= 10.0
         answer(engine, 12)
-    assert engine.decode_round_ms < 1000
+    assert (engine.decode_round_ms < 1000) == (ahead == "on")
 
 
 def test_malformed_result_fails_the_requests_and_frees_slots():

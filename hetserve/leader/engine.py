@@ -73,7 +73,6 @@ class InFlight:
     rows: list[tuple[Request, int]]  # (request, new tokens fed)
     sent: float
     decoding: list[bool]  # per row: a decode row (the request was past its prompt); may ride in a prefill micro-batch
-    follows: bool = False  # some rows follow a decode row still in flight (decode-ahead)
 
 
 @dataclass
@@ -273,7 +272,7 @@ class Engine:
         for (request, _), decode_row in zip(rows, decoding):
             request.in_flight += 1
             request.ahead += decode_row
-        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding, bool(feeds))
+        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding)
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase
         self._send(step, ids)
@@ -310,9 +309,9 @@ class Engine:
         now, last = time.monotonic(), self._last_result_at
         self._last_result_at = now
         if flight.phase == "decode":
-            # A row that follows one in flight waited on the stage behind it: its round trip
-            # starts when that one's result came back (one stage: results return in order).
-            began = max(flight.sent, last) if flight.follows else flight.sent
+            # With decode-ahead a micro-batch may wait behind the one before on the one stage, which
+            # runs them in send order: its round trip starts when that one's result came back.
+            began = max(flight.sent, last) if self.decode_ahead else flight.sent
             self.decode_round_ms = ema(self.decode_round_ms, (now - began) * 1000)
             if result.stage_ms:
                 self.decode_fit = self.decode_fit.add(len(flight.rows), max(result.stage_ms))
