@@ -54,7 +54,7 @@ def measure(tokenizer, rows: int, steps: int) -> dict[str, float]:
     engine = Engine(Limits(max_seqs=rows, max_context=4096, decode_seqs=rows, prefill_seqs=rows,
                            prefill_tokens=rows * len(PROMPT)),
                     set(), lambda ids: tokenizer.decode(ids, skip_special_tokens=True), send, vocab_size=len(tokenizer))
-    engine.pipeline_ready(1)
+    engine.pipeline_ready(1, gpu=True)  # one GPU stage: decode-ahead on, as served there
     for i in range(rows):
         engine.new_request(f"r{i}", lambda event: None, PROMPT, 100_000, 0.0, 0, 1.0, 1, (), True)
 
