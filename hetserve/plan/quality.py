@@ -96,12 +96,8 @@ def activation_scales(model_dir: Path) -> list[dict[str, float]]:
     if path.is_file():
         return json.loads(path.read_text())
     scales = measure_activation_scales(model_dir)
-    _write_json(path, scales)
+    write_atomic(path, json.dumps(scales))
     return scales
-
-
-def _write_json(path: Path, data) -> None:
-    write_atomic(path, json.dumps(data))
 
 
 def measure_ppl(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu") -> float:
@@ -141,5 +137,5 @@ def sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, devic
     if path.is_file():
         return Sensitivity(**json.loads(path.read_text()))
     result = measure_sensitivity(model_dir, precisions, tokens, device, progress)
-    _write_json(path, asdict(result))
+    write_atomic(path, json.dumps(asdict(result)))
     return result
