@@ -194,3 +194,6 @@ def test_settings_precedence_cli_over_env_over_file(tmp_path):
     bad.write_text("[leader]\nbogus = 1\n")
     refused = hetserve("leader", "--config", str(bad), timeout=60)
     assert refused.returncode == 2 and "no option 'bogus'" in refused.stderr
+    bad.write_text('[leader]\ndecode_ahead = "maybe"\n')
+    refused = hetserve("leader", "--config", str(bad), timeout=60)
+    assert refused.returncode == 2 and "decode_ahead: 'maybe' is not one of 'auto', 'on', 'off'" in refused.stderr
