@@ -161,7 +161,8 @@ def hf_step_ms(model_dir: Path, batches: list[int], prompt: int, device: torch.d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--precisions", default="native,int8,int4")
+    parser.add_argument("--precisions", default="native,int8,int4",
+                        help="comma-separated; PRECISION:quanto runs int8 / int4 with quanto's matmuls instead of ours")
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
@@ -182,14 +183,15 @@ def main() -> None:
     hf = {} if args.graph_only else hf_step_ms(args.model_dir, batches, args.prompt, device)
     torch.cuda.empty_cache()  # transformers' copy of the weights is gone with hf_step_ms's frame
     print(f"transformers generate ms/step: {hf}", flush=True)
-    print(f"{'precision':>9} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'queued ms':>9} {'/floor':>6} "
+    print(f"{'precision':>11} {'batch':>5} {'floor ms':>8} {'graph ms':>8} {'/floor':>6} {'queued ms':>9} {'/floor':>6} "
           f"{'kernels':>7} "
           f"{'hf-layer graph ms':>17} {'eager ms':>8} {'graph tok/s':>11} {'vs hf':>6}")
     for precision in args.precisions.split(","):
+        name, _, kernels_of = precision.partition(":")  # "int8:quanto": quanto's matmuls, a baseline
         spec = StageSpec(0, layers, first=True, last=True, dtype="bfloat16", max_seqs=max(batches),
                          max_context=max(lengths + [args.prompt + args.steps + 8]),
-                         precisions=tuple([precision] * layers))
-        model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True)
+                         precisions=tuple([name] * layers))
+        model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True, quanto_kernels=kernels_of == "quanto")
         read = module_bytes(model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
         floor = read / bandwidth * 1000
         paths = ("graph",) if args.graph_only else ("graph", "eager")
@@ -200,7 +202,7 @@ def main() -> None:
         queued = {b: queued_decode_ms(model, b, args.prompt, args.steps) for b in batches}
         profiles = {b: kernel_times(model, b, args.prompt + args.steps + 2) for b in batches}
         kernels = {b: sum(n for n, _ in profiles[b].values()) for b in batches}
-        print(f"{precision:>9} graphs {model.static_steps.captured}, captured and timed in "
+        print(f"{precision:>11} graphs {model.static_steps.captured}, captured and timed in "
               f"{time.perf_counter() - started:.0f} s (includes torch.compile)", flush=True)
         for b in batches if args.kernel_table else ():
             print_kernel_table(precision, b, profiles[b], args.kernel_table)
@@ -217,10 +219,10 @@ def main() -> None:
                    "prefill_tokens_per_s": prefill_rates}
             results["rows"].append(row)
             vs_hf = f"{hf[b] / graph[b]:6.1f}" if precision == "native" and b in hf else f"{'':>6}"
-            print(f"{precision:>9} {b:>5} {floor:8.2f} {graph[b]:8.2f} {graph[b] / floor:6.2f} {queued[b]:9.2f} "
+            print(f"{precision:>11} {b:>5} {floor:8.2f} {graph[b]:8.2f} {graph[b] / floor:6.2f} {queued[b]:9.2f} "
                   f"{queued[b] / floor:6.2f} {kernels[b]:7d} "
                   f"{hf_layers[b]:17.2f} {eager:8.2f} {b / graph[b] * 1000:11.0f} {vs_hf}", flush=True)
-        print(f"{precision:>9} prefill tokens/s (batch 1): {prefill_rates}", flush=True)
+        print(f"{precision:>11} prefill tokens/s (batch 1): {prefill_rates}", flush=True)
         del model
         torch.cuda.empty_cache()
     if args.json:

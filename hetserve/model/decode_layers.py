@@ -12,10 +12,11 @@ Here a layer is:
 The elementwise parts are plain torch functions, compiled with torch.compile (Inductor fuses
 each into one Triton kernel) where `compile` is set, which a stage does when it captures CUDA
 graphs; elsewhere (CPU, tests) they run eagerly, op for op what transformers computes.
-Matmuls stay the modules' own calls, so quanto-quantized layers run their own kernels.
+Matmuls stay the modules' own calls: int8 / int4 layers run weight_only.py's kernels on a GPU,
+other quantized ones (fp8, w8a8) quanto's.
 
-Fused projections: where q/k/v (and gate/up) are plain nn.Linear, their weights are copied once
-into one [out_q + out_k + out_v, H] tensor and the modules' weights become row views of it, so
+Fused projections: where q/k/v (and gate/up) are plain nn.Linear, or int8 / int4 linears of one
+kind (weight_only.py), their weights are copied once into one [out_q + out_k + out_v, H] tensor and the modules' weights become row views of it, so
 prefill (transformers' layers) and decode read the same memory and nothing is stored twice.
 
 Prefill steps on a GPU run through the same layers, one row per prompt token (static_steps.py).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import slot_attention
+from . import slot_attention, weight_only
 from .kv_cache import SlotKVCache, StepLayout
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,8 +80,13 @@ def _plain_linears(*linears: torch.nn.Module) -> bool:
                for m in linears)
 
 
-def _fuse(*linears: torch.nn.Linear) -> torch.nn.Linear:
-    """One linear computing all of `linears` side by side; their weights become views of its."""
+def _fuse(*linears: torch.nn.Module) -> torch.nn.Module | None:
+    """One linear computing all of `linears` side by side, their weights become views of its; None
+    where they cannot be fused (quanto's modules, mixed kinds)."""
+    if weight_only.fusable(*linears):
+        return weight_only.fuse(*linears)
+    if not _plain_linears(*linears):
+        return None
     weight = torch.cat([m.weight.data for m in linears])
     fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
                             device="meta", dtype=weight.dtype)
@@ -122,10 +128,9 @@ class _Layer:
         self.q_norm = attn.q_norm.weight if hasattr(attn, "q_norm") else None
         self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj) if _plain_linears(
-            attn.q_proj, attn.k_proj, attn.v_proj) else None
+        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj) if _plain_linears(mlp.gate_proj, mlp.up_proj) else None
+        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
     def projections(self, x: torch.Tensor):

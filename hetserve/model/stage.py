@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from . import attention
+from . import attention, weight_only
 from .arch import architecture, attention_window
 from .copies import column
 from .decode_layers import DecodeLayers
@@ -107,7 +107,10 @@ def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, to
 
 
 class StageModel:
-    def __init__(self, model_dir: Path, spec: StageSpec, device: str = "cpu", cuda_graphs: bool = True):
+    def __init__(self, model_dir: Path, spec: StageSpec, device: str = "cpu", cuda_graphs: bool = True,
+                 quanto_kernels: bool = False):
+        """quanto_kernels: int8 / int4 layers on a GPU keep quanto's matmuls instead of
+        weight_only.py's (a baseline for benchmarks)."""
         config = load_config(model_dir)
         total = config.num_hidden_layers
         if not 0 <= spec.start < spec.end <= total:
@@ -145,6 +148,8 @@ class StageModel:
         self._assign(self.layers, tensors, "layers.")
         apply_precisions(self.layers, list(spec.precisions) or ["native"] * len(self.layers), self.device,
                          spec.input_scales)
+        if weight_only.available(self.device) and not quanto_kernels:
+            weight_only.replace_quanto_linears(self.layers)
         if self.embed is not None:
             self._assign(self.embed, tensors, "embed.")
         if self.norm is not None:
