@@ -1,8 +1,8 @@
 """Weight-only int8 / int4 matmuls on one GPU: ours (model/weight_only.py) against quanto's kernels
-and bf16 cuBLAS, per Llama-3-8B projection shape and row count. "ours" is what a stage runs (the
-Triton kernel up to DEQUANTIZE_ROWS rows, cuBLAS on dequantized weights past it), "kernel" and
-"dequant" each of the two at every row count; `--sweep` also times a grid of the kernel's tiles
-(what `tile_config` is chosen from).
+and bf16 cuBLAS, per Llama-3-8B projection shape and row count. "ours" is what a stage runs (int8:
+the Triton kernel up to DEQUANTIZE_ROWS rows, cuBLAS on dequantized weights past it; int4:
+quanto's tinygemm), "kernel" (int8) and "dequant" (dequantize + cuBLAS) each path at every row
+count; `--sweep` also times a grid of the int8 kernel's tiles (what `tile_config` is chosen from).
 
 Each time is one matmul's share of 32 distinct weights of that shape run back to back from a
 CUDA graph (as a decode step runs 32 layers): the weights do not fit in L2, so every matmul reads
@@ -68,7 +68,8 @@ def graph_us(fns, replays: int = 10) -> float:
 
 
 def quantized(n: int, k: int, bits: int, device: torch.device):
-    """LAYERS quanto linears of [n, k] (frozen, bf16) and their WeightOnlyLinear twins."""
+    """LAYERS quanto linears of [n, k] (frozen, bf16) and our twins (int4: converted from quanto's
+    tinygemm layout, which a stage keeps; timed to compare)."""
     from optimum.quanto import freeze, qint4, qint8, quantize
 
     quanto, ours = [], []
@@ -77,12 +78,13 @@ def quantized(n: int, k: int, bits: int, device: torch.device):
         quantize(linear, weights=qint8 if bits == 8 else qint4)
         freeze(linear)
         quanto.append(linear[0])
-        ours.append(weight_only.from_quanto(linear[0]))
+        ours.append(weight_only.from_quanto(linear[0]) if bits == 8 else
+                    weight_only.int4_from_quanto(linear[0].weight, None))
     return quanto, ours
 
 
-def sweep_configs(rows: int, bits: int, k: int) -> list[TileConfig]:
-    block_ks = (128, 256) if bits == 8 else (64, 128)
+def sweep_configs(rows: int, k: int) -> list[TileConfig]:
+    block_ks = (128, 256)
     if rows <= 64:
         block_m = max(16, 1 << (rows - 1).bit_length())
         grid = itertools.product((32, 64, 128), block_ks, (1, 2, 4))
@@ -90,7 +92,7 @@ def sweep_configs(rows: int, bits: int, k: int) -> list[TileConfig]:
     else:
         grid = itertools.product((64, 128), (128, 256), (64, 128))
         configs = [TileConfig(m, n, kk, 1, 8, 3) for m, n, kk in grid]
-    valid = {c for c in configs if c.block_k * c.split_k <= k and (bits == 8 or 128 % c.block_k == 0)}
+    valid = {c for c in configs if c.block_k * c.split_k <= k}
     return sorted(valid)
 
 
@@ -120,16 +122,16 @@ def main() -> None:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
             bf16 = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in plain])
             theirs = graph_us([lambda m=m: m(x) for m in quanto])
-            served = graph_us([lambda m=m: m(x) for m in ours])  # the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS
-            chosen = weight_only.tile_config(rows, n, k, bits, ours[0].group)
-            kernel = graph_us([lambda m=m: weight_only.weight_only_matmul(x, m.weight, m.scale, m.zero, bits, m.group)
-                               for m in ours])
+            # int8: the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS; int4: stages keep quanto's
+            served = graph_us([lambda m=m: m(x) for m in ours]) if bits == 8 else theirs
+            chosen = weight_only.tile_config(rows, n, k)
+            kernel = graph_us([lambda m=m: weight_only.int8_matmul(x, m.weight, m.scale) for m in ours]) \
+                if bits == 8 else float("nan")
             dequant = graph_us([lambda m=m: torch.nn.functional.linear(x, m.dequantized()) for m in ours])
             timed = {}
-            for c in sweep_configs(rows, bits, k) if args.sweep else []:
+            for c in sweep_configs(rows, k) if args.sweep and bits == 8 else []:
                 try:
-                    timed[c] = graph_us([lambda m=m, c=c: weight_only.weight_only_matmul(
-                        x, m.weight, m.scale, m.zero, bits, m.group, c) for m in ours])
+                    timed[c] = graph_us([lambda m=m, c=c: weight_only.int8_matmul(x, m.weight, m.scale, c) for m in ours])
                 except OutOfResources:  # tiles past the shared memory
                     continue
             best = min(timed, key=timed.get) if timed else chosen

@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 linears (model/weight_only.py) on the CPU: conversion from quanto's
-modules keeps their values, fusion keeps outputs and shares memory, and the tile choice. The
-Triton kernel itself runs on a GPU (tests/test_gpu_decode.py)."""
+modules keeps their values, only the layers meant are swapped, fusion keeps outputs and shares
+memory, and the tile choice. The Triton kernels run on a GPU (tests/test_gpu_decode.py)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,23 @@ def quantized(n: int, k: int, qtype, dtype=torch.float32, bias=True) -> torch.nn
     return module
 
 
+def converted(module: torch.nn.Sequential) -> WeightOnlyLinear:
+    """Ours for the module's int8 or int4 weight (int4 in any of quanto's layouts: on a GPU only
+    its AWQ layout is converted, which exists only there)."""
+    linear = module[0]
+    if linear.weight.qtype == qint8:
+        return weight_only.from_quanto(linear)
+    return weight_only.int4_from_quanto(linear.weight, linear.bias.data)
+
+
 @pytest.mark.parametrize("qtype", [qint8, qint4], ids=["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 int4: quanto's tinygemm layout
-def test_from_quanto_keeps_quantized_values(qtype, dtype):
+def test_conversion_keeps_quantized_values(qtype, dtype):
     module = quantized(96, 256, qtype, dtype)
-    ours = weight_only.from_quanto(module[0])
+    ours = converted(module)
     assert isinstance(ours, WeightOnlyLinear) and ours.bits == (8 if qtype == qint8 else 4)
     plain = module[0].weight
-    if hasattr(plain, "weight_qbits_tensor") and type(plain).__name__ != "WeightQBitsTensor":
+    if type(plain).__name__ not in ("WeightQBitsTensor", "WeightQBytesTensor"):
         plain = plain.weight_qbits_tensor()
     torch.testing.assert_close(ours.dequantized().float(), plain.dequantize().float(), rtol=0, atol=0.02)
     x = torch.randn(3, 256, dtype=dtype)
@@ -39,19 +48,19 @@ def test_from_quanto_keeps_quantized_values(qtype, dtype):
         assert ours.weight.data_ptr() == module[0].weight._data.data_ptr()  # quanto's int8 tensor, not a copy
 
 
-def test_replace_swaps_only_weight_only_int8_and_int4():
-    layers = torch.nn.ModuleDict({name: torch.nn.Linear(64, 64) for name in ("a", "b", "c", "d")})
+def test_replace_swaps_weight_only_int8_and_keeps_other_quanto_layers():
+    layers = torch.nn.ModuleDict({name: torch.nn.Linear(256, 64) for name in ("a", "b", "c", "d")})
     quantize(layers, weights=qint8, include=["a"])
-    quantize(layers, weights=qint4, include=["b"])
+    quantize(layers, weights=qint4, include=["b"])  # not the AWQ layout (a CPU has none): tinygemm stays
     quantize(layers, weights=qint8, activations=qint8, include=["c"])  # w8a8 keeps quanto's module
     freeze(layers)
-    assert weight_only.replace_quanto_linears(layers) == 2
-    assert [type(layers[n]).__name__ for n in "abcd"] == ["WeightOnlyLinear", "WeightOnlyLinear", "QLinear", "Linear"]
+    assert weight_only.replace_quanto_linears(layers) == 1
+    assert [type(layers[n]).__name__ for n in "abcd"] == ["WeightOnlyLinear", "QLinear", "QLinear", "Linear"]
 
 
 @pytest.mark.parametrize("qtype", [qint8, qint4], ids=["int8", "int4"])
 def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype):
-    parts = [weight_only.from_quanto(quantized(n, 256, qtype)[0]) for n in (128, 32, 32)]
+    parts = [converted(quantized(n, 256, qtype)) for n in (128, 32, 32)]
     x = torch.randn(4, 256)
     with torch.no_grad():
         want = torch.cat([m(x) for m in parts], dim=-1)
@@ -60,18 +69,19 @@ def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype
         torch.testing.assert_close(fused(x), want)
         torch.testing.assert_close(torch.cat([m(x) for m in parts], dim=-1), want)  # parts still work
     assert parts[1].weight.data_ptr() == fused.weight[128:].data_ptr()  # a view: stored once
-    assert not weight_only.fusable(parts[0], weight_only.from_quanto(quantized(32, 256, qint4 if qtype == qint8 else qint8)[0]))
+    assert not weight_only.fusable(parts[0], converted(quantized(32, 256, qint4 if qtype == qint8 else qint8)))
+
+
+def test_int4_groups_not_a_multiple_of_32_keep_quantos_module():
+    module = quantized(64, 80, qint4)  # K = 80 <= 128: one group of 80 per row
+    assert weight_only.int4_from_quanto(module[0].weight, None) is None
 
 
 def test_tiles_stream_long_k_blocks_and_split_only_long_k():
     # o_proj, q|k|v, gate|up of a Llama-3-8B shape at 1 row: 32 columns a program, no split
-    assert tile_config(1, 4096, 4096, 8, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
+    assert tile_config(1, 4096, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
     # down (K = 14336): split in 4
-    assert tile_config(16, 4096, 14336, 8, 14336) == TileConfig(16, 64, 256, 4, 4, 4)
-    assert tile_config(64, 28672, 4096, 8, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
-    assert tile_config(1, 576, 576, 8, 576).split_k == 1
-    # int4: a K block lies within one scale group
-    assert tile_config(1, 4096, 4096, 4, 128).block_k == 128
-    assert tile_config(1, 4096, 4096, 4, 96).block_k == 32  # 96 = 3 x 32
-    with pytest.raises(ValueError, match="multiple of 32"):
-        tile_config(1, 4096, 4096, 4, 48)
+    assert tile_config(16, 4096, 14336) == TileConfig(16, 64, 256, 4, 4, 4)
+    assert tile_config(64, 28672, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
+    assert tile_config(128, 28672, 4096).block_m == 64
+    assert tile_config(1, 576, 576).split_k == 1
