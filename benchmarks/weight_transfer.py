@@ -74,7 +74,7 @@ async def fetch_all(addr: str, model_hash: str) -> tuple[float, int]:
     fetcher = WeightFetcher(zmq.asyncio.Context.instance().socket(zmq.DEALER), f"tcp://{addr}", "bench",
                             asyncio.to_thread)
     manifest = await fetcher.manifest(model_hash)
-    store = WeightStore(model_hash)
+    store = WeightStore(model_hash, "bench")
     start = time.perf_counter()
     got = await fetcher.fetch(store, store.missing(manifest.entries))
     seconds = time.perf_counter() - start

@@ -74,7 +74,7 @@ def test_store_resumes_parts_and_drops_corruption(tmp_path, monkeypatch):
     monkeypatch.setenv("HETSERVE_HOME", str(tmp_path))
     data = bytes(range(256)) * 40
     entry = ManifestEntry("w", "tensor", len(data), hashlib.sha256(data).hexdigest(), "U8", [len(data)])
-    store = WeightStore("abc")
+    store = WeightStore("abc", "h0")
     (item,) = store.missing([entry])
     assert item.offset == 0
     with store.open_part(item) as f:
@@ -97,6 +97,24 @@ def test_store_resumes_parts_and_drops_corruption(tmp_path, monkeypatch):
     assert store.missing([entry])[0].offset == 0, "a part of another tensor is discarded"
 
 
+def test_hosts_sharing_a_cache_fetch_one_tensor_at_once(tmp_path, monkeypatch):
+    """Two hosts of one machine (one cache folder) fetching the same tensor, their writes
+    interleaved: each part is its own, and either finish leaves a whole, hash-checked file."""
+    monkeypatch.setenv("HETSERVE_HOME", str(tmp_path))
+    data = bytes(range(256)) * 40
+    entry = ManifestEntry("w", "tensor", len(data), hashlib.sha256(data).hexdigest(), "U8", [len(data)])
+    gpu0, gpu1 = WeightStore("abc", "box-gpu0"), WeightStore("abc", "box/gpu1")
+    assert gpu0.part(entry) != gpu1.part(entry) and gpu1.part(entry).parent == gpu1.root
+    (item0,), (item1,) = gpu0.missing([entry]), gpu1.missing([entry])
+    with gpu0.open_part(item0) as f0, gpu1.open_part(item1) as f1:
+        for start in range(0, len(data), 1000):
+            f0.write(data[start:start + 1000])
+            f1.write(data[start:start + 1000])
+    assert gpu0.finish(entry) and gpu1.finish(entry)
+    assert gpu0.missing([entry]) == gpu1.missing([entry]) == []
+    assert not list(gpu0.root.glob("*.part"))
+
+
 async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch):
     monkeypatch.setenv("HETSERVE_HOME", str(tmp_path / "home"))
     manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
@@ -108,7 +126,7 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
                             lambda fn, *a: asyncio.to_thread(fn, *a))
     try:
         got = await fetcher.manifest(manifest.model_hash)
-        store = WeightStore(got.model_hash)
+        store = WeightStore(got.model_hash, "h")
         total = sum(e.size for e in got.entries)
         assert await fetcher.fetch(store, store.missing(got.entries)) == total
         assert store.missing(got.entries) == [] and await fetcher.fetch(store, []) == 0
@@ -194,8 +212,8 @@ async def test_host_killed_mid_transfer_resumes(daemons, model_dir, reference, t
         # At least 8 MiB of the part still to come: 80 ms at the paced rate, so the kill lands
         # before it completes even on a loaded machine (small tensors finish within the poll).
         return sum(sizes.values()) > 20 << 20 and any(
-            f.name.endswith(".safetensors.part") and n > 1 << 20
-            and total.get(f.name[:-len(".safetensors.part")], 0) - n > 8 << 20 for f, n in sizes.items())
+            f.name.endswith(".safetensors.h0.part") and n > 1 << 20
+            and total.get(f.name[:-len(".safetensors.h0.part")], 0) - n > 8 << 20 for f, n in sizes.items())
 
     assert wait_for(mid_tensor, 60, interval=0.01)
     host.send_signal(signal.SIGKILL)
@@ -216,7 +234,7 @@ async def test_host_killed_mid_transfer_resumes(daemons, model_dir, reference, t
     assert not list(store_dir.glob("*.part"))
     manifest, _ = load_manifest(model_dir, progress=False)
     monkeypatch.setenv("HETSERVE_HOME", str(home))
-    assert WeightStore(manifest.model_hash).missing(manifest.entries) == [], "every cached file hash-matches"
+    assert WeightStore(manifest.model_hash, "h0").missing(manifest.entries) == [], "every cached file hash-matches"
 
 
 async def test_host_without_disk_room_is_left_out(daemons, model_dir, reference, tmp_path):

@@ -2,10 +2,15 @@
 
 Each tensor is its own single-tensor safetensors file named after the tensor, so a stage loads it
 with the ordinary loader (a `model.safetensors.index.json` lists the complete ones). A tensor in
-transfer is written to `<name>.safetensors.part`, header first and then its data in order, so
-after a crash the part's length says where to resume. A part becomes the real file only after
+transfer is written to `<name>.safetensors.<host>.part`, header first and then its data in order,
+so after a crash the part's length says where to resume. A part becomes the real file only after
 its data hashed to the manifest's digest, by an atomic rename: a host never loads a half-written
 or corrupted tensor, and a complete file that fails its hash later is deleted and fetched again.
+
+Parts are named per host because hosts of one machine share the cache (a GPU box runs one
+`hetserve-worker@N` per GPU, all in /var/lib/hetserve): with one part name, two hosts fetching a
+tensor at once appended into and renamed away each other's part. Two hosts may now both fetch a
+tensor; each renames a whole, hash-checked copy into place.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -68,15 +74,17 @@ class Missing:
 
 
 class WeightStore:
-    def __init__(self, model_hash: str):
+    def __init__(self, model_hash: str, owner: str):
+        """owner: the host writing through this store (its name), which names its part files."""
         self.root = weights_root() / model_hash
         self.root.mkdir(parents=True, exist_ok=True)
+        self.owner = re.sub(r"[^\w.-]", "_", owner)  # a file name's part, whatever the host is called
 
     def path(self, entry: ManifestEntry) -> Path:
         return self.root / (entry.name if entry.kind == "file" else f"{entry.name}.safetensors")
 
     def part(self, entry: ManifestEntry) -> Path:
-        return self.path(entry).with_name(self.path(entry).name + ".part")
+        return self.path(entry).with_name(f"{self.path(entry).name}.{self.owner}.part")
 
     def verified(self, entry: ManifestEntry) -> bool:
         """The complete file is there and hashes right; a corrupted one is deleted."""

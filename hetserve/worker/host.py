@@ -259,7 +259,7 @@ class Host:
                                      f"{describe_mismatch(local, manifest)}")
                 log.info("using this host's own copy %s (it matches the leader's manifest)", files.path)
                 return files.path, 0
-            store = WeightStore(manifest.model_hash)
+            store = WeightStore(manifest.model_hash, self.name)
             entries = {e.name: e for e in manifest.entries}
             fetched = await fetcher.fetch(store, await self._offload(store.missing, [entries["config.json"]]), False)
             config = await self._offload(load_config, store.root)
