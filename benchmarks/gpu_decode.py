@@ -187,11 +187,11 @@ def main() -> None:
           f"{'kernels':>7} "
           f"{'hf-layer graph ms':>17} {'eager ms':>8} {'graph tok/s':>11} {'vs hf':>6}")
     for precision in args.precisions.split(","):
-        name, _, kernels_of = precision.partition(":")  # "int8:quanto": quanto's matmuls, a baseline
+        name, _, backend = precision.partition(":")  # "int8:quanto": quanto's matmuls, a baseline
         spec = StageSpec(0, layers, first=True, last=True, dtype="bfloat16", max_seqs=max(batches),
                          max_context=max(lengths + [args.prompt + args.steps + 8]),
                          precisions=tuple([name] * layers))
-        model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True, quanto_kernels=kernels_of == "quanto")
+        model = StageModel(args.model_dir, spec, "cuda", cuda_graphs=True, quanto_kernels=backend == "quanto")
         read = module_bytes(model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
         floor = read / bandwidth * 1000
         paths = ("graph",) if args.graph_only else ("graph", "eager")

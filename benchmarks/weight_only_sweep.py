@@ -124,7 +124,7 @@ def main() -> None:
             theirs = graph_us([lambda m=m: m(x) for m in quanto])
             # int8: the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS; int4: stages keep quanto's
             served = graph_us([lambda m=m: m(x) for m in ours]) if bits == 8 else theirs
-            chosen = weight_only.tile_config(rows, n, k)
+            chosen = weight_only.tile_config(rows, k)
             kernel = graph_us([lambda m=m: weight_only.int8_matmul(x, m.weight, m.scale) for m in ours]) \
                 if bits == 8 else float("nan")
             dequant = graph_us([lambda m=m: torch.nn.functional.linear(x, m.dequantized()) for m in ours])

@@ -1,6 +1,6 @@
 """On a GPU: decode and prefill steps replayed from CUDA graphs, through the written-out layers
-compiled with torch.compile, the Triton attention and our int8 / int4 matmuls, agree with
-transformers' layers run eagerly with quanto's matmuls. Skipped without CUDA (CI has none);
+compiled with torch.compile, the Triton attention and our int8 matmuls, agree with
+transformers' layers run eagerly with quanto's matmuls (int4 bf16 layers run quanto's in both). Skipped without CUDA (CI has none);
 run on the GPU machine with `python -m pytest tests/test_gpu_decode.py`.
 """
 

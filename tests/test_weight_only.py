@@ -21,23 +21,23 @@ def quantized(n: int, k: int, qtype, dtype=torch.float32, bias=True) -> torch.nn
 
 
 def converted(module: torch.nn.Sequential) -> WeightOnlyLinear:
-    """Ours for the module's int8 or int4 weight (int4 in any of quanto's layouts: on a GPU only
-    its AWQ layout is converted, which exists only there)."""
+    """Ours for the module's int8 or int4 weight. int4 here is quanto's tinygemm layout (bf16):
+    a stage converts only its AWQ layout, which exists only on a GPU, through the same function."""
     linear = module[0]
     if linear.weight.qtype == qint8:
         return weight_only.from_quanto(linear)
     return weight_only.int4_from_quanto(linear.weight, linear.bias.data)
 
 
-@pytest.mark.parametrize("qtype", [qint8, qint4], ids=["int8", "int4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 int4: quanto's tinygemm layout
+@pytest.mark.parametrize("qtype, dtype", [(qint8, torch.float32), (qint8, torch.bfloat16), (qint4, torch.bfloat16)],
+                         ids=["int8-fp32", "int8-bf16", "int4-bf16"])
 def test_conversion_keeps_quantized_values(qtype, dtype):
     module = quantized(96, 256, qtype, dtype)
     ours = converted(module)
     assert isinstance(ours, WeightOnlyLinear) and ours.bits == (8 if qtype == qint8 else 4)
     plain = module[0].weight
-    if type(plain).__name__ not in ("WeightQBitsTensor", "WeightQBytesTensor"):
-        plain = plain.weight_qbits_tensor()
+    if qtype == qint4:
+        plain = plain.weight_qbits_tensor()  # tinygemm's layout back to quanto's plain one
     torch.testing.assert_close(ours.dequantized().float(), plain.dequantize().float(), rtol=0, atol=0.02)
     x = torch.randn(3, 256, dtype=dtype)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_conversion_keeps_quantized_values(qtype, dtype):
 def test_replace_swaps_weight_only_int8_and_keeps_other_quanto_layers():
     layers = torch.nn.ModuleDict({name: torch.nn.Linear(256, 64) for name in ("a", "b", "c", "d")})
     quantize(layers, weights=qint8, include=["a"])
-    quantize(layers, weights=qint4, include=["b"])  # not the AWQ layout (a CPU has none): tinygemm stays
+    quantize(layers, weights=qint4, include=["b"])  # not the AWQ layout (a CPU has none): quanto's stays
     quantize(layers, weights=qint8, activations=qint8, include=["c"])  # w8a8 keeps quanto's module
     freeze(layers)
     assert weight_only.replace_quanto_linears(layers) == 1
@@ -60,8 +60,8 @@ def test_replace_swaps_weight_only_int8_and_keeps_other_quanto_layers():
 
 @pytest.mark.parametrize("qtype", [qint8, qint4], ids=["int8", "int4"])
 def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype):
-    parts = [converted(quantized(n, 256, qtype)) for n in (128, 32, 32)]
-    x = torch.randn(4, 256)
+    parts = [converted(quantized(n, 256, qtype, torch.bfloat16)) for n in (128, 32, 32)]
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         want = torch.cat([m(x) for m in parts], dim=-1)
         assert weight_only.fusable(*parts)
@@ -69,19 +69,55 @@ def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype
         torch.testing.assert_close(fused(x), want)
         torch.testing.assert_close(torch.cat([m(x) for m in parts], dim=-1), want)  # parts still work
     assert parts[1].weight.data_ptr() == fused.weight[128:].data_ptr()  # a view: stored once
-    assert not weight_only.fusable(parts[0], converted(quantized(32, 256, qint4 if qtype == qint8 else qint8)))
-
-
-def test_int4_groups_not_a_multiple_of_32_keep_quantos_module():
-    module = quantized(64, 80, qint4)  # K = 80 <= 128: one group of 80 per row
-    assert weight_only.int4_from_quanto(module[0].weight, None) is None
+    other = converted(quantized(32, 256, qint4 if qtype == qint8 else qint8, torch.bfloat16))
+    assert not weight_only.fusable(parts[0], other)
 
 
 def test_tiles_stream_long_k_blocks_and_split_only_long_k():
     # o_proj, q|k|v, gate|up of a Llama-3-8B shape at 1 row: 32 columns a program, no split
-    assert tile_config(1, 4096, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
+    assert tile_config(1, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
     # down (K = 14336): split in 4
-    assert tile_config(16, 4096, 14336) == TileConfig(16, 64, 256, 4, 4, 4)
-    assert tile_config(64, 28672, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
-    assert tile_config(128, 28672, 4096).block_m == 64
-    assert tile_config(1, 576, 576).split_k == 1
+    assert tile_config(16, 14336) == TileConfig(16, 64, 256, 4, 4, 4)
+    assert tile_config(64, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
+    assert tile_config(128, 4096).block_m == 64
+    assert tile_config(1, 576).split_k == 1
+
+
+def test_a_kernel_failure_is_reported_once_with_its_reason(monkeypatch):
+    calls = []
+
+    def out_of_resources(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("out of resource: shared memory, Required: 163840, Hardware limit: 101376")
+
+    monkeypatch.setattr(weight_only, "available", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(weight_only, "int8_matmul", out_of_resources)
+    monkeypatch.setattr(weight_only, "_FAILURES", {})
+    device = torch.device("cpu")
+    assert weight_only.kernel_failure(device, torch.float32).startswith("RuntimeError: out of resource")
+    assert weight_only.kernel_failure(device, torch.float32) is not None and len(calls) == 1  # cached
+
+
+def test_stage_swaps_int8_layers_only_where_the_kernels_run(tmp_path, monkeypatch, caplog):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hetserve.model.stage import StageModel, StageSpec
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    spec = StageSpec(0, 2, first=True, last=True, max_seqs=2, max_context=64, precisions=("int8", "native"))
+    monkeypatch.setattr(weight_only, "available", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(weight_only, "kernel_failure", lambda device, dtype: "OutOfResources: shared memory")
+    kept = StageModel(tmp_path, spec, "cpu")
+    assert type(kept.layers[0].self_attn.q_proj).__name__ == "QLinear"
+    assert "quanto's kernels serve" in caplog.text and "OutOfResources" in caplog.text
+    monkeypatch.setattr(weight_only, "kernel_failure", lambda device, dtype: None)
+    swapped = StageModel(tmp_path, spec, "cpu")
+    assert type(swapped.layers[0].mlp.down_proj).__name__ == "WeightOnlyLinear"
+    assert type(swapped.layers[1].mlp.down_proj) is torch.nn.Linear  # the native layer
+    assert isinstance(swapped.decode_layers.layers[0].qkv, WeightOnlyLinear)  # fused like bf16 ones
+    # the same int8 tensors and scales, stored once though fused (quanto's modules also hold two
+    # float32 activation scales each, unused by weight-only layers)
+    assert kept.weight_bytes - 7 * 2 * 4 == swapped.weight_bytes

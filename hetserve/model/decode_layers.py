@@ -12,12 +12,13 @@ Here a layer is:
 The elementwise parts are plain torch functions, compiled with torch.compile (Inductor fuses
 each into one Triton kernel) where `compile` is set, which a stage does when it captures CUDA
 graphs; elsewhere (CPU, tests) they run eagerly, op for op what transformers computes.
-Matmuls stay the modules' own calls: int8 / int4 layers run weight_only.py's kernels on a GPU,
-other quantized ones (fp8, w8a8) quanto's.
+Matmuls stay the modules' own calls: on a GPU int8 layers (and fp16 int4 ones) run
+weight_only.py's kernels, other quantized ones quanto's.
 
-Fused projections: where q/k/v (and gate/up) are plain nn.Linear, or int8 / int4 linears of one
-kind (weight_only.py), their weights are copied once into one [out_q + out_k + out_v, H] tensor and the modules' weights become row views of it, so
-prefill (transformers' layers) and decode read the same memory and nothing is stored twice.
+Fused projections: where q/k/v (and gate/up) are plain nn.Linear, or weight_only.py linears of one
+kind, their weights (and scales) are copied once into one tensor of out_q + out_k + out_v rows
+and the modules' become row views of it, so prefill (transformers' layers) and decode read the
+same memory and nothing is stored twice.
 
 Prefill steps on a GPU run through the same layers, one row per prompt token (static_steps.py).
 

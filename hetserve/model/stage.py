@@ -14,6 +14,7 @@ The token path through a stage, top to bottom:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from .resolve import ModelError
 from ..wire.messages import SamplingRows
 from .sampling import sample
 from .static_steps import StaticSteps
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -148,8 +151,13 @@ class StageModel:
         self._assign(self.layers, tensors, "layers.")
         apply_precisions(self.layers, list(spec.precisions) or ["native"] * len(self.layers), self.device,
                          spec.input_scales)
-        if weight_only.available(self.device) and not quanto_kernels:
-            weight_only.replace_quanto_linears(self.layers)
+        if weight_only.available(self.device) and not quanto_kernels and {"int8", "int4"} & set(spec.precisions):
+            failure = weight_only.kernel_failure(self.device, self.dtype)
+            if failure is None:
+                weight_only.replace_quanto_linears(self.layers)
+            else:
+                log.warning("int8 kernels do not run on %s in %s (%s): quanto's kernels serve", self.device,
+                            spec.dtype, failure)
         if self.embed is not None:
             self._assign(self.embed, tensors, "embed.")
         if self.norm is not None:

@@ -10,16 +10,18 @@ the per-channel scale once at the end. Products of more rows (prefill chunks) ar
 arithmetic: there the weights are dequantized by one kernel into the compute dtype and multiplied
 by cuBLAS (DEQUANTIZE_ROWS).
 
-int4: quanto's tinygemm kernel (bf16) is kept: at 1-16 rows it was 3-4x faster than an int4
-kernel written like the int8 one and than dequantize + cuBLAS (docs/benchmarks.md). Only where
-quanto would run its AWQ kernel (fp16 int4 on CUDA), which fails with an illegal memory access on
-Hopper (../shared/notes/platform.md), are int4 layers converted: repacked two values a byte along
-K (q[2j] in the low nibble, q[2j + 1] in the high one) and run as dequantize + cuBLAS.
+int4: quanto's own kernels are kept (tinygemm for bf16: at 1-16 rows it was 3-4x faster than an
+int4 kernel written like the int8 one and than dequantize + cuBLAS, docs/benchmarks.md). Only
+where quanto would run its AWQ kernel (fp16 int4 on CUDA), which fails with an illegal memory
+access on Hopper (../shared/notes/platform.md), are int4 layers converted: repacked two values a
+byte along K (q[2j] in the low nibble, q[2j + 1] in the high one) and run as dequantize + cuBLAS.
 
 The quantization stays quanto's (same values, groups and scales: quality measured on any device
-holds here); `replace_quanto_linears` swaps a frozen layer's QLinear modules. int8 weights are
-quanto's own tensors, shared, not copied. Activation-quantized layers (w8a8) and fp8 (quanto's
-Marlin kernel, on par with bf16) keep quanto's modules.
+holds here); `replace_quanto_linears` swaps a frozen layer's QLinear modules where the kernels
+compile and run on the device (`kernel_failure`). int8 weights are quanto's own tensors, not
+copies (fusing q|k|v and gate|up copies them once into one tensor, as for bf16 weights).
+Activation-quantized layers (w8a8) and fp8 (quanto's Marlin kernel, on par with bf16) keep
+quanto's modules.
 
 Shapes: x [..., K] in the compute dtype; int8 weight [N, K] with scale [N]; int4 weight [N, K/2]
 uint8 with scale and zero [N, K/G] (G = quanto's group size), w = q * scale - zero; out [..., N].
@@ -55,7 +57,7 @@ class TileConfig(NamedTuple):
     stages: int
 
 
-def tile_config(rows: int, n: int, k: int) -> TileConfig:
+def tile_config(rows: int, k: int) -> TileConfig:
     """Tiles for an int8 [rows, k] x [k, n] product, bound by reading the weights. From a sweep on
     an H200 (Llama-3-8B shapes; benchmarks/weight_only_sweep.py --sweep, docs/benchmarks.md):
     narrow column blocks streaming long K blocks at 1-16 rows, wider ones at more; a K past 4096
@@ -117,7 +119,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x [M, K] (compute dtype, K contiguous), weight [N, K] int8, scale [N] -> [M, N] in x's dtype."""
     rows, k = x.shape
     n = weight.shape[0]
-    config = config or tile_config(rows, n, k)
+    config = config or tile_config(rows, k)
     if config.split_k == 1:
         out = torch.empty((1, rows, n), dtype=x.dtype, device=x.device)
     else:  # float32 partials, one per split, summed below
@@ -139,7 +141,7 @@ class WeightOnlyLinear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group: int, in_features: int):
         super().__init__()
-        self.bits, self.group = bits, group
+        self.bits, self.group = bits, group  # group: values per int4 scale along K (0 for int8)
         self.in_features, self.out_features = in_features, weight.shape[0]
         self.register_buffer("weight", weight)  # int8 [N, K] or uint8 [N, K / 2]
         self.register_buffer("scale", scale)  # [N] (int8) or [N, K / group] (int4)
@@ -152,11 +154,11 @@ class WeightOnlyLinear(torch.nn.Module):
         n, k = self.out_features, self.in_features
         if available(self.weight.device):
             out = torch.empty((n, k), dtype=self.scale.dtype, device=self.weight.device)
-            block_k = 128 if self.group % 128 == 0 else 32  # int4: a block lies within one group
-            _dequantize[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+            # int4: a 128-value K block is one group (quanto's AWQ and tinygemm layouts have 128)
+            _dequantize[(triton.cdiv(n, 32), triton.cdiv(k, 128))](
                 self.weight, self.scale, self.zero if self.zero is not None else self.scale, out, n, k,
                 self.weight.stride(0), self.scale.stride(0), out.stride(0),
-                BITS=self.bits, GROUP=self.group, BLOCK_N=32, BLOCK_K=block_k)
+                BITS=self.bits, GROUP=self.group, BLOCK_N=32, BLOCK_K=128)
             return out
         if self.bits == 8:
             return self.weight * self.scale[:, None]
@@ -204,29 +206,23 @@ def fusable(*linears: torch.nn.Module) -> bool:
                and (m.bias is None) == (first.bias is None) for m in linears)
 
 
-def int4_from_quanto(weight, bias: torch.Tensor | None) -> WeightOnlyLinear | None:
-    """The WeightOnlyLinear of a quanto int4 weight (any of its layouts), or None where its groups
-    are not a multiple of 32 values (the dequantize kernel's K block)."""
-    plain = weight if type(weight).__name__ == "WeightQBitsTensor" else weight.weight_qbits_tensor()
+def int4_from_quanto(weight, bias: torch.Tensor | None) -> WeightOnlyLinear:
+    """The WeightOnlyLinear of a quanto int4 weight in its AWQ or tinygemm layout (groups of 128
+    along K, a float shift: w = q * scale - shift)."""
+    plain = weight.weight_qbits_tensor()
     n, k = plain.shape
-    group = plain._group_size or k  # None: one group per row (K at most quanto's group size)
-    if group % 32:
-        return None
-    data = plain._data.unpack() if hasattr(plain._data, "unpack") else plain._data
-    q = data.reshape(n, k).to(torch.uint8)
+    group = plain._group_size
+    q = plain._data.unpack().reshape(n, k).to(torch.uint8)  # [N, K], 0..15
     scale = plain._scale.reshape(n, k // group)
-    shift = plain._shift.reshape(n, k // group)
-    # quanto: w = (q - shift) * scale for an integer shift, q * scale - shift for a float one
-    zero = shift if shift.dtype.is_floating_point else shift.to(scale.dtype) * scale
+    zero = plain._shift.reshape(n, k // group)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K / 2]
-    return WeightOnlyLinear(packed.contiguous(), scale.contiguous(), zero.to(scale.dtype).contiguous(),
-                            bias, 4, group, k)
+    return WeightOnlyLinear(packed.contiguous(), scale.contiguous(), zero.contiguous(), bias, 4, group, k)
 
 
 def from_quanto(module: torch.nn.Module) -> WeightOnlyLinear | None:
     """What replaces a frozen quanto QLinear on a GPU, or None where quanto's module stays:
-    weight-only int8 always; int4 only in quanto's AWQ layout (the others run tinygemm, faster
-    at decode); never activation-quantized or fp8 layers."""
+    weight-only int8 always; int4 only in quanto's AWQ layout (its other layouts keep quanto's
+    kernels: tinygemm, faster at decode); never activation-quantized or fp8 layers."""
     from optimum.quanto import QBytesTensor, qint8
     from optimum.quanto.tensor.weights.awq import AWQWeightQBitsTensor
 
@@ -235,8 +231,7 @@ def from_quanto(module: torch.nn.Module) -> WeightOnlyLinear | None:
     weight = module.weight
     bias = module.bias.data if module.bias is not None else None
     if isinstance(weight, QBytesTensor) and weight.qtype == qint8 and weight.axis == 0:
-        return WeightOnlyLinear(weight._data, weight._scale.reshape(-1), None, bias, 8, weight.shape[1],
-                                weight.shape[1])
+        return WeightOnlyLinear(weight._data, weight._scale.reshape(-1), None, bias, 8, 0, weight.shape[1])
     if isinstance(weight, AWQWeightQBitsTensor):
         return int4_from_quanto(weight, bias)
     return None
@@ -246,15 +241,42 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+_FAILURES: dict[tuple[torch.device, torch.dtype], str | None] = {}
+
+
+def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot serve a stage on `device` in `dtype`, or None where they can: each
+    tile shape a stage uses and both dequantizations compiled and run once on small weights. Tiles
+    come from an H200 sweep; another GPU may lack their shared memory (float32 at 64 rows needs
+    more than sm_86's 99 KB) or bf16 products (before sm_80)."""
+    key = (device, dtype)
+    if key not in _FAILURES:
+        try:
+            for rows, k in ((1, 8192), (32, 4096), (64, 8192)):
+                x = torch.randn(rows, k, dtype=dtype, device=device)
+                int8 = WeightOnlyLinear(torch.ones(64, k, dtype=torch.int8, device=device),
+                                        torch.ones(64, dtype=dtype, device=device), None, None, 8, 0, k)
+                int8(x)
+                int8.dequantized()
+            groups = torch.ones(64, 1, dtype=dtype, device=device)
+            WeightOnlyLinear(torch.ones(64, 64, dtype=torch.uint8, device=device), groups, groups, None, 4, 128,
+                             128).dequantized()
+            torch.cuda.synchronize(device)
+            _FAILURES[key] = None
+        except Exception as exc:  # a compile error, too little shared memory, an unsupported GPU
+            _FAILURES[key] = f"{type(exc).__name__}: {exc}"
+    return _FAILURES[key]
+
+
 def replace_quanto_linears(module: torch.nn.Module) -> int:
     """Swap the quanto QLinear modules under `module` that from_quanto replaces (frozen modules
     only). -> how many were swapped."""
-    from optimum.quanto import QModuleMixin
+    from optimum.quanto import QLinear
 
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, QModuleMixin):
+            if isinstance(child, QLinear):
                 replacement = from_quanto(child)
                 if replacement is not None:
                     setattr(parent, name, replacement)
