@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serving on one GPU through the real daemons and the line protocol, against transformers
 # `generate` on the same GPU with the same requests in the same run (hetserve bench --baseline hf).
-# 1 stage, then 2 stage processes sharing the one GPU (a pipeline of two, not two GPUs).
+# 1 stage, then 2 stages: on a machine of 2 GPUs each on its own (`hetserve up --device cuda`
+# spreads hosts over the GPUs), on one GPU 2 stage processes sharing it.
 #
 #   python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer
 #   bash benchmarks/gpu_serving.sh /tmp/llama-3-8b OUT_DIR [CONCURRENCY...]

@@ -300,7 +300,9 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, ke
 @click.option("--listen", default="127.0.0.1:5555", show_default=True, help="HOST:PORT where the local hosts join.")
 @click.option("--serve", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the client line protocol.")
 @click.option("--http", default=None, help=HTTP_HELP)
-@click.option("--device", default="cpu", show_default=True, help="Device of every local host.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device of the local hosts: cpu, cuda:N, cuda (one host per GPU of this machine, in turn), "
+                   "or a comma-separated list taken in turn (cuda:0,cuda:1).")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of every stage.")
 @click.option("--memory", default=None, help="Memory each local host offers (e.g. 2GiB).")
 @click.option("--threads", default=None, type=click.IntRange(1),
@@ -336,8 +338,13 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
         flag, value = field.name.replace("_", "-"), getattr(limits, field.name)
         leader_cmd += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     procs = [spawn_child(leader_cmd)]
-    for i in range(workers):
-        cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", device,
+    gpus = 0
+    if device == "cuda":
+        import torch  # only here: the other verbs of this process need no torch
+
+        gpus = torch.cuda.device_count()
+    for i, host_device in enumerate(local_host_devices(device, workers, gpus)):
+        cmd = [sys.executable, "-m", "hetserve", "join", "--leader", listen, "--device", host_device,
                "--name", f"worker-{i}", "--threads", str(threads), "--log-level", log_level, *logging_flags,
                "--model", model]  # the leader's own files, on this machine: nothing to stream
         if memory:
@@ -358,6 +365,19 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
     finally:
         stop_processes(procs)
     sys.exit(code)
+
+
+def local_host_devices(device: str, hosts: int, gpus: int) -> list[str]:
+    """The device of each of `hosts` hosts on one machine (`hetserve up`): a comma-separated list
+    is taken in turn; a bare "cuda" spreads them over the machine's `gpus` GPUs (host i on
+    cuda:i mod gpus), so that each stage of a multi-GPU box computes on a GPU of its own instead
+    of all time-sharing the first; anything else is every host's."""
+    listed = [d.strip() for d in device.split(",") if d.strip()]
+    if len(listed) > 1:
+        return [listed[i % len(listed)] for i in range(hosts)]
+    if device == "cuda" and gpus > 1:
+        return [f"cuda:{i % gpus}" for i in range(hosts)]
+    return [device] * hosts
 
 
 def spawn_child(cmd: list[str]) -> subprocess.Popen:

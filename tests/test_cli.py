@@ -197,3 +197,16 @@ def test_settings_precedence_cli_over_env_over_file(tmp_path):
     bad.write_text('[leader]\ndecode_ahead = "maybe"\n')
     refused = hetserve("leader", "--config", str(bad), timeout=60)
     assert refused.returncode == 2 and "decode_ahead: 'maybe' is not one of 'auto', 'on', 'off'" in refused.stderr
+
+
+def test_up_spreads_local_hosts_over_the_gpus():
+    """`hetserve up --device cuda` on a box of 2 GPUs puts each stage on a GPU of its own; a list
+    is taken in turn; one GPU, or a device named, is every host's."""
+    from hetserve.cli import local_host_devices
+
+    assert local_host_devices("cuda", 2, gpus=2) == ["cuda:0", "cuda:1"]
+    assert local_host_devices("cuda", 3, gpus=2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert local_host_devices("cuda", 2, gpus=1) == ["cuda", "cuda"]
+    assert local_host_devices("cuda:1", 2, gpus=2) == ["cuda:1", "cuda:1"]
+    assert local_host_devices("cuda:1, cpu", 3, gpus=2) == ["cuda:1", "cpu", "cuda:1"]
+    assert local_host_devices("cpu", 2, gpus=0) == ["cpu", "cpu"]
