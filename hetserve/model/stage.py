@@ -154,7 +154,8 @@ class StageModel:
         if weight_only.available(self.device) and not quanto_kernels and {"int8", "int4"} & set(spec.precisions):
             failure = weight_only.kernel_failure(self.device, self.dtype)
             if failure is None:
-                weight_only.replace_quanto_linears(self.layers)
+                log.info("%d quantized linears run hetserve's kernels (model/weight_only.py)",
+                         weight_only.replace_quanto_linears(self.layers))
             else:
                 log.warning("int8 kernels do not run on %s in %s (%s): quanto's kernels serve", self.device,
                             spec.dtype, failure)
