@@ -275,9 +275,12 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
                    "prompt tokens, captured at load) "
                    "through fused layers (torch.compile, Triton attention); off: launch transformers' layers "
                    "eagerly (for debugging, or where torch.compile or Triton fails).")
+@click.option("--quanto-kernels", is_flag=True,
+              help="On a GPU, int8 layers run optimum-quanto's matmuls instead of hetserve's (7-15x slower at "
+                   "decode on an H200; a baseline, or a way out should ours misbehave on a GPU).")
 @log_options
 def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, cuda_graphs,
-         log_level, log_json):
+         quanto_kernels, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     if omp_wait == "active":
         # Read by libgomp when torch loads, so before the import below. A stage idles while the
@@ -288,7 +291,7 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, ke
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads, model=model,
                             disk_limit=parse_size(disk_limit) if disk_limit else None, keys=keys, insecure=insecure,
-                            cuda_graphs=cuda_graphs)
+                            cuda_graphs=cuda_graphs, quanto_kernels=quanto_kernels)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 

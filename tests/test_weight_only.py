@@ -114,6 +114,8 @@ def test_stage_swaps_int8_layers_only_where_the_kernels_run(tmp_path, monkeypatc
     assert type(kept.layers[0].self_attn.q_proj).__name__ == "QLinear"
     assert "quanto's kernels serve" in caplog.text and "OutOfResources" in caplog.text
     monkeypatch.setattr(weight_only, "kernel_failure", lambda device, dtype: None)
+    asked = StageModel(tmp_path, spec, "cpu", quanto_kernels=True)  # join --quanto-kernels
+    assert type(asked.layers[0].self_attn.q_proj).__name__ == "QLinear"
     swapped = StageModel(tmp_path, spec, "cpu")
     assert type(swapped.layers[0].mlp.down_proj).__name__ == "WeightOnlyLinear"
     assert type(swapped.layers[1].mlp.down_proj) is torch.nn.Linear  # the native layer

@@ -283,7 +283,8 @@ class Host:
         layers = load_config(model_dir).num_hidden_layers
         if layers != msg.num_layers:
             raise ModelError(f"{msg.model} here has {layers} layers, the leader's has {msg.num_layers}: not the same model")
-        model = StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs)
+        model = StageModel(model_dir, spec, self.settings.device, self.settings.cuda_graphs,
+                           self.settings.quanto_kernels)
         started = time.perf_counter()
         try:
             captured = model.static_steps.warm_up()
