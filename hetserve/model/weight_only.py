@@ -10,8 +10,8 @@ the per-channel scale once at the end. Products of more rows (prefill chunks) ar
 arithmetic: there the weights are dequantized by one kernel into the compute dtype and multiplied
 by cuBLAS (DEQUANTIZE_ROWS).
 
-int4: quanto's own kernels are kept (tinygemm for bf16: at 1-16 rows it was 3-4x faster than an
-int4 kernel written like the int8 one and than dequantize + cuBLAS, docs/benchmarks.md). Only
+int4: quanto's own kernels are kept (tinygemm for bf16: at 1-16 rows it was 1.2-4.3x faster than
+an int4 kernel written like the int8 one and than dequantize + cuBLAS, docs/benchmarks.md). Only
 where quanto would run its AWQ kernel (fp16 int4 on CUDA), which fails with an illegal memory
 access on Hopper (../shared/notes/platform.md), are int4 layers converted: repacked two values a
 byte along K (q[2j] in the low nibble, q[2j + 1] in the high one) and run as dequantize + cuBLAS.
