@@ -23,25 +23,12 @@ from pathlib import Path
 import torch
 from triton.runtime.errors import OutOfResources
 
+from gpu_decode import copy_bandwidth  # benchmarks/ is on the path of a script run from it
 from hetserve.model import weight_only
 from hetserve.model.weight_only import TileConfig
 
 SHAPES = {"q|k|v": (6144, 4096), "o_proj": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
 LAYERS = 32
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    a = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
 
 
 def graph_us(fns, replays: int = 10) -> float:
