@@ -2,7 +2,7 @@
 
 Each tensor is its own single-tensor safetensors file named after the tensor, so a stage loads it
 with the ordinary loader (a `model.safetensors.index.json` lists the complete ones). A tensor in
-transfer is written to `<name>.safetensors.<host>.part`, header first and then its data in order,
+transfer is written to `<name>.safetensors.<owner>.part`, header first and then its data in order,
 so after a crash the part's length says where to resume. A part becomes the real file only after
 its data hashed to the manifest's digest, by an atomic rename: a host never loads a half-written
 or corrupted tensor, and a complete file that fails its hash later is deleted and fetched again.
@@ -75,7 +75,8 @@ class Missing:
 
 class WeightStore:
     def __init__(self, model_hash: str, owner: str):
-        """owner: the host writing through this store (its name), which names its part files."""
+        """owner: names this host's part files, the same across its restarts (resumes) and apart
+        from other hosts of the machine (its --name, or its device)."""
         self.root = weights_root() / model_hash
         self.root.mkdir(parents=True, exist_ok=True)
         self.owner = re.sub(r"[^\w.-]", "_", owner)  # a file name's part, whatever the host is called

@@ -259,7 +259,9 @@ class Host:
                                      f"{describe_mismatch(local, manifest)}")
                 log.info("using this host's own copy %s (it matches the leader's manifest)", files.path)
                 return files.path, 0
-            store = WeightStore(manifest.model_hash, self.name)
+            # Part files are named for --name, else the device: stable across restarts, so a restarted
+            # host resumes its parts (the default name carries the pid).
+            store = WeightStore(manifest.model_hash, self.settings.name or self.settings.device)
             entries = {e.name: e for e in manifest.entries}
             fetched = await fetcher.fetch(store, await self._offload(store.missing, [entries["config.json"]]), False)
             config = await self._offload(load_config, store.root)
