@@ -11,6 +11,8 @@
 # DTYPE (cuda, bfloat16) allow a CPU dry run; REQUESTS_PER_CLIENT (2) sets each level's length;
 # UP_ARGS adds options to `hetserve up` (e.g. '--decode-ahead off') and LABEL prefixes the output
 # files, so that two settings can be run side by side into one OUT_DIR.
+# PRECISION=int8 (or int4) serves every decoder layer at that precision (through a plan file of
+# the same limits, layers split evenly) and quantizes the transformers baseline's layers the same way.
 # With PYSPY_SECONDS=N and py-spy installed, each level also samples the leader and the first
 # host for N seconds (2 s into the level) into OUT_DIR/*.pyspy (collapsed stacks: where their
 # per-step time goes); py-spy takes a few seconds to attach there, so make the levels long, and
@@ -22,11 +24,31 @@ shift 2
 levels=("${@:-1 16 64}")
 mkdir -p "$out"
 hetserve() { python3 -m hetserve "$@"; }
+precision=${PRECISION:-native}
+uniform_plan() {  # $1 hosts -> a plan file: every layer at $precision, the same limits as below
+  python3 - "$model" "$1" "$precision" "${DTYPE:-bfloat16}" "$out/plan-$precision-$1.json" <<'PY'
+import json, sys
+from transformers import AutoConfig
+model, hosts, precision, dtype, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+layers = AutoConfig.from_pretrained(model).num_hidden_layers
+bounds = [layers * i // hosts for i in range(hosts + 1)]
+stages = [{"host": f"worker-{i}", "start": a, "end": b, "precisions": [precision] * (b - a), "prefill_ms": 0.0,
+           "decode_ms": 0.0, "memory_bytes": 0, "capacity_bytes": 0} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+plan = {"model": model, "dtype": dtype, "workload": {"prompt_tokens": 896, "output_tokens": 128, "batch": 64},
+        "max_ppl_increase": 0.0, "base_ppl": 0.0, "predicted_ppl": 0.0, "stages": stages, "prefill_microbatch": 8,
+        "decode_microbatch": 64, "predicted_tokens_per_s": 0.0,
+        "notes": [f"written by benchmarks/gpu_serving.sh: every layer {precision}, not planned"]}
+open(path, "w").write(json.dumps(plan, indent=1))
+print(path)
+PY
+}
 for workers in ${WORKERS:-1 2}; do
+  plan=()
+  [ "$precision" != native ] && plan=(--plan "$(uniform_plan "$workers")")
   # python3 itself in the background, not the shell function: $! must be the process that TERM stops (a background job ignores INT).
   python3 -m hetserve up --workers "$workers" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --model "$model" --listen 127.0.0.1:5565 \
     --serve 127.0.0.1:5566 --max-seqs 64 --decode-seqs 64 --prefill-seqs 8 --prefill-tokens 1024 \
-    --max-context 1024 --log-level warning ${UP_ARGS:-} &
+    --max-context 1024 --log-level warning "${plan[@]}" ${UP_ARGS:-} &
   server=$!
   trap 'kill -TERM "$server" 2>/dev/null || true' EXIT  # never leave a cluster behind
   # Wait for the cluster to serve (one short request), so that every level starts on a ready one.
@@ -34,7 +56,7 @@ for workers in ${WORKERS:-1 2}; do
     --wait 600 --no-progress > "$out/${LABEL:-}stages$workers-ready.txt"
   for c in ${levels[*]}; do
     extra=()
-    [ "$workers" = 1 ] && [ "${BASELINE:-hf}" != none ] && extra=(--baseline hf --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
+    [ "$workers" = 1 ] && [ "${BASELINE:-hf}" != none ] && extra=(--baseline hf --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --baseline-precision "$precision")
     if [ -n "${PYSPY_SECONDS:-}" ]; then
       for role in leader join; do  # 2 s in: past bench's warm-up, within its measured load
         (sleep 2; pid=$(pgrep -f "hetserve $role" | head -1) &&

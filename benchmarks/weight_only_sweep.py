@@ -10,6 +10,7 @@ its weights from memory. Floor: the weights' bytes (scales included) / the measu
 
     python benchmarks/weight_only_sweep.py --rows 1,16,64,128,512,2048 --json out.json
     python benchmarks/weight_only_sweep.py --rows 1,64 --sweep
+    python benchmarks/weight_only_sweep.py --bits 8 --rows 16,64 --sweep swap
 """
 
 from __future__ import annotations
@@ -70,13 +71,18 @@ def quantized(n: int, k: int, bits: int, device: torch.device):
     return quanto, ours
 
 
-def sweep_configs(rows: int, k: int) -> list[TileConfig]:
-    block_ks = (128, 256)
+def sweep_configs(rows: int, k: int, which: str) -> list[TileConfig]:
+    """Tiles to time: `which` is "all" (plain and transposed) or "swap" (the transposed ones only)."""
+    configs = []
     if rows <= 64:
         block_m = max(16, 1 << (rows - 1).bit_length())
-        grid = itertools.product((32, 64, 128), block_ks, (1, 2, 4))
-        configs = [TileConfig(block_m, n, kk, s, 4, 4) for n, kk, s in grid]
-    else:
+        if which == "all":
+            grid = itertools.product((32, 64, 128), (128, 256), (1, 2, 4))
+            configs = [TileConfig(block_m, n, kk, s, 4, 4) for n, kk, s in grid]
+        # the transposed product: weight rows are the tensor cores' M (64 or 128), the rows their N
+        swapped = itertools.product((64, 128), (64, 128, 256), (1, 2, 4))
+        configs += [TileConfig(block_m, n, kk, s, 4, 4, True) for n, kk, s in swapped]
+    elif which == "all":
         grid = itertools.product((64, 128), (128, 256), (64, 128))
         configs = [TileConfig(m, n, kk, 1, 8, 3) for m, n, kk in grid]
     valid = {c for c in configs if c.block_k * c.split_k <= k}
@@ -89,7 +95,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16,64,512,2048")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--sweep", action="store_true", help="also time a grid of tiles per row (slow: compiles each)")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap"], default=None,
+                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -111,12 +118,12 @@ def main() -> None:
             theirs = graph_us([lambda m=m: m(x) for m in quanto])
             # int8: the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS; int4: stages keep quanto's
             served = graph_us([lambda m=m: m(x) for m in ours]) if bits == 8 else theirs
-            chosen = weight_only.tile_config(rows, k)
+            chosen = weight_only.tile_config(rows, k, n)
             kernel = graph_us([lambda m=m: weight_only.int8_matmul(x, m.weight, m.scale) for m in ours]) \
                 if bits == 8 else float("nan")
             dequant = graph_us([lambda m=m: torch.nn.functional.linear(x, m.dequantized()) for m in ours])
             timed = {}
-            for c in sweep_configs(rows, k) if args.sweep and bits == 8 else []:
+            for c in sweep_configs(rows, k, args.sweep) if args.sweep and bits == 8 else []:
                 try:
                     timed[c] = graph_us([lambda m=m, c=c: weight_only.int8_matmul(x, m.weight, m.scale, c) for m in ours])
                 except OutOfResources:  # tiles past the shared memory

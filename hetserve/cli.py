@@ -538,6 +538,10 @@ def status(server, as_json, token_file):
                    "by --concurrency, left-padded) and print hetserve / hf.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the --baseline (cpu, cuda, cuda:N).")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Dtype of the --baseline.")
+@click.option("--baseline-precision", type=click.Choice(["native", "int8", "int4"]), default="native",
+              show_default=True,
+              help="Quantize the --baseline's decoder layers with quanto as a stage would (weights only; "
+                   "the embedding and head stay in --dtype): compare with a cluster serving that precision.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads of the --baseline (default: torch's).")
 @click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the results here as JSON.")
@@ -546,12 +550,13 @@ def status(server, as_json, token_file):
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 @token_option(CLIENT_TOKEN_HELP)
 def bench(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model, temperature,
-          warmup, baseline, device, dtype, threads, json_file, wait, progress, token_file):
+          warmup, baseline, device, dtype, baseline_precision, threads, json_file, wait, progress, token_file):
     """Load a cluster with concurrent clients; report tokens/s, requests/s, TTFT and TPOT."""
     from .bench.run import BenchConfig, BenchError, run_bench
 
     config = BenchConfig(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model,
-                         temperature, warmup, baseline, device, dtype, threads, wait, progress, read_token(token_file))
+                         temperature, warmup, baseline, device, dtype, baseline_precision, threads, wait, progress,
+                         read_token(token_file))
     try:
         report = run_bench(config)
     except BenchError as exc:

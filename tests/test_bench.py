@@ -125,6 +125,21 @@ def test_bench_against_a_cluster_with_the_hf_baseline(cluster_factory, tmp_path)
     assert report["server"]["model"] == "smollm2-135m" and report["config"]["concurrency"] == 2
 
 
+def test_hf_baseline_quantizes_its_layers_as_a_stage_does(model_dir):
+    """--baseline-precision int8: the baseline's decoder layers are quanto's int8 linears (weights
+    only), the head stays in the compute dtype, and it still generates each request to its limit."""
+    from optimum.quanto import QLinear
+
+    from hetserve.bench.baseline import BaselineSpec, HFBaseline
+
+    hf = HFBaseline(BaselineSpec(model_dir, "cpu", "float32", threads=1, precision="int8"), "Hello")
+    layer = hf.model.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, QLinear) and layer.mlp.down_proj.activation_qtype is None
+    assert not isinstance(hf.model.lm_head, QLinear)
+    run = hf.run([(0, RequestSpec("The capital of France is", 5)), (1, RequestSpec("One, two,", 3))], 2)
+    assert sorted((r.index, r.output_tokens) for r in run.results) == [(0, 5), (1, 3)]
+
+
 def test_bench_bad_input_is_one_clear_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -116,6 +116,23 @@ def test_int8_matmul_matches_quanto(rows, dtype):
         assert (got - want).abs().max() <= 0.01 * want.abs().max(), (n, k)
 
 
+@pytest.mark.parametrize("config", [(16, 64, 128, 1), (16, 128, 256, 2), (64, 64, 64, 4), (64, 128, 128, 1)])
+def test_int8_matmul_transposed_tiles_agree(config):
+    """The transposed product (SWAP: out^T = w @ x^T) computes what the plain one does, for tiles
+    that do not divide N, K or the rows."""
+    from hetserve.model.weight_only import TileConfig, int8_matmul
+
+    torch.manual_seed(0)
+    block_m, block_n, block_k, split = config
+    weight = torch.randint(-127, 128, (1000, 1500), dtype=torch.int8, device="cuda")
+    scale = torch.rand(1000, dtype=torch.bfloat16, device="cuda") / 100
+    for rows in (1, 13, 64):
+        x = torch.randn(rows, 1500, dtype=torch.bfloat16, device="cuda")
+        want = (x.float() @ (weight.float() * scale.float()[:, None]).T)
+        got = int8_matmul(x, weight, scale, TileConfig(block_m, block_n, block_k, split, 4, 4, True)).float()
+        assert (got - want).abs().max() <= 0.01 * want.abs().max(), rows
+
+
 def test_int4_in_quantos_awq_layout_runs_ours():
     """fp16 int4 weights, which quanto packs for its AWQ kernel (an illegal memory access on
     Hopper, ../shared/notes/platform.md), are converted: they compute what quanto dequantizes them to."""

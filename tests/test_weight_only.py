@@ -75,12 +75,15 @@ def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype
 
 def test_tiles_stream_long_k_blocks_and_split_only_long_k():
     # o_proj, q|k|v, gate|up of a Llama-3-8B shape at 1 row: 32 columns a program, no split
-    assert tile_config(1, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
+    assert tile_config(1, 4096, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
     # down (K = 14336): split in 4
-    assert tile_config(16, 14336) == TileConfig(16, 64, 256, 4, 4, 4)
-    assert tile_config(64, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
-    assert tile_config(128, 4096).block_m == 64
-    assert tile_config(1, 576).split_k == 1
+    assert tile_config(16, 14336, 4096) == TileConfig(16, 64, 256, 4, 4, 4)
+    assert tile_config(64, 14336, 4096) == TileConfig(64, 64, 128, 4, 4, 4)
+    # 17-64 rows, K <= 4096: the transposed product, split where N gives few column blocks
+    assert tile_config(64, 4096, 28672) == TileConfig(64, 64, 128, 1, 4, 4, swap=True)
+    assert tile_config(33, 4096, 4096) == TileConfig(64, 64, 128, 4, 4, 4, swap=True)
+    assert tile_config(128, 4096, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
+    assert tile_config(1, 576, 1536).split_k == 1
 
 
 def test_a_kernel_failure_is_reported_once_with_its_reason(monkeypatch):

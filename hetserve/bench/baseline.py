@@ -27,6 +27,7 @@ class BaselineSpec:
     dtype: str  # float32 | float16 | bfloat16
     temperature: float = 0.0
     threads: int | None = None  # torch CPU threads; None = torch's default
+    precision: str = "native"  # decoder layers quantized by quanto as a stage quantizes them (model/precision.py)
 
 
 def check_device(device: str) -> None:
@@ -96,6 +97,11 @@ class HFBaseline:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=getattr(torch, spec.dtype))
         self.model = model.to(spec.device).eval()
+        if spec.precision != "native":
+            from ..model.precision import apply_precisions
+
+            layers = self.model.model.layers
+            apply_precisions(layers, [spec.precision] * len(layers), torch.device(spec.device))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.sampling = ({"do_sample": True, "temperature": spec.temperature, "top_p": 1.0, "top_k": 0}
                          if spec.temperature > 0 else {"do_sample": False})

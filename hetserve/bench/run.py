@@ -39,6 +39,7 @@ class BenchConfig:
     baseline: str | None = None  # "hf" or None
     device: str = "cpu"  # the baseline's
     dtype: str = "float32"  # the baseline's
+    precision: str = "native"  # the baseline's decoder layers: native, int8 or int4 (quanto, weights only)
     threads: int | None = None  # the baseline's torch threads
     wait_s: float = 0.0  # for the server to come up and serve
     progress: bool = True
@@ -135,7 +136,7 @@ def _notes(name: str, summary: Summary, asked: float | None) -> list[str]:
 
 
 def _run_hf(config: BenchConfig, model_dir: Path, sent: list[tuple[int, RequestSpec]]) -> tuple[str, Summary, dict]:
-    spec = BaselineSpec(model_dir, config.device, config.dtype, config.temperature, config.threads)
+    spec = BaselineSpec(model_dir, config.device, config.dtype, config.temperature, config.threads, config.precision)
     try:
         hf = HFBaseline(spec, sent[0][1].prompt)
         update, close = _progress(len(sent), "transformers", config.progress)
@@ -146,8 +147,10 @@ def _run_hf(config: BenchConfig, model_dir: Path, sent: list[tuple[int, RequestS
     except (OSError, RuntimeError, ValueError) as exc:  # device out of memory, unloadable model, ...
         raise BenchError(f"the transformers baseline failed: {exc}") from None
     summary = summarize(run.results, run.duration_s)
-    label = f"transformers generate ({config.device})"
+    precision = "" if config.precision == "native" else f", {config.precision} layers"
+    label = f"transformers generate ({config.device}{precision})"
     return label, summary, {"name": "hf", "label": label, "device": config.device, "dtype": config.dtype,
+                            "precision": config.precision,
                             "batch": config.concurrency, "threads": config.threads, "summary": asdict(summary)}
 
 

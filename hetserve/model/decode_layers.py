@@ -7,7 +7,7 @@ H200 that was 421 kernels per 8-layer step and 2.2x the weight-reading floor (do
 Here a layer is:
   add + RMSNorm (one fused kernel) -> q|k|v projection (one matmul where the weights are plain)
   -> split, per-head norms (Qwen3), rotary (one fused kernel) -> K/V cache write -> attention
-  -> o_proj -> add + RMSNorm (fused) -> gate|up projection (one matmul) -> SiLU * up (fused)
+  (on a GPU, decode: rotary, the K/V write and attention in one Triton kernel) -> o_proj -> add + RMSNorm (fused) -> gate|up projection (one matmul) -> SiLU * up (fused)
   -> down projection; its residual add fuses into the next layer's norm.
 The elementwise parts are plain torch functions, compiled with torch.compile (Inductor fuses
 each into one Triton kernel) where `compile` is set, which a stage does when it captures CUDA
@@ -54,16 +54,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def head_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int):
+    """q [b, 1, Hq*D], k and v [b, 1, Hkv*D] -> views q, k, v [b, heads, 1, D] (no copy)."""
+    rows = q.shape[0]
+    return tuple(t.view(rows, 1, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+
+
 def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float):
     """q [b, 1, Hq*D], k and v [b, 1, Hkv*D] (projections), cos and sin [b, 1, D] ->
     q, k, v [b, heads, 1, D], with the per-head norms (Qwen3) and rotary applied to q and k."""
-    rows = q.shape[0]
-    q = q.view(rows, 1, -1, head_dim)
-    k = k.view(rows, 1, -1, head_dim)
+    q, k, v = head_views(q, k, v, head_dim)
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(rows, 1, -1, head_dim).transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, 1, D]: one position per row
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
@@ -176,27 +179,37 @@ class DecodeLayers:
 
     def __call__(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: SlotKVCache,
                  layout: StepLayout) -> torch.Tensor:
-        cos, sin = cos_sin
         delta = None
         for index, layer in enumerate(self.layers):
             if delta is None:
                 normed = self._norm(hidden, layer.input_norm, layer.eps)
             else:
                 hidden, normed = self._add_norm(hidden, delta, layer.input_norm, layer.eps)
-            q, k, v = self._split_heads(*layer.projections(normed), cos, sin, layer.head_dim,
-                                        layer.q_norm, layer.k_norm, layer.eps)  # [b, heads, 1, D]
-            if self.in_place_attention:
-                if layout.shared_slots:  # prompt tokens: all K/V written before any row attends
-                    cache.write(k, v, index)
-                attended = slot_attention.slot_decode_attention(
-                    q, k, v, cache.keys[index], cache.values[index], layout.slots, layout.starts, layout.lengths,
-                    cache.scratch, layer.scaling, write=not layout.shared_slots)  # [b, 1, Hq*D]
-            else:
-                keys, values = cache.update(k, v, index)  # [b, Hkv, L, D]
-                attended = grouped_decode(q, keys, values, layout.mask, layer.scaling)  # [b, 1, Hq*D]
+            attended = self._attention(layer, index, normed, cos_sin, cache, layout)  # [b, 1, Hq*D]
             hidden, normed = self._add_norm(hidden, layer.o_proj(attended), layer.post_norm, layer.eps)
             delta = layer.down_proj(self._silu_mul(*layer.gate_and_up(normed)))
         return hidden + delta
+
+    def _attention(self, layer: _Layer, index: int, normed: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                   cache: SlotKVCache, layout: StepLayout) -> torch.Tensor:
+        """normed [b, 1, H] -> attention output [b, 1, Hq*D]; the step's K/V land in the cache."""
+        cos, sin = cos_sin
+        projections = layer.projections(normed)
+        if self.in_place_attention and not layout.shared_slots and layer.q_norm is None:
+            q, k, v = head_views(*projections, layer.head_dim)  # [b, heads, 1, D]
+            # decode: rotary, the K/V write and attention are one kernel
+            return slot_attention.slot_decode_attention(
+                q, k, v, cache.keys[index], cache.values[index], layout.slots, layout.starts, layout.lengths,
+                cache.scratch, layer.scaling, rotary=(cos, sin))
+        q, k, v = self._split_heads(*projections, cos, sin, layer.head_dim, layer.q_norm, layer.k_norm, layer.eps)
+        if not self.in_place_attention:
+            keys, values = cache.update(k, v, index)  # [b, Hkv, L, D]
+            return grouped_decode(q, keys, values, layout.mask, layer.scaling)
+        if layout.shared_slots:  # prompt tokens: all K/V written before any row attends
+            cache.write(k, v, index)
+        return slot_attention.slot_decode_attention(
+            q, k, v, cache.keys[index], cache.values[index], layout.slots, layout.starts, layout.lengths,
+            cache.scratch, layer.scaling, write=not layout.shared_slots)
 
 
 def grouped_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

@@ -42,10 +42,9 @@ except ImportError:  # CPU-only installs: quanto's modules stay
 
 # Products of more rows than this (prefill chunks) run as cuBLAS on the weights dequantized into
 # the compute dtype: arithmetic-bound, where the int8 kernel, converting tile by tile, falls behind.
-# On an H200 (Llama-3-8B shapes, docs/benchmarks.md) the kernel was faster up to 512 rows and
-# 1.9x slower at 2048, against dequantization by torch (`weight * scale`, ~0.75 TB/s); with the
-# dequantize kernel below the crossover is likely lower, not yet measured.
-DEQUANTIZE_ROWS = 512
+# On an H200 (Llama-3-8B shapes, docs/benchmarks.md) the four products of a layer took 258 us
+# with the kernel against 324 us dequantized at 128 rows, and 472 against 362 us at 256.
+DEQUANTIZE_ROWS = 128
 
 
 class TileConfig(NamedTuple):
@@ -55,16 +54,20 @@ class TileConfig(NamedTuple):
     split_k: int  # programs along K, each summing every split_k-th block; partials summed after
     warps: int
     stages: int
+    swap: bool = False  # compute out^T = w @ x^T (the kernel says why)
 
 
-def tile_config(rows: int, k: int) -> TileConfig:
-    """Tiles for an int8 [rows, k] x [k, n] product, bound by reading the weights. From a sweep on
+def tile_config(rows: int, k: int, n: int) -> TileConfig:
+    """Tiles for an int8 [rows, k] x [k, n] product, bound by reading the weights. From sweeps on
     an H200 (Llama-3-8B shapes; benchmarks/weight_only_sweep.py --sweep, docs/benchmarks.md):
     narrow column blocks streaming long K blocks at 1-16 rows, wider ones at more; a K past 4096
-    (the MLP's down projection) split among programs, their partials summed."""
+    (the MLP's down projection) split among programs, their partials summed. At 17-64 rows and
+    K <= 4096 the transposed product was 4-23 % faster, split in 4 where N alone gives few programs."""
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # tl.dot takes 16 rows at least
     few = block_m == 16
     split = min(8, 1 << (-(-k // 4096) - 1).bit_length())
+    if rows <= 64 and not few and k <= 4096:
+        return TileConfig(64, 64, 128, 4 if n <= 4096 else 1, 4, 4, swap=True)
     return TileConfig(block_m, 32 if few and k <= 4096 else 64, 256 if few else 128, split, 4, 4)
 
 
@@ -72,24 +75,41 @@ if triton is not None:
     @triton.jit
     def _int8_matmul(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+        """out[split] [M, N] = x [M, K] @ (q [N, K] * scale [N])^T over the K blocks of this split.
+        SWAP computes the transpose, out^T = q @ x^T: the converted weights are then the product's
+        first operand, which Hopper's wgmma takes from registers (the second must be in shared memory)."""
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         split = tl.program_id(2)
         m_ok, n_ok = rm < M, rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
         for first in range(0, tl.cdiv(K, BLOCK_K), SPLIT_K):
             k = (first + split) * BLOCK_K + rk  # past K where SPLIT_K does not divide the blocks: masked
             k_ok = k < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BLOCK_M, BLOCK_K]
-            q = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                        other=0)  # [BLOCK_K, BLOCK_N] int8
-            acc += tl.dot(x, q.to(x.dtype), input_precision=PRECISION)
-        acc *= tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            if SWAP:
+                q = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                            other=0)  # [BLOCK_N, BLOCK_K] int8
+                x = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & k_ok[:, None],
+                            other=0.0)  # [BLOCK_K, BLOCK_M]
+                acc += tl.dot(q.to(x.dtype), x, input_precision=PRECISION)
+            else:
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)  # [BLOCK_M, BLOCK_K]
+                q = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
+                            other=0)  # [BLOCK_K, BLOCK_N] int8
+                acc += tl.dot(x, q.to(x.dtype), input_precision=PRECISION)
+        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        out = out_ptr + split * stride_os
+        if SWAP:
+            acc *= scale[:, None]
+            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[None, :] & n_ok[:, None])
+        else:
+            acc *= scale[None, :]
+            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
@@ -119,7 +139,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x [M, K] (compute dtype, K contiguous), weight [N, K] int8, scale [N] -> [M, N] in x's dtype."""
     rows, k = x.shape
     n = weight.shape[0]
-    config = config or tile_config(rows, k)
+    config = config or tile_config(rows, k, n)
     if config.split_k == 1:
         out = torch.empty((1, rows, n), dtype=x.dtype, device=x.device)
     else:  # float32 partials, one per split, summed below
@@ -130,7 +150,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         # float32 stages keep float32 products (tl.dot would round them to tf32)
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        num_warps=config.warps, num_stages=config.stages,
+        SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
     return out[0] if config.split_k == 1 else out.sum(0).to(x.dtype)
 
