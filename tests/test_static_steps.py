@@ -83,6 +83,18 @@ def test_static_decode_of_a_middle_stage_matches_hidden_states(model_dir):
         torch.testing.assert_close(k_static[:, :, :600], k_dyn[:, :, :600], rtol=1e-4, atol=1e-4)
 
 
+def test_a_captured_step_keeps_no_autograd_graph(model_dir):
+    """What a graph capture keeps (its output) must not hold an autograd graph: that would keep
+    every activation and dequantized weight of the step alive with the graph."""
+    model = StageModel(model_dir, StageSpec(0, 2, first=True, last=True, dtype="float32", max_seqs=4,
+                                            max_context=64), "cpu")
+    assert not any(p.requires_grad for m in (model.layers, model.embed, model.norm, model.lm_head)
+                   for p in m.parameters())
+    with torch.enable_grad():  # as warm_up runs: outside any no_grad of the caller
+        out = model.static_step(longs([0]), longs([0]), longs([1]), torch.zeros(1, 1, dtype=torch.int64), 64)
+    assert out.grad_fn is None and not out.requires_grad
+
+
 def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():
     """The GPU decode attention (query heads grouped per K/V head) equals transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

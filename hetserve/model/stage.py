@@ -186,7 +186,13 @@ class StageModel:
         # fits, with their elementwise kernels fused (torch.compile) when steps are captured as graphs.
         self.decode_layers = DecodeLayers(self.layers, compile=self.static_steps.capture) if \
             DecodeLayers.supports(self.layers, stage_config) else None
-        self.weight_bytes = sum(module_bytes(m) for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None)
+        modules = [m for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None]
+        for module in modules:
+            # Loaded parameters keep requires_grad (load_state_dict with assign): a captured step's
+            # output would then hold its autograd graph, and with it every saved activation and
+            # dequantized weight, for as long as the graph lives (int8 prefill buckets filled an H200).
+            module.requires_grad_(False)
+        self.weight_bytes = sum(module_bytes(m) for m in modules)
 
     def use_transformers_layers(self) -> None:
         """Decode through transformers' own layers from here on (graphs recaptured on use): the
@@ -262,6 +268,7 @@ class StageModel:
         out = self.static_steps.prefill(slots, starts, lengths, inputs)
         return out if self.norm is None else sample(out, sampling)
 
+    @torch.no_grad()
     def static_step(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, inputs: torch.Tensor,
                     kv_len: int, every_slot: bool = False, shared_slots: bool = False,
                     picks: torch.Tensor | None = None) -> torch.Tensor:
