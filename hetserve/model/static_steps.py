@@ -134,6 +134,10 @@ class StaticSteps:
         self.capture = capture
         self.buckets: dict[BucketKey, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        # One side stream for every warm-up before a capture: the caching allocator keeps freed
+        # blocks per stream, so a fresh stream per bucket would strand each warm-up's temporaries
+        # (int8 prefill: dequantized weights) where no later step can reuse them.
+        self._side = torch.cuda.Stream(model.device) if capture else None
 
     @property
     def captured(self) -> list[BucketKey]:
@@ -232,11 +236,10 @@ class StaticSteps:
             return bucket
         started = time.perf_counter()
         # Warm up on a side stream (lazy initialisations must not land in the graph), then capture.
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):
+        self._side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(self._side):
             bucket.step(self.model)
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        torch.cuda.current_stream(self.model.device).wait_stream(self._side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             bucket.output = bucket.step(self.model)
