@@ -1,16 +1,20 @@
 """A host's data path on one micro-batch (StageLoop.launch and finish, no sockets): token ids are checked
 against the vocabulary before they reach the device, a good batch flows on, and a stage that is first
-and last feeds a row the token its slot sampled (decode-ahead)."""
+and last feeds a row the token its slot sampled (decode-ahead). The loop itself over a stand-in
+socket: a spurious zmq.Again does not stop it."""
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 import torch
+import zmq
 
 from hetserve.model.stage import StageModel, StageSpec
-from hetserve.wire.codec import WireError, decode
+from hetserve.wire.codec import WireError, decode, encode
 from hetserve.wire.messages import SamplingRows, Step, StepResult
 from hetserve.wire.tensors import to_frame
 from hetserve.worker.stage_loop import StageLoop
@@ -77,3 +81,73 @@ def test_feeds_are_refused_where_they_cannot_be_honoured(loop, whole):
     step, frames = step_of(torch.tensor([[5, 7]]))
     with pytest.raises(WireError, match="distinct rows of one token"):
         whole.launch(replace(step, feeds=[0]), frames)
+
+
+class FlakySocket:
+    """A data socket whose first receive and first send fail with zmq.Again, as pyzmq's asyncio
+    socket can when a readiness it woke on is gone (CURVE handshakes under load)."""
+
+    def __init__(self, messages: list[list]):
+        self.messages = messages
+        self.sent: list[list] = []
+        self.again = {"recv": True, "send": True}
+
+    async def recv_multipart(self, copy: bool = True) -> list:
+        if self.again.pop("recv", False):
+            raise zmq.Again()
+        if not self.messages:
+            await asyncio.Event().wait()  # nothing more comes
+        return self.messages.pop(0)
+
+    async def send_multipart(self, frames: list, copy: bool = True) -> None:
+        if self.again.pop("send", False):
+            raise zmq.Again()
+        self.sent.append(frames)
+
+
+async def test_a_spurious_again_does_not_stop_the_stage(model_dir):
+    """Taken as an error, zmq.Again ended the receive loop: every later micro-batch was never read."""
+    step, frames = step_of(torch.tensor([[5, 7, 9]]))
+    socket = FlakySocket([[zmq.Frame(encode(step)), *(zmq.Frame(bytes(f)) for f in frames)]])
+    model = StageModel(model_dir, StageSpec(0, 2, first=True, last=False, max_seqs=2, max_context=64))
+    with ThreadPoolExecutor(1) as torch_thread:
+        stage = asyncio.create_task(StageLoop(model, 0, socket, socket, torch_thread).run())
+        for _ in range(600):
+            if socket.sent or stage.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not stage.done(), stage.exception()
+        stage.cancel()
+        await asyncio.gather(stage, return_exceptions=True)
+    assert decode(socket.sent[0][0], expect=(Step,)).mb == step.mb
+
+
+async def test_a_stage_loop_that_stops_is_reported_to_the_leader():
+    """Anything but cancellation ending a stage loop is sent to the leader as Failed (it re-plans
+    and replays at once); a cancelled loop (a new assignment) is not."""
+    from hetserve.config import HostSettings
+    from hetserve.wire.messages import Failed
+    from hetserve.worker.host import Host
+
+    host = Host(HostSettings("127.0.0.1:1", name="h0"))
+    sent = []
+
+    class Control:
+        async def send(self, data: bytes) -> None:
+            sent.append(data)
+
+    async def broken():
+        raise zmq.ZMQError(zmq.ENOTSOCK, "socket operation on non-socket")
+
+    host.control = Control()
+    for coroutine in (broken(), asyncio.Event().wait()):
+        task = asyncio.create_task(coroutine)
+        task.add_done_callback(host._stage_ended)
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(*host._tasks)
+    host.torch_thread.shutdown()
+    assert len(sent) == 1
+    failed = decode(sent[0], expect=(Failed,))
+    assert failed.host == "h0" and "the stage loop stopped: ZMQError" in failed.reason

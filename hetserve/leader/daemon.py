@@ -34,7 +34,7 @@ from ..plan.quality import activation_scales, sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.security import (Identity, KeyRing, KeysError, as_client, as_server, load_allowed, load_identity,
                                   start_authenticator)
-from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, split_hostport, tcp
+from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, receive, split_hostport, tcp
 from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer
 from ..wire.client import GenerateRequest, ProtocolError
@@ -181,7 +181,7 @@ class Leader:
 
     async def _control_loop(self) -> None:
         while True:
-            frames = await self.control.recv_multipart(copy=False)
+            frames = await receive(self.control, copy=False)
             if len(frames) != 2:
                 log.warning("ignored a control message of %d frames", len(frames))
                 continue
@@ -526,7 +526,7 @@ class Leader:
 
     async def _results_loop(self) -> None:
         while True:
-            frames = await self.results.recv_multipart()
+            frames = await receive(self.results)
             try:
                 msg = decode(frames[0], expect=(StepResult, StepFailed))
             except WireError as exc:

@@ -21,6 +21,30 @@ def make_socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     return sock
 
 
+async def receive(sock: zmq.asyncio.Socket, copy: bool = True) -> list:
+    """The next multipart message on `sock`.
+
+    pyzmq's asyncio socket can wake a waiting receive on a readiness that is gone when it reads
+    (seen on CURVE sockets around a handshake, with the CPU busy) and hand the await zmq.Again.
+    That is not an error: wait again. Taken as one, it killed a stage's receive loop and the
+    micro-batches sent to it were never read (tests/test_security.py, 1 run in ~6 under load)."""
+    while True:
+        try:
+            return await sock.recv_multipart(copy=copy)
+        except zmq.Again:
+            continue
+
+
+async def send(sock: zmq.asyncio.Socket, frames: list, copy: bool = True) -> None:
+    """Send a multipart message, waiting for room; a spurious zmq.Again (see `receive`) is retried:
+    nothing was sent."""
+    while True:
+        try:
+            return await sock.send_multipart(frames, copy=copy)
+        except zmq.Again:
+            continue
+
+
 def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
     """'host:port' (or '[v6]:port') -> (host, port); raises ValueError with a readable message."""
     host, sep, port = text.rpartition(":")

@@ -19,6 +19,7 @@ import zmq.asyncio
 from tqdm import tqdm
 
 from ..model.resolve import ModelError
+from ..transport.sockets import receive
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
 from .manifest import check_manifest
@@ -46,7 +47,7 @@ class WeightFetcher:
 
     async def _recv(self) -> list[bytes]:
         try:
-            return await asyncio.wait_for(self.sock.recv_multipart(), REPLY_TIMEOUT_S)
+            return await asyncio.wait_for(receive(self.sock), REPLY_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ModelError(f"the leader's weights socket {self.address} stopped answering") from None
 

@@ -17,6 +17,7 @@ import time
 import zmq.asyncio
 from tqdm import tqdm
 
+from ..transport.sockets import receive
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
 from .manifest import Source
@@ -77,7 +78,7 @@ class WeightServer:
     async def run(self) -> None:
         try:
             while True:
-                frames = await self.sock.recv_multipart()
+                frames = await receive(self.sock)
                 if len(frames) != 2:
                     log.warning("ignored a weights request of %d frames", len(frames))
                     continue

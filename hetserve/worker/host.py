@@ -34,7 +34,7 @@ from ..model.resolve import ModelError, resolve_model
 from ..model.stage import StageModel, StageSpec, load_config, stage_tensor_names
 from ..transport.security import (KeyRing, KeysError, as_client, as_server, load_identity, load_public,
                                   start_authenticator)
-from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, split_hostport, tcp
+from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, receive, split_hostport, tcp
 from ..wire.codec import WireError, decode, encode
 from ..plan.profile import PROFILE_LAYERS, cached_profile
 from ..wire.messages import (Alive, Assign, Failed, Heartbeat, Join, Probe, ProbeReply, ProfileReport, ProfileRequest,
@@ -149,7 +149,7 @@ class Host:
         heard = False
         while True:
             try:
-                raw = await asyncio.wait_for(self.control.recv(), LEADER_DEAD_S if heard else None)
+                raw, *_ = await asyncio.wait_for(receive(self.control), LEADER_DEAD_S if heard else None)
             except asyncio.TimeoutError:
                 return True
             heard = True
@@ -221,10 +221,22 @@ class Host:
             self.downstream = msg.downstream
         self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out, self.torch_thread, msg.epoch)
         self.stage_task = asyncio.create_task(self.stage_loop.run())
+        self.stage_task.add_done_callback(self._stage_ended)
         log.info("stage %d ready in %.1f s: %.0f MiB weights, %.0f MiB KV cache", msg.stage, seconds,
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)
         await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3),
                                fetched, msg.epoch, model.static_steps.flat_tokens))
+
+    def _stage_ended(self, task: asyncio.Task) -> None:
+        """A stage loop ends only when cancelled: anything else means this stage no longer serves.
+        Say so, and tell the leader, which re-plans and replays the requests at once instead of
+        waiting out its step timeout for micro-batches nobody reads."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("the stage loop stopped", exc_info=exc)
+        self._tasks.append(asyncio.create_task(
+            self._send(Failed(self.name, f"the stage loop stopped: {type(exc).__name__}: {exc}"))))
 
     async def _stop_stage(self) -> None:
         """Stop serving micro-batches (a step computing now finishes on the torch thread first)."""

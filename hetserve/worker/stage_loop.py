@@ -24,6 +24,7 @@ import zmq
 from ..model.copies import HostCopy, to_device
 from ..model.stage import StageModel
 from ..stats import ema
+from ..transport.sockets import receive, send
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import StageStats, Step, StepFailed, StepResult
 from ..wire.tensors import from_frame, to_frame
@@ -94,7 +95,7 @@ class StageLoop:
     async def _receive_loop(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            frames = await self.data_in.recv_multipart(copy=False)
+            frames = await receive(self.data_in, copy=False)
             try:
                 header = decode(frames[0].bytes, expect=(Step, StepFailed))
             except WireError as exc:
@@ -121,7 +122,7 @@ class StageLoop:
                         self.finish(item)
                 except Exception as exc:  # e.g. a device error surfacing at the copy back
                     item = self._failed(item.step, exc)
-            await self.data_out.send_multipart(item, copy=False)
+            await send(self.data_out, item, copy=False)
 
     def _failed(self, step: Step, exc: Exception) -> list[bytes]:
         log.error("micro-batch %d failed on stage %d", step.mb, self.index, exc_info=exc)
