@@ -7,7 +7,8 @@ H200 that was 421 kernels per 8-layer step and 2.2x the weight-reading floor (do
 Here a layer is:
   add + RMSNorm (one fused kernel) -> q|k|v projection (one matmul where the weights are plain)
   -> split, per-head norms (Qwen3), rotary (one fused kernel) -> K/V cache write -> attention
-  (on a GPU, decode: rotary, the K/V write and attention in one Triton kernel) -> o_proj -> add + RMSNorm (fused) -> gate|up projection (one matmul) -> SiLU * up (fused)
+  (on a GPU, decode: rotary, the K/V write and attention in one Triton kernel) -> o_proj
+  -> add + RMSNorm (fused) -> gate|up projection (one matmul) -> SiLU * up (fused)
   -> down projection; its residual add fuses into the next layer's norm.
 The elementwise parts are plain torch functions, compiled with torch.compile (Inductor fuses
 each into one Triton kernel) where `compile` is set, which a stage does when it captures CUDA
@@ -193,15 +194,14 @@ class DecodeLayers:
     def _attention(self, layer: _Layer, index: int, normed: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                    cache: SlotKVCache, layout: StepLayout) -> torch.Tensor:
         """normed [b, 1, H] -> attention output [b, 1, Hq*D]; the step's K/V land in the cache."""
-        cos, sin = cos_sin
         projections = layer.projections(normed)
         if self.in_place_attention and not layout.shared_slots and layer.q_norm is None:
             q, k, v = head_views(*projections, layer.head_dim)  # [b, heads, 1, D]
             # decode: rotary, the K/V write and attention are one kernel
             return slot_attention.slot_decode_attention(
                 q, k, v, cache.keys[index], cache.values[index], layout.slots, layout.starts, layout.lengths,
-                cache.scratch, layer.scaling, rotary=(cos, sin))
-        q, k, v = self._split_heads(*projections, cos, sin, layer.head_dim, layer.q_norm, layer.k_norm, layer.eps)
+                cache.scratch, layer.scaling, rotary=cos_sin)
+        q, k, v = self._split_heads(*projections, *cos_sin, layer.head_dim, layer.q_norm, layer.k_norm, layer.eps)
         if not self.in_place_attention:
             keys, values = cache.update(k, v, index)  # [b, Hkv, L, D]
             return grouped_decode(q, keys, values, layout.mask, layer.scaling)
