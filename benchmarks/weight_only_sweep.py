@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 matmuls on one GPU: ours (model/weight_only.py) against quanto's kernels
-and bf16 cuBLAS, per Llama-3-8B projection shape and row count. "ours" is what a stage runs (int8:
-the Triton kernel up to DEQUANTIZE_ROWS rows, cuBLAS on dequantized weights past it; int4:
-quanto's tinygemm), "kernel" (int8) and "dequant" (dequantize + cuBLAS) each path at every row
-count; `--sweep` also times a grid of the int8 kernel's tiles (what `tile_config` is chosen from).
+(its int8 matmul, tinygemm for int4) and bf16 cuBLAS, per Llama-3-8B projection shape and row
+count. "ours" is what a stage runs (the Triton kernel up to DEQUANTIZE_ROWS[bits] rows, cuBLAS on
+dequantized weights past it), "kernel" and "dequant" (dequantize + cuBLAS) each path at every row
+count; `--sweep` also times a grid of the kernel's tiles (what `tile_config` and
+`int4_tile_config` are chosen from).
 
 Each time is one matmul's share of 32 distinct weights of that shape run back to back from a
 CUDA graph (as a decode step runs 32 layers): the weights do not fit in L2, so every matmul reads
@@ -11,6 +12,7 @@ its weights from memory. Floor: the weights' bytes (scales included) / the measu
     python benchmarks/weight_only_sweep.py --rows 1,16,64,128,512,2048 --json out.json
     python benchmarks/weight_only_sweep.py --rows 1,64 --sweep
     python benchmarks/weight_only_sweep.py --bits 8 --rows 16,64 --sweep swap
+    python benchmarks/weight_only_sweep.py --bits 4 --rows 1,16,64 --sweep
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def graph_us(fns, replays: int = 10) -> float:
 
 
 def quantized(n: int, k: int, bits: int, device: torch.device):
-    """LAYERS quanto linears of [n, k] (frozen, bf16) and our twins (int4: converted from quanto's
-    tinygemm layout, which a stage keeps; timed to compare)."""
+    """LAYERS quanto linears of [n, k] (frozen, bf16) and our twins (int4: repacked from quanto's
+    tinygemm layout)."""
     from optimum.quanto import freeze, qint4, qint8, quantize
 
     quanto, ours = [], []
@@ -66,27 +68,41 @@ def quantized(n: int, k: int, bits: int, device: torch.device):
         quantize(linear, weights=qint8 if bits == 8 else qint4)
         freeze(linear)
         quanto.append(linear[0])
-        ours.append(weight_only.from_quanto(linear[0]) if bits == 8 else
-                    weight_only.int4_from_quanto(linear[0].weight, None))
+        ours.append(weight_only.from_quanto(linear[0]))
     return quanto, ours
 
 
-def sweep_configs(rows: int, k: int, which: str) -> list[TileConfig]:
-    """Tiles to time: `which` is "all" (plain and transposed) or "swap" (the transposed ones only)."""
+def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
+    """Tiles to time: `which` is "all" (plain and transposed), "swap" (the transposed ones only) or
+    "gemv" (int4 at one row: the GEMV kernel's only).
+    int4 K blocks are whole groups of 128, up to 512 values (256 bytes of a weight row)."""
     configs = []
-    if rows <= 64:
+    blocks = (128, 256) if bits == 8 else (128, 256, 512)
+    if bits == 4 and rows == 1 and which in ("all", "gemv"):  # the GEMV kernel (block_m 1)
+        configs = [TileConfig(1, n, kk, s, w, 4) for n, kk, s, w in
+                   itertools.product((16, 32, 64, 128), (128, 256), (1, 2, 4, 8), (4, 8))]
+        if which == "gemv":
+            return sorted({c for c in configs if c.block_k * c.split_k <= k})
+    if rows <= 64 and which != "gemv":
         block_m = max(16, 1 << (rows - 1).bit_length())
         if which == "all":
-            grid = itertools.product((32, 64, 128), (128, 256), (1, 2, 4))
-            configs = [TileConfig(block_m, n, kk, s, 4, 4) for n, kk, s in grid]
+            grid = itertools.product((32, 64, 128), blocks, (1, 2, 4))
+            configs += [TileConfig(block_m, n, kk, s, 4, 4) for n, kk, s in grid]
         # the transposed product: weight rows are the tensor cores' M (64 or 128), the rows their N
-        swapped = itertools.product((64, 128), (64, 128, 256), (1, 2, 4))
+        swapped = itertools.product((64, 128), (64, 128, 256) if bits == 8 else (128, 256), (1, 2, 4))
         configs += [TileConfig(block_m, n, kk, s, 4, 4, True) for n, kk, s in swapped]
-    elif which == "all":
-        grid = itertools.product((64, 128), (128, 256), (64, 128))
+    elif rows > 64 and which == "all":
+        grid = itertools.product((64, 128), (128, 256), (64, 128) if bits == 8 else (128,))
         configs = [TileConfig(m, n, kk, 1, 8, 3) for m, n, kk in grid]
     valid = {c for c in configs if c.block_k * c.split_k <= k}
     return sorted(valid)
+
+
+def kernel(bits: int, x: torch.Tensor, m, config: TileConfig | None = None) -> None:
+    if bits == 8:
+        weight_only.int8_matmul(x, m.weight, m.scale, config)
+    else:
+        weight_only.int4_matmul(x, m.weight, m.scale, m.zero, m.group, config)
 
 
 @torch.no_grad()
@@ -95,8 +111,9 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16,64,512,2048")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap"], default=None,
-                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap", "gemv"], default=None,
+                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only; "
+                             "gemv: int4's one-row kernel only")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -116,25 +133,25 @@ def main() -> None:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
             bf16 = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in plain])
             theirs = graph_us([lambda m=m: m(x) for m in quanto])
-            # int8: the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS; int4: stages keep quanto's
-            served = graph_us([lambda m=m: m(x) for m in ours]) if bits == 8 else theirs
-            chosen = weight_only.tile_config(rows, k, n)
-            kernel = graph_us([lambda m=m: weight_only.int8_matmul(x, m.weight, m.scale) for m in ours]) \
-                if bits == 8 else float("nan")
+            # the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS[bits]
+            served = graph_us([lambda m=m: m(x) for m in ours])
+            chosen = weight_only.tile_config(rows, k, n) if bits == 8 else \
+                weight_only.int4_tile_config(rows, k, n, ours[0].group)
+            timed_kernel = graph_us([lambda m=m: kernel(bits, x, m) for m in ours])
             dequant = graph_us([lambda m=m: torch.nn.functional.linear(x, m.dequantized()) for m in ours])
             timed = {}
-            for c in sweep_configs(rows, k, args.sweep) if args.sweep and bits == 8 else []:
+            for c in sweep_configs(rows, k, args.sweep, bits) if args.sweep else []:
                 try:
-                    timed[c] = graph_us([lambda m=m, c=c: weight_only.int8_matmul(x, m.weight, m.scale, c) for m in ours])
+                    timed[c] = graph_us([lambda m=m, c=c: kernel(bits, x, m, c) for m in ours])
                 except OutOfResources:  # tiles past the shared memory
                     continue
             best = min(timed, key=timed.get) if timed else chosen
-            best_us = timed.get(best, kernel)
+            best_us = timed.get(best, timed_kernel)
             print(f"{bits:>4} {name:>8} {rows:>5} {floor:8.1f} {bf16:8.1f} {theirs:9.1f} {served:8.1f} "
-                  f"{served / floor:6.2f} {kernel:9.1f} {dequant:10.1f} {best_us:8.1f}  {tuple(best)} ({tuple(chosen)})",
+                  f"{served / floor:6.2f} {timed_kernel:9.1f} {dequant:10.1f} {best_us:8.1f}  {tuple(best)} ({tuple(chosen)})",
                   flush=True)
             results.append({"bits": bits, "shape": name, "n": n, "k": k, "rows": rows, "floor_us": floor,
-                            "bf16_us": bf16, "quanto_us": theirs, "ours_us": served, "kernel_us": kernel,
+                            "bf16_us": bf16, "quanto_us": theirs, "ours_us": served, "kernel_us": timed_kernel,
                             "dequant_us": dequant, "chosen": list(chosen), "best_us": best_us, "best": list(best),
                             "sweep": [[list(c), t] for c, t in sorted(timed.items(), key=lambda item: item[1])[:8]]})
             if args.json:  # after every row: a run cut short keeps what it measured

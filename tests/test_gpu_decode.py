@@ -1,7 +1,8 @@
 """On a GPU: decode and prefill steps replayed from CUDA graphs, through the written-out layers
-compiled with torch.compile, the Triton attention and our int8 matmuls, agree with
-transformers' layers run eagerly with quanto's matmuls (int4 bf16 layers run quanto's in both). Skipped without CUDA (CI has none);
-run on the GPU machine with `python -m pytest tests/test_gpu_decode.py`.
+compiled with torch.compile, the Triton attention and our int8 / int4 matmuls, agree with
+transformers' layers run eagerly with quanto's matmuls (its int8 kernel, tinygemm for int4).
+Skipped without CUDA (CI has none); run on the GPU machine with
+`python -m pytest tests/test_gpu_decode.py`.
 """
 
 from __future__ import annotations
@@ -133,24 +134,52 @@ def test_int8_matmul_transposed_tiles_agree(config):
         assert (got - want).abs().max() <= 0.01 * want.abs().max(), rows
 
 
-def test_int4_in_quantos_awq_layout_runs_ours():
-    """fp16 int4 weights, which quanto packs for its AWQ kernel (an illegal memory access on
-    Hopper, ../shared/notes/platform.md), are converted: they compute what quanto dequantizes them to."""
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4_matmul_matches_quanto(rows, dtype):
+    """Our int4 linear against what quanto dequantizes the same weights to, from each of quanto's
+    layouts (tinygemm for bf16, AWQ for fp16, whose kernel fails on Hopper, plain for float32):
+    the Triton kernel at decode row counts, cuBLAS on dequantized weights past DEQUANTIZE_ROWS[bits],
+    and dequantize + cuBLAS for a group size the kernel does not take (96 for K = 576)."""
     from optimum.quanto import freeze, qint4, quantize
 
     from hetserve.model import weight_only
 
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(1024, 512, dtype=torch.float16, device="cuda"))
-    quantize(module, weights=qint4)
-    freeze(module)
-    assert type(module[0].weight).__name__ == "AWQWeightQBitsTensor"
-    weight = module[0].weight.weight_qbits_tensor().dequantize()  # quanto's own dequantization
-    bias = module[0].bias.data
-    assert weight_only.replace_quanto_linears(module) == 1
-    x = torch.randn(8, 1024, dtype=torch.float16, device="cuda")
-    with torch.no_grad():
-        got = module(x).float()
-        torch.testing.assert_close(module[0].dequantized(), weight, rtol=0, atol=1e-3)
-    want = torch.nn.functional.linear(x, weight, bias).float()
-    assert (got - want).abs().max() <= 0.01 * want.abs().max()
+    for n, k in ((1536, 576), (4096, 4096), (200, 14336)):
+        module = torch.nn.Sequential(torch.nn.Linear(k, n, bias=True, dtype=dtype, device="cuda"))
+        quantize(module, weights=qint4)
+        freeze(module)
+        quantos = module[0].weight
+        plain = quantos if type(quantos).__name__ == "WeightQBitsTensor" else quantos.weight_qbits_tensor()
+        weight, bias = plain.dequantize(), module[0].bias.data
+        assert weight_only.replace_quanto_linears(module) == 1, type(quantos).__name__
+        x = torch.randn(rows, k, dtype=dtype, device="cuda")
+        with torch.no_grad():
+            got = module(x).float()
+            torch.testing.assert_close(module[0].dequantized(), weight, rtol=0, atol=1e-3)
+        want = torch.nn.functional.linear(x, weight, bias).float()
+        assert (got - want).abs().max() <= 0.01 * want.abs().max(), (n, k, type(quantos).__name__)
+
+
+@pytest.mark.parametrize("config", [(16, 32, 256, 1, False), (16, 64, 128, 3, False), (64, 64, 128, 2, True),
+                                    (64, 128, 256, 1, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_matmul_tiles_agree(config, dtype):
+    """Plain and transposed int4 products, several groups a block, splits that do not divide the
+    groups, tiles that do not divide N or the rows: all compute x @ (q * scale - zero)^T."""
+    from hetserve.model.weight_only import TileConfig, int4_matmul
+
+    torch.manual_seed(0)
+    block_m, block_n, block_k, split, swap = config
+    n, k, group = 1000, 1536, 128
+    q = torch.randint(0, 16, (n, k // group, group), dtype=torch.uint8, device="cuda")
+    packed = (q[..., :group // 2] | (q[..., group // 2:] << 4)).reshape(n, k // 2)
+    scale = (torch.rand(n, k // group, device="cuda") / 100).to(dtype)
+    zero = (torch.rand(n, k // group, device="cuda") / 10).to(dtype)
+    weight = (q.float() * scale.float()[..., None] - zero.float()[..., None]).reshape(n, k)
+    for rows in (1, 13, 64):
+        x = torch.randn(rows, k, dtype=dtype, device="cuda")
+        want = x.float() @ weight.T
+        got = int4_matmul(x, packed, scale, zero, group, TileConfig(block_m, block_n, block_k, split, 4, 4, swap))
+        assert (got.float() - want).abs().max() <= 0.01 * want.abs().max(), rows

@@ -21,12 +21,9 @@ def quantized(n: int, k: int, qtype, dtype=torch.float32, bias=True) -> torch.nn
 
 
 def converted(module: torch.nn.Sequential) -> WeightOnlyLinear:
-    """Ours for the module's int8 or int4 weight. int4 here is quanto's tinygemm layout (bf16):
-    a stage converts only its AWQ layout, which exists only on a GPU, through the same function."""
-    linear = module[0]
-    if linear.weight.qtype == qint8:
-        return weight_only.from_quanto(linear)
-    return weight_only.int4_from_quanto(linear.weight, linear.bias.data)
+    """Ours for the module's int8 or int4 weight (int4 in quanto's tinygemm layout for bf16, its
+    plain one for float32)."""
+    return weight_only.from_quanto(module[0])
 
 
 @pytest.mark.parametrize("qtype, dtype", [(qint8, torch.float32), (qint8, torch.bfloat16), (qint4, torch.bfloat16)],
@@ -48,14 +45,29 @@ def test_conversion_keeps_quantized_values(qtype, dtype):
         assert ours.weight.data_ptr() == module[0].weight._data.data_ptr()  # quanto's int8 tensor, not a copy
 
 
-def test_replace_swaps_weight_only_int8_and_keeps_other_quanto_layers():
-    layers = torch.nn.ModuleDict({name: torch.nn.Linear(256, 64) for name in ("a", "b", "c", "d")})
+def test_replace_swaps_weight_only_int8_and_int4_and_keeps_other_quanto_layers():
+    layers = torch.nn.ModuleDict({name: torch.nn.Linear(256, 64) for name in ("a", "b", "c", "d", "e")})
     quantize(layers, weights=qint8, include=["a"])
-    quantize(layers, weights=qint4, include=["b"])  # not the AWQ layout (a CPU has none): quanto's stays
+    quantize(layers, weights=qint4, include=["b"])  # quanto's plain layout on a CPU
     quantize(layers, weights=qint8, activations=qint8, include=["c"])  # w8a8 keeps quanto's module
+    layers["e"] = torch.nn.Linear(128, 64)
+    quantize(layers, weights=qint4, include=["e"])  # K = 128: one group per row, quanto quantizes per axis
     freeze(layers)
-    assert weight_only.replace_quanto_linears(layers) == 1
-    assert [type(layers[n]).__name__ for n in "abcd"] == ["WeightOnlyLinear", "QLinear", "QLinear", "Linear"]
+    assert weight_only.replace_quanto_linears(layers) == 2
+    assert [type(layers[n]).__name__ for n in "abcde"] == ["WeightOnlyLinear", "WeightOnlyLinear", "QLinear",
+                                                          "Linear", "QLinear"]
+    assert layers["b"].bits == 4 and layers["b"].group == 128
+
+
+def test_int4_bytes_hold_a_groups_halves_side_by_side():
+    """Byte j of a group holds its value j in the low nibble and G/2 + j in the high one: the
+    layout the int4 kernel reads without shuffles (model/weight_only.py)."""
+    module = quantized(32, 512, qint4)
+    ours = converted(module)
+    q = module[0].weight._data.unpack().reshape(32, 4, 128)  # quanto's values, in K order
+    packed = ours.weight.view(32, 4, 64)
+    assert torch.equal(packed & 0xF, q[..., :64].to(torch.uint8))
+    assert torch.equal(packed >> 4, q[..., 64:].to(torch.uint8))
 
 
 @pytest.mark.parametrize("qtype", [qint8, qint4], ids=["int8", "int4"])
@@ -69,6 +81,8 @@ def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype
         torch.testing.assert_close(fused(x), want)
         torch.testing.assert_close(torch.cat([m(x) for m in parts], dim=-1), want)  # parts still work
     assert parts[1].weight.data_ptr() == fused.weight[128:].data_ptr()  # a view: stored once
+    if qtype == qint4:  # scales and zeros stay group-major: a group's values for all rows side by side
+        assert fused.scale.stride() == (1, 192) and parts[1].zero.stride() == (1, 192)
     other = converted(quantized(32, 256, qint4 if qtype == qint8 else qint8, torch.bfloat16))
     assert not weight_only.fusable(parts[0], other)
 

@@ -1,5 +1,5 @@
-"""Weight-only quantized linears on a GPU: an int8 (W8A16) matmul of our own as a Triton kernel,
-and cuBLAS on weights dequantized by one kernel where that is faster.
+"""Weight-only quantized linears on a GPU: int8 (W8A16) and int4 (W4A16) matmuls of our own as
+Triton kernels, and cuBLAS on weights dequantized by one kernel where that is faster.
 
 Why: a decode step reads every weight once, so a quantized step should cost its weights' bytes,
 but quanto's int8 weight-only matmul is kernel-bound at decode shapes on Hopper (H200, Llama-3-8B
@@ -10,11 +10,13 @@ the per-channel scale once at the end. Products of more rows (prefill chunks) ar
 arithmetic: there the weights are dequantized by one kernel into the compute dtype and multiplied
 by cuBLAS (DEQUANTIZE_ROWS).
 
-int4: quanto's own kernels are kept (tinygemm for bf16: at 1-16 rows it was 1.2-4.3x faster than
-an int4 kernel written like the int8 one and than dequantize + cuBLAS, docs/benchmarks.md). Only
-where quanto would run its AWQ kernel (fp16 int4 on CUDA), which fails with an illegal memory
-access on Hopper (../shared/notes/platform.md), are int4 layers converted: repacked two values a
-byte along K (q[2j] in the low nibble, q[2j + 1] in the high one) and run as dequantize + cuBLAS.
+int4: quanto's tinygemm kernel grows with rows (9x its floor at 16 rows, 29x at 64, ~2k tokens/s
+of prefill on an H200) and its layout is opaque, so every weight-only int4 layer is repacked into
+ours: per group of G values along K, byte j holds q[j] in its low nibble and q[G/2 + j] in its
+high one. Each nibble half then multiplies a contiguous half of x's group, so the kernel shuffles
+nothing: two tensor-core products per group of the nibbles as they are (offset into floats by a
+bit trick), the group's scale and zero applied to the sums. An earlier kernel on the interleaved
+layout (q[2j], q[2j + 1] in a byte) had to split x into even and odd columns and lost to tinygemm.
 
 The quantization stays quanto's (same values, groups and scales: quality measured on any device
 holds here); `replace_quanto_linears` swaps a frozen layer's QLinear modules where the kernels
@@ -24,7 +26,8 @@ Activation-quantized layers (w8a8) and fp8 (quanto's Marlin kernel, on par with 
 quanto's modules.
 
 Shapes: x [..., K] in the compute dtype; int8 weight [N, K] with scale [N]; int4 weight [N, K/2]
-uint8 with scale and zero [N, K/G] (G = quanto's group size), w = q * scale - zero; out [..., N].
+uint8 with scale and zero [N, K/G] (G = quanto's group size, 128 where K allows), w = q * scale -
+zero; out [..., N].
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ except ImportError:  # CPU-only installs: quanto's modules stay
     triton = None
 
 # Products of more rows than this (prefill chunks) run as cuBLAS on the weights dequantized into
-# the compute dtype: arithmetic-bound, where the int8 kernel, converting tile by tile, falls behind.
-# On an H200 (Llama-3-8B shapes, docs/benchmarks.md) the four products of a layer took 258 us
-# with the kernel against 324 us dequantized at 128 rows, and 472 against 362 us at 256.
-DEQUANTIZE_ROWS = 128
+# the compute dtype: arithmetic-bound, where the kernels, converting tile by tile, fall behind. On
+# an H200 (Llama-3-8B shapes, docs/benchmarks.md) a layer's four int8 products took 258 us with
+# the kernel against 324 us dequantized at 128 rows, and 472 against 362 us at 256; int4's 202
+# against 300 us at 64 rows and 500 against 313 us at 128.
+DEQUANTIZE_ROWS = {8: 128, 4: 64}  # by weight bits
 
 
 class TileConfig(NamedTuple):
@@ -69,6 +73,31 @@ def tile_config(rows: int, k: int, n: int) -> TileConfig:
     if rows <= 64 and not few and k <= 4096:
         return TileConfig(64, 64, 128, 4 if n <= 4096 else 1, 4, 4, swap=True)
     return TileConfig(block_m, 32 if few and k <= 4096 else 64, 256 if few else 128, split, 4, 4)
+
+
+
+def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
+    """Tiles for an int4 [rows, k] x [k, n] product; block_k is a whole number of groups. From an
+    int4 sweep on an H200 (Llama-3-8B shapes, benchmarks/weight_only_sweep.py --bits 4 --sweep,
+    docs/benchmarks.md): one group a step everywhere; at 2-16 rows the transposed product over 64
+    weight rows, split in 4 along K (2 for the 28672 gate|up rows); at 17-64 rows the plain one
+    over 128 columns (64 for a long K), split where N gives few column blocks. One row runs the
+    GEMV kernel (block_m 1): no tensor cores, products summed in registers, 32 weight rows a
+    program, split in 8 (4 for gate|up); the landscape is flat (the best 5 within 6 %)."""
+    if rows == 1:
+        return TileConfig(1, 32, group, 8 if n <= 16384 else 4, 4, 4)
+    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
+    if block_m == 16:
+        return TileConfig(16, 64, group, 4 if n <= 16384 else 2, 4, 4, swap=True)
+    if rows <= 64:
+        return TileConfig(64, 128 if k <= 4096 else 64, group, 4 if n <= 16384 else 1, 4, 4)
+    return TileConfig(64, 64, group, 4 if n <= 4096 else 1, 4, 4, swap=True)
+
+
+def int4_kernel_fits(group: int) -> bool:
+    """The int4 kernel takes groups of a power of two >= 32 values (a half group is one tl.dot's
+    K, >= 16); other group sizes (quanto picks 96 for K = 576) run dequantize + cuBLAS."""
+    return group >= 32 and group & (group - 1) == 0
 
 
 if triton is not None:
@@ -112,26 +141,163 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """-> out [N, K] in its dtype. int8: w = q * scale[n]; int4 (K a multiple of BLOCK_K, a
-        block within one group): w = q * scale[n, g] - zero[n, g]."""
+    def _nibbles(q, OFFSET: tl.constexpr, dtype: tl.constexpr):
+        """4-bit values (in uint8) -> OFFSET + q in `dtype` by setting the mantissa bits of OFFSET:
+        an OR, not a conversion. bf16 128.0 and fp16 1024.0 step by 1; float32 converts (OFFSET 0)."""
+        if OFFSET == 128:
+            return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        elif OFFSET == 1024:
+            return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        else:
+            return q.to(dtype)
+
+    @triton.jit
+    def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                     stride_sg, stride_os, stride_om, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     SWAP: tl.constexpr):
+        """out[split] [M, N] = x [M, K] @ w^T over this split's groups, w = q * scale[g] - zero[g]
+        [N, K]. A group's bytes hold its first half's values in their low nibbles and its second
+        half's in their high ones, so per group: sum x*w = s * (x_lo . lo + x_hi . hi) - (zero +
+        OFFSET * s) * sum x, with lo / hi the nibbles plus OFFSET as floats. SWAP computes out^T
+        (the weights as the first operand, as in _int8_matmul)."""
+        HALF: tl.constexpr = GROUP // 2
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        j = tl.arange(0, HALF)
+        split = tl.program_id(2)
+        m_ok, n_ok = rm < M, rn < N
+        groups = K // GROUP
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
+        for first in range(0, tl.cdiv(groups, GROUPS), SPLIT_K):
+            for a in tl.static_range(GROUPS):
+                g = (first + split) * GROUPS + a  # past the last group where the splits do not divide them
+                g_ok = g < groups
+                k = g * GROUP + j  # the group's first half; the second is k + HALF
+                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                if SWAP:
+                    packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
+                                     mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
+                    x_lo = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & g_ok,
+                                   other=0.0)  # [HALF, BLOCK_M]
+                    x_hi = tl.load(x_ptr + rm[None, :] * stride_xm + HALF + k[:, None], mask=m_ok[None, :] & g_ok,
+                                   other=0.0)
+                    dot = tl.dot(_nibbles(packed & 0xF, OFFSET, x_lo.dtype), x_lo, input_precision=PRECISION)
+                    dot = tl.dot(_nibbles(packed >> 4, OFFSET, x_lo.dtype), x_hi, dot, input_precision=PRECISION)
+                    x_sum = tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)  # [BLOCK_M]
+                    acc += dot * s[:, None] - (z + OFFSET * s)[:, None] * x_sum[None, :]
+                else:
+                    packed = tl.load(w_ptr + rn[None, :] * stride_wn + (g * HALF + j)[:, None],
+                                     mask=n_ok[None, :] & g_ok, other=0)  # [HALF, BLOCK_N] uint8
+                    x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & g_ok,
+                                   other=0.0)  # [BLOCK_M, HALF]
+                    x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + HALF + k[None, :], mask=m_ok[:, None] & g_ok,
+                                   other=0.0)
+                    dot = tl.dot(x_lo, _nibbles(packed & 0xF, OFFSET, x_lo.dtype), input_precision=PRECISION)
+                    dot = tl.dot(x_hi, _nibbles(packed >> 4, OFFSET, x_lo.dtype), dot, input_precision=PRECISION)
+                    x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)  # [BLOCK_M]
+                    acc += dot * s[None, :] - x_sum[:, None] * (z + OFFSET * s)[None, :]
+        out = out_ptr + split * stride_os
+        if SWAP:
+            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[None, :] & n_ok[:, None])
+        else:
+            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _as_float(q):
+        """Small unsigned ints -> float32 by a bit trick: 2^23 + q has q as its mantissa, so an OR
+        and a subtraction replace the int-to-float conversion (a quarter-rate instruction that
+        bounded the GEMV kernel)."""
+        return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _int4_gemv(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_os,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """One row: out[split] [N] = w [N, K] @ x [K] over this split's groups, as _int4_matmul's
+        sums but on CUDA cores: each program keeps a [BLOCK_N, GROUP / 2] tile of products and sums
+        it across threads once, at the end (tensor cores would need the nibbles moved into their
+        operand layouts, and 15 of 16 rows would be padding)."""
+        HALF: tl.constexpr = GROUP // 2
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, HALF)
+        split = tl.program_id(2)  # the grid's axis 1 (row blocks) is 1
+        n_ok = rn < N
+        groups = K // GROUP
+        acc = tl.zeros((BLOCK_N, HALF), tl.float32)
+        zeros = tl.zeros((BLOCK_N,), tl.float32)  # sum over groups of zero * sum of x
+        for first in range(0, tl.cdiv(groups, GROUPS), SPLIT_K):
+            for a in tl.static_range(GROUPS):
+                g = (first + split) * GROUPS + a
+                g_ok = g < groups
+                packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
+                                 mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
+                x_lo = tl.load(x_ptr + g * GROUP + j, mask=g_ok, other=0.0).to(tl.float32)  # [HALF]
+                x_hi = tl.load(x_ptr + g * GROUP + HALF + j, mask=g_ok, other=0.0).to(tl.float32)
+                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                dot = _as_float(packed & 0xF) * x_lo[None, :] + _as_float(packed >> 4) * x_hi[None, :]
+                acc += dot * s[:, None]
+                zeros += z * tl.sum(x_lo + x_hi, 0)
+        tl.store(out_ptr + split * stride_os + rn, (tl.sum(acc, 1) - zeros).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """-> out [N, K] in its dtype. int8: w = q * scale[n]; int4 (the module docstring's layout):
+        w = q * scale[n, g] - zero[n, g], a block of BLOCK_K = GROUP values one group, read once
+        and written as two halves; other group sizes (not a power of two) gather each value's byte."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         if BITS == 8:
+            k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
             q = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0)
             w = q.to(tl.float32) * tl.load(scale_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & (k < K)[None, :])
+        elif BLOCK_K == GROUP:
+            g = tl.program_id(1)
+            j = tl.arange(0, GROUP // 2)
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + j)[None, :], mask=n_ok[:, None],
+                             other=0)  # [BLOCK_N, GROUP / 2]
+            s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            out = out_ptr + rn[:, None] * stride_on + (g * GROUP + j)[None, :]
+            tl.store(out, ((packed & 0xF).to(tl.float32) * s - z).to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+            tl.store(out + GROUP // 2, ((packed >> 4).to(tl.float32) * s - z).to(out_ptr.dtype.element_ty),
+                     mask=n_ok[:, None])
         else:
-            byte = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + byte[None, :], mask=n_ok[:, None], other=0)
-            group = tl.program_id(1) * BLOCK_K // GROUP
-            s = tl.load(scale_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(zero_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            low, high = (packed & 0xF).to(tl.float32) * s - z, (packed >> 4).to(tl.float32) * s - z
-            w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # k = 2j (low), 2j + 1 (high)
-        tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty),
-                 mask=n_ok[:, None] & (k < K)[None, :])
+            k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            group, j = k // GROUP, k % GROUP
+            byte = group * (GROUP // 2) + j % (GROUP // 2)  # each byte read for both its nibbles
+            ok = n_ok[:, None] & (k < K)[None, :]
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + byte[None, :], mask=ok, other=0)
+            q = tl.where((j < GROUP // 2)[None, :], packed & 0xF, packed >> 4)
+            groups = rn[:, None] * stride_sn + group[None, :] * stride_sg
+            s = tl.load(scale_ptr + groups, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + groups, mask=ok, other=0.0).to(tl.float32)
+            w = q.to(tl.float32) * s - z
+            tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _partials(x: torch.Tensor, n: int, config: TileConfig) -> torch.Tensor:
+    """[split_k, rows, n]: the output itself where K is not split, else float32 partials."""
+    dtype = x.dtype if config.split_k == 1 else torch.float32
+    return torch.empty((config.split_k, x.shape[0], n), dtype=dtype, device=x.device)
+
+
+def _summed(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out[0] if out.shape[0] == 1 else out.sum(0).to(dtype)
+
+
+def _grid(rows: int, n: int, config: TileConfig) -> tuple[int, int, int]:
+    return triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m), config.split_k
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32 stages keep float32 products, not tf32
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -140,19 +306,41 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     rows, k = x.shape
     n = weight.shape[0]
     config = config or tile_config(rows, k, n)
-    if config.split_k == 1:
-        out = torch.empty((1, rows, n), dtype=x.dtype, device=x.device)
-    else:  # float32 partials, one per split, summed below
-        out = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m), config.split_k)
-    _int8_matmul[grid](
+    out = _partials(x, n, config)
+    _int8_matmul[_grid(rows, n, config)](
         x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-        # float32 stages keep float32 products (tl.dot would round them to tf32)
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION=_precision(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
-    return out[0] if config.split_k == 1 else out.sum(0).to(x.dtype)
+    return _summed(out, x.dtype)
+
+
+_OFFSETS = {torch.bfloat16: 128, torch.float16: 1024}  # _nibbles' float OFFSET + q; float32: none
+
+
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                config: TileConfig | None = None) -> torch.Tensor:
+    """x [M, K] (compute dtype, K contiguous), weight [N, K / 2] uint8 in the module docstring's
+    layout, scale and zero [N, K / group] (any strides; group-major reads coalesce) -> [M, N] in
+    x's dtype. One row (block_m 1) runs the GEMV kernel, more the tensor-core one."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    config = config or int4_tile_config(rows, k, n, group)
+    out = _partials(x, n, config)
+    if config.block_m == 1:
+        _int4_gemv[_grid(rows, n, config)](
+            x, weight, scale, zero, out, n, k, weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+            GROUP=group, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
+            num_warps=config.warps, num_stages=config.stages)
+        return _summed(out, x.dtype)
+    _int4_matmul[_grid(rows, n, config)](
+        x, weight, scale, zero, out, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0), scale.stride(1),
+        out.stride(0), out.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=_precision(x.dtype), GROUP=group,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
+        SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
+    )
+    return _summed(out, x.dtype)
 
 
 class WeightOnlyLinear(torch.nn.Module):
@@ -174,25 +362,30 @@ class WeightOnlyLinear(torch.nn.Module):
         n, k = self.out_features, self.in_features
         if available(self.weight.device):
             out = torch.empty((n, k), dtype=self.scale.dtype, device=self.weight.device)
-            # int4: a 128-value K block is one group (quanto's AWQ and tinygemm layouts have 128)
-            _dequantize[(triton.cdiv(n, 32), triton.cdiv(k, 128))](
+            block_k = self.group if self.bits == 4 and int4_kernel_fits(self.group) else 128
+            _dequantize[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
                 self.weight, self.scale, self.zero if self.zero is not None else self.scale, out, n, k,
-                self.weight.stride(0), self.scale.stride(0), out.stride(0),
-                BITS=self.bits, GROUP=self.group, BLOCK_N=32, BLOCK_K=128)
+                self.weight.stride(0), self.scale.stride(0), self.scale.stride(-1) if self.bits == 4 else 0,
+                out.stride(0), BITS=self.bits, GROUP=self.group, BLOCK_N=32, BLOCK_K=block_k)
             return out
         if self.bits == 8:
             return self.weight * self.scale[:, None]
-        q = torch.stack([self.weight & 0xF, self.weight >> 4], dim=-1).view(n, -1, self.group)  # [N, K / G, G]
+        halves = self.weight.view(n, k // self.group, self.group // 2)  # [N, K / G, G / 2]
+        q = torch.cat([halves & 0xF, halves >> 4], dim=-1)  # [N, K / G, G]: the group's values in order
         w = q.to(torch.float32) * self.scale[..., None].float() - self.zero[..., None].float()
         return w.view(n, k).to(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.bits == 4 or flat.shape[0] > DEQUANTIZE_ROWS or not available(x.device):
+        if flat.shape[0] > DEQUANTIZE_ROWS[self.bits] or not available(x.device) or (
+                self.bits == 4 and not int4_kernel_fits(self.group)):
             return F.linear(x, self.dequantized(), self.bias)
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
-        out = int8_matmul(flat, self.weight, self.scale)
+        if self.bits == 8:
+            out = int8_matmul(flat, self.weight, self.scale)
+        else:
+            out = int4_matmul(flat, self.weight, self.scale, self.zero, self.group)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
@@ -205,9 +398,17 @@ def fuse(*linears: WeightOnlyLinear) -> WeightOnlyLinear:
     """One linear computing all of `linears` side by side (q|k|v, gate|up); their buffers become
     row views of its, so nothing is stored twice."""
     first = linears[0]
-    parts = {name: [getattr(m, name) for m in linears] for name in _BUFFERS}
-    fused = WeightOnlyLinear(*(torch.cat(parts[name]) if parts[name][0] is not None else None for name in _BUFFERS),
-                             bits=first.bits, group=first.group, in_features=first.in_features)
+
+    def joined(name: str) -> torch.Tensor | None:
+        parts = [getattr(m, name) for m in linears]
+        if parts[0] is None:
+            return None
+        if first.bits == 4 and name in ("scale", "zero"):
+            return torch.cat([p.T for p in parts], dim=1).T  # still group-major
+        return torch.cat(parts)
+
+    fused = WeightOnlyLinear(*(joined(name) for name in _BUFFERS), bits=first.bits, group=first.group,
+                             in_features=first.in_features)
     row = 0
     for m in linears:
         rows = m.out_features
@@ -227,24 +428,35 @@ def fusable(*linears: torch.nn.Module) -> bool:
 
 
 def int4_from_quanto(weight, bias: torch.Tensor | None) -> WeightOnlyLinear:
-    """The WeightOnlyLinear of a quanto int4 weight in its AWQ or tinygemm layout (groups of 128
-    along K, a float shift: w = q * scale - shift)."""
-    plain = weight.weight_qbits_tensor()
+    """The WeightOnlyLinear of a quanto int4 weight in any of its layouts (plain, tinygemm, AWQ;
+    groups along K, w = q * scale - shift for a float shift, (q - shift) * scale for an integer
+    one), repacked into ours."""
+    from optimum.quanto import WeightQBitsTensor
+
+    plain = weight if type(weight) is WeightQBitsTensor else weight.weight_qbits_tensor()  # tinygemm, AWQ
     n, k = plain.shape
     group = plain._group_size
-    q = plain._data.unpack().reshape(n, k).to(torch.uint8)  # [N, K], 0..15
+    q = plain._data.unpack().reshape(n, k // group, group).to(torch.uint8)  # [N, K / G, G], 0..15
+    packed = q[..., :group // 2] | (q[..., group // 2:] << 4)  # [N, K / G, G / 2]
     scale = plain._scale.reshape(n, k // group)
     zero = plain._shift.reshape(n, k // group)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K / 2]
-    return WeightOnlyLinear(packed.contiguous(), scale.contiguous(), zero.contiguous(), bias, 4, group, k)
+    if not zero.dtype.is_floating_point:  # an integer zero point: w = (q - shift) * scale
+        zero = (zero.float() * scale.float()).to(scale.dtype)
+    return WeightOnlyLinear(packed.reshape(n, k // 2).contiguous(), group_major(scale), group_major(zero), bias,
+                            4, group, k)
+
+
+def group_major(groups: torch.Tensor) -> torch.Tensor:
+    """[N, K / G] scales or zeros stored group by group ([K / G, N] in memory): a kernel's program
+    reads one group's values for its consecutive output rows, which then coalesce."""
+    return groups.T.contiguous().T
 
 
 def from_quanto(module: torch.nn.Module) -> WeightOnlyLinear | None:
     """What replaces a frozen quanto QLinear on a GPU, or None where quanto's module stays:
-    weight-only int8 always; int4 only in quanto's AWQ layout (its other layouts keep quanto's
-    kernels: tinygemm, faster at decode); never activation-quantized or fp8 layers."""
-    from optimum.quanto import QBytesTensor, qint8
-    from optimum.quanto.tensor.weights.awq import AWQWeightQBitsTensor
+    weight-only int8 and group-wise int4 (any layout); never activation-quantized or fp8 layers."""
+    from optimum.quanto import QBytesTensor, qint4, qint8
+    from optimum.quanto.tensor.qbits import QBitsTensor
 
     if getattr(module, "activation_qtype", None) is not None:
         return None
@@ -252,7 +464,8 @@ def from_quanto(module: torch.nn.Module) -> WeightOnlyLinear | None:
     bias = module.bias.data if module.bias is not None else None
     if isinstance(weight, QBytesTensor) and weight.qtype == qint8 and weight.axis == 0:
         return WeightOnlyLinear(weight._data, weight._scale.reshape(-1), None, bias, 8, 0, weight.shape[1])
-    if isinstance(weight, AWQWeightQBitsTensor):
+    if (isinstance(weight, QBitsTensor) and weight.qtype == qint4 and weight.axis == 0
+            and weight._group_size is not None and weight._group_size % 2 == 0):
         return int4_from_quanto(weight, bias)
     return None
 
@@ -266,23 +479,35 @@ _FAILURES: dict[tuple[torch.device, torch.dtype], str | None] = {}
 
 def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot serve a stage on `device` in `dtype`, or None where they can: each
-    tile shape a stage uses and both dequantizations compiled and run once on small weights. Tiles
-    come from an H200 sweep; another GPU may lack their shared memory (float32 at 64 rows needs
-    more than sm_86's 99 KB) or bf16 products (before sm_80)."""
+    tile shape a stage uses (int8 and int4) compiled, run once on small random weights and checked
+    against cuBLAS on the weights dequantized (so both dequantizations run too). Tiles come from
+    an H200 sweep; another GPU may lack their shared memory (float32 at 64 rows needs more than
+    sm_86's 99 KB) or bf16 products (before sm_80)."""
     key = (device, dtype)
     if key not in _FAILURES:
         try:
-            for rows, k in ((1, 8192), (32, 4096), (64, 8192)):
-                int8 = WeightOnlyLinear(torch.ones(64, k, dtype=torch.int8, device=device),
-                                        torch.ones(64, dtype=dtype, device=device), None, None, 8, 0, k)
-                int8(torch.randn(rows, k, dtype=dtype, device=device))
-            int8.dequantized()  # one shape serves: the dequantize kernel's blocks do not depend on it
-            groups = torch.ones(64, 1, dtype=dtype, device=device)
-            WeightOnlyLinear(torch.ones(64, 64, dtype=torch.uint8, device=device), groups, groups, None, 4, 128,
-                             128).dequantized()
-            torch.cuda.synchronize(device)
+            generator = torch.Generator(device).manual_seed(0)
+
+            def ints(low: int, high: int, shape: tuple[int, int], int_dtype: torch.dtype) -> torch.Tensor:
+                return torch.randint(low, high, shape, dtype=int_dtype, device=device, generator=generator)
+
+            def floats(*shape: int) -> torch.Tensor:
+                return torch.rand(shape, device=device, generator=generator).to(dtype) / 64
+
+            probes = [(WeightOnlyLinear(ints(-127, 128, (64, k), torch.int8), floats(64), None, None, 8, 0, k), rows)
+                      for rows, k in ((1, 8192), (32, 4096), (64, 8192))]
+            probes += [(WeightOnlyLinear(ints(0, 256, (64, k // 2), torch.uint8), floats(64, k // 128),
+                                         floats(64, k // 128), None, 4, 128, k), rows)
+                       for rows, k in ((1, 8192), (32, 4096), (64, 8192))]
+            for linear, rows in probes:
+                x = torch.randn(rows, linear.in_features, device=device, generator=generator).to(dtype)
+                got = linear(x).float()
+                want = F.linear(x.float(), linear.dequantized().float())
+                error = (got - want).abs().max().item()
+                if not error <= 0.02 * want.abs().max().item():
+                    raise ArithmeticError(f"int{linear.bits} kernel at {rows} rows is off by {error:.3g}")
             _FAILURES[key] = None
-        except Exception as exc:  # a compile error, too little shared memory, an unsupported GPU
+        except Exception as exc:  # a compile error, too little shared memory, an unsupported GPU, wrong sums
             _FAILURES[key] = f"{type(exc).__name__}: {exc}"
     return _FAILURES[key]
 
