@@ -13,7 +13,7 @@ Here a layer is:
 The elementwise parts are plain torch functions, compiled with torch.compile (Inductor fuses
 each into one Triton kernel) where `compile` is set, which a stage does when it captures CUDA
 graphs; elsewhere (CPU, tests) they run eagerly, op for op what transformers computes.
-Matmuls stay the modules' own calls: on a GPU int8 layers (and fp16 int4 ones) run
+Matmuls stay the modules' own calls: on a GPU weight-only int8 and int4 layers run
 weight_only.py's kernels, other quantized ones quanto's.
 
 Fused projections: where q/k/v (and gate/up) are plain nn.Linear, or weight_only.py linears of one

@@ -4,8 +4,9 @@
 only (activations stay in the compute dtype). w8a8 quantizes weights and each linear's input to
 int8 and multiplies int8 x int8 (model/w8a8.py); its static activation scales are data the
 caller passes in, one dict per layer. What each costs in time is measured, never assumed: on
-CPUs every weight-only quanto precision decodes slower than fp32, and on Hopper int8 is
-kernel-bound and int4 prefill is slow (docs/benchmarks.md, ../shared/notes/platform.md).
+CPUs every weight-only quanto precision decodes slower than fp32, and on Hopper quanto's int8
+kernel is kernel-bound and its int4 prefill slow, which is why GPU stages run weight-only int8 and
+int4 layers through kernels of ours (model/weight_only.py; docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -244,6 +244,16 @@ if triton is not None:
         tl.store(out_ptr + split * stride_os + rn, (tl.sum(acc, 1) - zeros).to(out_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
+    def _sum_splits(partials_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """out [numel] = the sum of SPLIT_K float32 partials [SPLIT_K, numel], in out's dtype."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < numel
+        total = tl.zeros((BLOCK,), tl.float32)
+        for split in tl.static_range(SPLIT_K):
+            total += tl.load(partials_ptr + split * numel + i, mask=ok, other=0.0)
+        tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """-> out [N, K] in its dtype. int8: w = q * scale[n]; int4 (the module docstring's layout):
@@ -289,7 +299,13 @@ def _partials(x: torch.Tensor, n: int, config: TileConfig) -> torch.Tensor:
 
 
 def _summed(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return out[0] if out.shape[0] == 1 else out.sum(0).to(dtype)
+    """[split_k, rows, n] -> [rows, n] in dtype: one kernel where torch took two (a sum, a cast),
+    each a few µs of a decode step's ~200 split products."""
+    if out.shape[0] == 1:
+        return out[0]
+    summed = torch.empty(out.shape[1:], dtype=dtype, device=out.device)
+    _sum_splits[(triton.cdiv(summed.numel(), 1024),)](out, summed, summed.numel(), SPLIT_K=out.shape[0], BLOCK=1024)
+    return summed
 
 
 def _grid(rows: int, n: int, config: TileConfig) -> tuple[int, int, int]:
