@@ -109,4 +109,4 @@ class HostSettings:
     keys: str | None = None  # CURVE keys directory (transport/security.py); None = plain text
     insecure: bool = False  # allow plain text to a leader beyond loopback
     cuda_graphs: bool = True  # on a GPU, replay decode and prefill steps from CUDA graphs (model/static_steps.py)
-    quanto_kernels: bool = False  # on a GPU, int8 layers keep quanto's matmuls (else model/weight_only.py's)
+    quanto_kernels: bool = False  # on a GPU, int8 / int4 layers keep quanto's matmuls (else model/weight_only.py's)

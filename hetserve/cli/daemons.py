@@ -99,8 +99,9 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
                    "through fused layers (torch.compile, Triton attention); off: launch transformers' layers "
                    "eagerly (for debugging, or where torch.compile or Triton fails).")
 @click.option("--quanto-kernels", is_flag=True,
-              help="On a GPU, int8 layers run optimum-quanto's matmuls instead of hetserve's (7-15x slower at "
-                   "decode on an H200; a baseline, or a way out should ours misbehave on a GPU).")
+              help="On a GPU, int8 and int4 layers run optimum-quanto's matmuls instead of hetserve's (on an "
+                   "H200: int8 7-15x slower at decode; int4 tinygemm, faster at batch 1 but 2-6x slower from 16 "
+                   "rows and ~11x slower prefill). A baseline, or a way out should ours misbehave on a GPU.")
 @log_options
 def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, cuda_graphs,
          quanto_kernels, log_level, log_json):
