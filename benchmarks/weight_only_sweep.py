@@ -27,8 +27,8 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from gpu_decode import copy_bandwidth  # benchmarks/ is on the path of a script run from it
-from hetserve.model import weight_only
-from hetserve.model.weight_only import TileConfig
+from hetserve.model import weight_only, weight_only_kernels
+from hetserve.model.weight_only_kernels import TileConfig
 
 SHAPES = {"q|k|v": (6144, 4096), "o_proj": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
 LAYERS = 32
@@ -100,9 +100,9 @@ def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
 
 def kernel(bits: int, x: torch.Tensor, m, config: TileConfig | None = None) -> None:
     if bits == 8:
-        weight_only.int8_matmul(x, m.weight, m.scale, config)
+        weight_only_kernels.int8_matmul(x, m.weight, m.scale, config)
     else:
-        weight_only.int4_matmul(x, m.weight, m.scale, m.zero, m.group, config)
+        weight_only_kernels.int4_matmul(x, m.weight, m.scale, m.zero, m.group, config)
 
 
 @torch.no_grad()
@@ -135,8 +135,8 @@ def main() -> None:
             theirs = graph_us([lambda m=m: m(x) for m in quanto])
             # the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS[bits]
             served = graph_us([lambda m=m: m(x) for m in ours])
-            chosen = weight_only.tile_config(rows, k, n) if bits == 8 else \
-                weight_only.int4_tile_config(rows, k, n, ours[0].group)
+            chosen = weight_only_kernels.tile_config(rows, k, n) if bits == 8 else \
+                weight_only_kernels.int4_tile_config(rows, k, n, ours[0].group)
             timed_kernel = graph_us([lambda m=m: kernel(bits, x, m) for m in ours])
             dequant = graph_us([lambda m=m: torch.nn.functional.linear(x, m.dequantized()) for m in ours])
             timed = {}

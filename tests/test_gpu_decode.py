@@ -121,7 +121,7 @@ def test_int8_matmul_matches_quanto(rows, dtype):
 def test_int8_matmul_transposed_tiles_agree(config):
     """The transposed product (SWAP: out^T = w @ x^T) computes what the plain one does, for tiles
     that do not divide N, K or the rows."""
-    from hetserve.model.weight_only import TileConfig, int8_matmul
+    from hetserve.model.weight_only_kernels import TileConfig, int8_matmul
 
     torch.manual_seed(0)
     block_m, block_n, block_k, split = config
@@ -168,7 +168,7 @@ def test_int4_matmul_matches_quanto(rows, dtype):
 def test_int4_matmul_tiles_agree(config, dtype):
     """Plain and transposed int4 products, several groups a block, splits that do not divide the
     groups, tiles that do not divide N or the rows: all compute x @ (q * scale - zero)^T."""
-    from hetserve.model.weight_only import TileConfig, int4_matmul
+    from hetserve.model.weight_only_kernels import TileConfig, int4_matmul
 
     torch.manual_seed(0)
     block_m, block_n, block_k, split, swap = config

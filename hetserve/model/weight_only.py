@@ -1,29 +1,20 @@
-"""Weight-only quantized linears on a GPU: int8 (W8A16) and int4 (W4A16) matmuls of our own as
-Triton kernels, and cuBLAS on weights dequantized by one kernel where that is faster.
+"""Weight-only quantized linears on a GPU: int8 (W8A16) and int4 (W4A16) layers run matmuls of our
+own (Triton kernels, weight_only_kernels.py) at decode sizes, and cuBLAS on weights dequantized by
+one kernel where that is faster (DEQUANTIZE_ROWS).
 
 Why: a decode step reads every weight once, so a quantized step should cost its weights' bytes,
 but quanto's int8 weight-only matmul is kernel-bound at decode shapes on Hopper (H200, Llama-3-8B
 shape, docs/benchmarks.md): ~34 ms a step whatever the batch, 18x its bytes' floor and 7x slower
-than bf16 at half the bytes. Here one kernel per linear loads int8 tiles, converts them to the
-activations' dtype in registers, multiplies on tensor cores with fp32 accumulation and applies
-the per-channel scale once at the end. Products of more rows (prefill chunks) are bound by
-arithmetic: there the weights are dequantized by one kernel into the compute dtype and multiplied
-by cuBLAS (DEQUANTIZE_ROWS).
-
-int4: quanto's tinygemm kernel grows with rows (9x its floor at 16 rows, 29x at 64, ~2k tokens/s
-of prefill on an H200) and its layout is opaque, so every weight-only int4 layer is repacked into
-ours: per group of G values along K, byte j holds q[j] in its low nibble and q[G/2 + j] in its
-high one. Each nibble half then multiplies a contiguous half of x's group, so the kernel shuffles
-nothing: two tensor-core products per group of the nibbles as they are (offset into floats by a
-bit trick), the group's scale and zero applied to the sums. An earlier kernel on the interleaved
-layout (q[2j], q[2j + 1] in a byte) had to split x into even and odd columns and lost to tinygemm.
+than bf16 at half the bytes. quanto's int4 kernel (tinygemm) grows with rows (9x its floor at 16
+rows, 29x at 64, ~2k tokens/s of prefill) and its layout is opaque, so int4 weights are repacked
+into ours (weight_only_kernels.py says how and why).
 
 The quantization stays quanto's (same values, groups and scales: quality measured on any device
 holds here); `replace_quanto_linears` swaps a frozen layer's QLinear modules where the kernels
-compile and run on the device (`kernel_failure`). int8 weights are quanto's own tensors, not
-copies (fusing q|k|v and gate|up copies them once into one tensor, as for bf16 weights).
-Activation-quantized layers (w8a8) and fp8 (quanto's Marlin kernel, on par with bf16) keep
-quanto's modules.
+compile, run and sum right on the device (`kernel_failure`). int8 weights are quanto's own
+tensors, not copies (fusing q|k|v and gate|up copies them once into one tensor, as for bf16
+weights). Activation-quantized layers (w8a8) and fp8 (quanto's Marlin kernel, on par with bf16)
+keep quanto's modules.
 
 Shapes: x [..., K] in the compute dtype; int8 weight [N, K] with scale [N]; int4 weight [N, K/2]
 uint8 with scale and zero [N, K/G] (G = quanto's group size, 128 where K allows), w = q * scale -
@@ -32,16 +23,10 @@ zero; out [..., N].
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: quanto's modules stay
-    triton = None
+from hetserve.model.weight_only_kernels import dequantize, int4_kernel_fits, int4_matmul, int8_matmul, triton
 
 # Products of more rows than this (prefill chunks) run as cuBLAS on the weights dequantized into
 # the compute dtype: arithmetic-bound, where the kernels, converting tile by tile, fall behind. On
@@ -49,314 +34,6 @@ except ImportError:  # CPU-only installs: quanto's modules stay
 # the kernel against 324 us dequantized at 128 rows, and 472 against 362 us at 256; int4's 202
 # against 300 us at 64 rows and 500 against 313 us at 128.
 DEQUANTIZE_ROWS = {8: 128, 4: 64}  # by weight bits
-
-
-class TileConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int  # programs along K, each summing every split_k-th block; partials summed after
-    warps: int
-    stages: int
-    swap: bool = False  # compute out^T = w @ x^T (the kernel says why)
-
-
-def tile_config(rows: int, k: int, n: int) -> TileConfig:
-    """Tiles for an int8 [rows, k] x [k, n] product, bound by reading the weights. From sweeps on
-    an H200 (Llama-3-8B shapes; benchmarks/weight_only_sweep.py --sweep, docs/benchmarks.md):
-    narrow column blocks streaming long K blocks at 1-16 rows, wider ones at more; a K past 4096
-    (the MLP's down projection) split among programs, their partials summed. At 17-64 rows and
-    K <= 4096 the transposed product was 4-23 % faster, split in 4 where N alone gives few programs."""
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # tl.dot takes 16 rows at least
-    few = block_m == 16
-    split = min(8, 1 << (-(-k // 4096) - 1).bit_length())
-    if rows <= 64 and not few and k <= 4096:
-        return TileConfig(64, 64, 128, 4 if n <= 4096 else 1, 4, 4, swap=True)
-    return TileConfig(block_m, 32 if few and k <= 4096 else 64, 256 if few else 128, split, 4, 4)
-
-
-
-def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
-    """Tiles for an int4 [rows, k] x [k, n] product; block_k is a whole number of groups. From an
-    int4 sweep on an H200 (Llama-3-8B shapes, benchmarks/weight_only_sweep.py --bits 4 --sweep,
-    docs/benchmarks.md): one group a step everywhere; at 2-16 rows the transposed product over 64
-    weight rows, split in 4 along K (2 for the 28672 gate|up rows); at 17-64 rows the plain one
-    over 128 columns (64 for a long K), split where N gives few column blocks. One row runs the
-    GEMV kernel (block_m 1): no tensor cores, products summed in registers, 32 weight rows a
-    program, split in 8 (4 for gate|up); the landscape is flat (the best 5 within 6 %)."""
-    if rows == 1:
-        return TileConfig(1, 32, group, 8 if n <= 16384 else 4, 4, 4)
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    if block_m == 16:
-        return TileConfig(16, 64, group, 4 if n <= 16384 else 2, 4, 4, swap=True)
-    if rows <= 64:
-        return TileConfig(64, 128 if k <= 4096 else 64, group, 4 if n <= 16384 else 1, 4, 4)
-    return TileConfig(64, 64, group, 4 if n <= 4096 else 1, 4, 4, swap=True)
-
-
-def int4_kernel_fits(group: int) -> bool:
-    """The int4 kernel takes groups of a power of two >= 32 values (a half group is one tl.dot's
-    K, >= 16); other group sizes (quanto picks 96 for K = 576) run dequantize + cuBLAS."""
-    return group >= 32 and group & (group - 1) == 0
-
-
-if triton is not None:
-    @triton.jit
-    def _int8_matmul(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
-        """out[split] [M, N] = x [M, K] @ (q [N, K] * scale [N])^T over the K blocks of this split.
-        SWAP computes the transpose, out^T = q @ x^T: the converted weights are then the product's
-        first operand, which Hopper's wgmma takes from registers (the second must be in shared memory)."""
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        split = tl.program_id(2)
-        m_ok, n_ok = rm < M, rn < N
-        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
-        for first in range(0, tl.cdiv(K, BLOCK_K), SPLIT_K):
-            k = (first + split) * BLOCK_K + rk  # past K where SPLIT_K does not divide the blocks: masked
-            k_ok = k < K
-            if SWAP:
-                q = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                            other=0)  # [BLOCK_N, BLOCK_K] int8
-                x = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & k_ok[:, None],
-                            other=0.0)  # [BLOCK_K, BLOCK_M]
-                acc += tl.dot(q.to(x.dtype), x, input_precision=PRECISION)
-            else:
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                            other=0.0)  # [BLOCK_M, BLOCK_K]
-                q = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                            other=0)  # [BLOCK_K, BLOCK_N] int8
-                acc += tl.dot(x, q.to(x.dtype), input_precision=PRECISION)
-        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        out = out_ptr + split * stride_os
-        if SWAP:
-            acc *= scale[:, None]
-            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[None, :] & n_ok[:, None])
-        else:
-            acc *= scale[None, :]
-            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _nibbles(q, OFFSET: tl.constexpr, dtype: tl.constexpr):
-        """4-bit values (in uint8) -> OFFSET + q in `dtype` by setting the mantissa bits of OFFSET:
-        an OR, not a conversion. bf16 128.0 and fp16 1024.0 step by 1; float32 converts (OFFSET 0)."""
-        if OFFSET == 128:
-            return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        elif OFFSET == 1024:
-            return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        else:
-            return q.to(dtype)
-
-    @triton.jit
-    def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                     stride_sg, stride_os, stride_om, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     SWAP: tl.constexpr):
-        """out[split] [M, N] = x [M, K] @ w^T over this split's groups, w = q * scale[g] - zero[g]
-        [N, K]. A group's bytes hold its first half's values in their low nibbles and its second
-        half's in their high ones, so per group: sum x*w = s * (x_lo . lo + x_hi . hi) - (zero +
-        OFFSET * s) * sum x, with lo / hi the nibbles plus OFFSET as floats. SWAP computes out^T
-        (the weights as the first operand, as in _int8_matmul)."""
-        HALF: tl.constexpr = GROUP // 2
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, HALF)
-        split = tl.program_id(2)
-        m_ok, n_ok = rm < M, rn < N
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
-        for first in range(0, tl.cdiv(groups, GROUPS), SPLIT_K):
-            for a in tl.static_range(GROUPS):
-                g = (first + split) * GROUPS + a  # past the last group where the splits do not divide them
-                g_ok = g < groups
-                k = g * GROUP + j  # the group's first half; the second is k + HALF
-                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                if SWAP:
-                    packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
-                                     mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
-                    x_lo = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & g_ok,
-                                   other=0.0)  # [HALF, BLOCK_M]
-                    x_hi = tl.load(x_ptr + rm[None, :] * stride_xm + HALF + k[:, None], mask=m_ok[None, :] & g_ok,
-                                   other=0.0)
-                    dot = tl.dot(_nibbles(packed & 0xF, OFFSET, x_lo.dtype), x_lo, input_precision=PRECISION)
-                    dot = tl.dot(_nibbles(packed >> 4, OFFSET, x_lo.dtype), x_hi, dot, input_precision=PRECISION)
-                    x_sum = tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)  # [BLOCK_M]
-                    acc += dot * s[:, None] - (z + OFFSET * s)[:, None] * x_sum[None, :]
-                else:
-                    packed = tl.load(w_ptr + rn[None, :] * stride_wn + (g * HALF + j)[:, None],
-                                     mask=n_ok[None, :] & g_ok, other=0)  # [HALF, BLOCK_N] uint8
-                    x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & g_ok,
-                                   other=0.0)  # [BLOCK_M, HALF]
-                    x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + HALF + k[None, :], mask=m_ok[:, None] & g_ok,
-                                   other=0.0)
-                    dot = tl.dot(x_lo, _nibbles(packed & 0xF, OFFSET, x_lo.dtype), input_precision=PRECISION)
-                    dot = tl.dot(x_hi, _nibbles(packed >> 4, OFFSET, x_lo.dtype), dot, input_precision=PRECISION)
-                    x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)  # [BLOCK_M]
-                    acc += dot * s[None, :] - x_sum[:, None] * (z + OFFSET * s)[None, :]
-        out = out_ptr + split * stride_os
-        if SWAP:
-            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[None, :] & n_ok[:, None])
-        else:
-            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _as_float(q):
-        """Small unsigned ints -> float32 by a bit trick: 2^23 + q has q as its mantissa, so an OR
-        and a subtraction replace the int-to-float conversion (a quarter-rate instruction that
-        bounded the GEMV kernel)."""
-        return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _int4_gemv(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_os,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """One row: out[split] [N] = w [N, K] @ x [K] over this split's groups, as _int4_matmul's
-        sums but on CUDA cores: each program keeps a [BLOCK_N, GROUP / 2] tile of products and sums
-        it across threads once, at the end (tensor cores would need the nibbles moved into their
-        operand layouts, and 15 of 16 rows would be padding)."""
-        HALF: tl.constexpr = GROUP // 2
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, HALF)
-        split = tl.program_id(2)  # the grid's axis 1 (row blocks) is 1
-        n_ok = rn < N
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, HALF), tl.float32)
-        zeros = tl.zeros((BLOCK_N,), tl.float32)  # sum over groups of zero * sum of x
-        for first in range(0, tl.cdiv(groups, GROUPS), SPLIT_K):
-            for a in tl.static_range(GROUPS):
-                g = (first + split) * GROUPS + a
-                g_ok = g < groups
-                packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
-                                 mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
-                x_lo = tl.load(x_ptr + g * GROUP + j, mask=g_ok, other=0.0).to(tl.float32)  # [HALF]
-                x_hi = tl.load(x_ptr + g * GROUP + HALF + j, mask=g_ok, other=0.0).to(tl.float32)
-                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                dot = _as_float(packed & 0xF) * x_lo[None, :] + _as_float(packed >> 4) * x_hi[None, :]
-                acc += dot * s[:, None]
-                zeros += z * tl.sum(x_lo + x_hi, 0)
-        tl.store(out_ptr + split * stride_os + rn, (tl.sum(acc, 1) - zeros).to(out_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.jit
-    def _sum_splits(partials_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-        """out [numel] = the sum of SPLIT_K float32 partials [SPLIT_K, numel], in out's dtype."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < numel
-        total = tl.zeros((BLOCK,), tl.float32)
-        for split in tl.static_range(SPLIT_K):
-            total += tl.load(partials_ptr + split * numel + i, mask=ok, other=0.0)
-        tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """-> out [N, K] in its dtype. int8: w = q * scale[n]; int4 (the module docstring's layout):
-        w = q * scale[n, g] - zero[n, g], a block of BLOCK_K = GROUP values one group, read once
-        and written as two halves; other group sizes (not a power of two) gather each value's byte."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        if BITS == 8:
-            k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-            q = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0)
-            w = q.to(tl.float32) * tl.load(scale_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty),
-                     mask=n_ok[:, None] & (k < K)[None, :])
-        elif BLOCK_K == GROUP:
-            g = tl.program_id(1)
-            j = tl.arange(0, GROUP // 2)
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + j)[None, :], mask=n_ok[:, None],
-                             other=0)  # [BLOCK_N, GROUP / 2]
-            s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            out = out_ptr + rn[:, None] * stride_on + (g * GROUP + j)[None, :]
-            tl.store(out, ((packed & 0xF).to(tl.float32) * s - z).to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
-            tl.store(out + GROUP // 2, ((packed >> 4).to(tl.float32) * s - z).to(out_ptr.dtype.element_ty),
-                     mask=n_ok[:, None])
-        else:
-            k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-            group, j = k // GROUP, k % GROUP
-            byte = group * (GROUP // 2) + j % (GROUP // 2)  # each byte read for both its nibbles
-            ok = n_ok[:, None] & (k < K)[None, :]
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + byte[None, :], mask=ok, other=0)
-            q = tl.where((j < GROUP // 2)[None, :], packed & 0xF, packed >> 4)
-            groups = rn[:, None] * stride_sn + group[None, :] * stride_sg
-            s = tl.load(scale_ptr + groups, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + groups, mask=ok, other=0.0).to(tl.float32)
-            w = q.to(tl.float32) * s - z
-            tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def _partials(x: torch.Tensor, n: int, config: TileConfig) -> torch.Tensor:
-    """[split_k, rows, n]: the output itself where K is not split, else float32 partials."""
-    dtype = x.dtype if config.split_k == 1 else torch.float32
-    return torch.empty((config.split_k, x.shape[0], n), dtype=dtype, device=x.device)
-
-
-def _summed(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[split_k, rows, n] -> [rows, n] in dtype: one kernel where torch took two (a sum, a cast),
-    each a few µs of a decode step's ~200 split products."""
-    if out.shape[0] == 1:
-        return out[0]
-    summed = torch.empty(out.shape[1:], dtype=dtype, device=out.device)
-    _sum_splits[(triton.cdiv(summed.numel(), 1024),)](out, summed, summed.numel(), SPLIT_K=out.shape[0], BLOCK=1024)
-    return summed
-
-
-def _grid(rows: int, n: int, config: TileConfig) -> tuple[int, int, int]:
-    return triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m), config.split_k
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # float32 stages keep float32 products, not tf32
-
-
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                config: TileConfig | None = None) -> torch.Tensor:
-    """x [M, K] (compute dtype, K contiguous), weight [N, K] int8, scale [N] -> [M, N] in x's dtype."""
-    rows, k = x.shape
-    n = weight.shape[0]
-    config = config or tile_config(rows, k, n)
-    out = _partials(x, n, config)
-    _int8_matmul[_grid(rows, n, config)](
-        x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-        PRECISION=_precision(x.dtype),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
-    )
-    return _summed(out, x.dtype)
-
-
-_OFFSETS = {torch.bfloat16: 128, torch.float16: 1024}  # _nibbles' float OFFSET + q; float32: none
-
-
-def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                config: TileConfig | None = None) -> torch.Tensor:
-    """x [M, K] (compute dtype, K contiguous), weight [N, K / 2] uint8 in the module docstring's
-    layout, scale and zero [N, K / group] (any strides; group-major reads coalesce) -> [M, N] in
-    x's dtype. One row (block_m 1) runs the GEMV kernel, more the tensor-core one."""
-    rows, k = x.shape
-    n = weight.shape[0]
-    config = config or int4_tile_config(rows, k, n, group)
-    out = _partials(x, n, config)
-    if config.block_m == 1:
-        _int4_gemv[_grid(rows, n, config)](
-            x, weight, scale, zero, out, n, k, weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
-            GROUP=group, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
-            num_warps=config.warps, num_stages=config.stages)
-        return _summed(out, x.dtype)
-    _int4_matmul[_grid(rows, n, config)](
-        x, weight, scale, zero, out, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0), scale.stride(1),
-        out.stride(0), out.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=_precision(x.dtype), GROUP=group,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
-        SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
-    )
-    return _summed(out, x.dtype)
 
 
 class WeightOnlyLinear(torch.nn.Module):
@@ -377,13 +54,7 @@ class WeightOnlyLinear(torch.nn.Module):
         multiply by, and the reference the int8 kernel is tested against."""
         n, k = self.out_features, self.in_features
         if available(self.weight.device):
-            out = torch.empty((n, k), dtype=self.scale.dtype, device=self.weight.device)
-            block_k = self.group if self.bits == 4 and int4_kernel_fits(self.group) else 128
-            _dequantize[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
-                self.weight, self.scale, self.zero if self.zero is not None else self.scale, out, n, k,
-                self.weight.stride(0), self.scale.stride(0), self.scale.stride(-1) if self.bits == 4 else 0,
-                out.stride(0), BITS=self.bits, GROUP=self.group, BLOCK_N=32, BLOCK_K=block_k)
-            return out
+            return dequantize(self.weight, self.scale, self.zero, self.bits, self.group, k)
         if self.bits == 8:
             return self.weight * self.scale[:, None]
         halves = self.weight.view(n, k // self.group, self.group // 2)  # [N, K / G, G / 2]
