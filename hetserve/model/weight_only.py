@@ -123,7 +123,7 @@ def int4_from_quanto(weight, bias: torch.Tensor | None) -> WeightOnlyLinear:
     plain = weight if type(weight) is WeightQBitsTensor else weight.weight_qbits_tensor()  # tinygemm, AWQ
     n, k = plain.shape
     group = plain._group_size
-    q = plain._data.unpack().reshape(n, k // group, group).to(torch.uint8)  # [N, K / G, G], 0..15
+    q = _unpacked(plain._data).reshape(n, k // group, group)  # [N, K / G, G], 0..15
     packed = q[..., :group // 2] | (q[..., group // 2:] << 4)  # [N, K / G, G / 2]
     scale = plain._scale.reshape(n, k // group)
     zero = plain._shift.reshape(n, k // group)
@@ -131,6 +131,15 @@ def int4_from_quanto(weight, bias: torch.Tensor | None) -> WeightOnlyLinear:
         zero = (zero.float() * scale.float()).to(scale.dtype)
     return WeightOnlyLinear(packed.reshape(n, k // 2).contiguous(), group_major(scale), group_major(zero), bias,
                             4, group, k)
+
+
+def _unpacked(packed) -> torch.Tensor:
+    """quanto's PackedTensor of 4-bit values -> its uint8 values, as quanto's default unpack
+    computes them (two halves along dim 0: low nibbles, then high ones). quanto's CUDA unpack is a
+    kernel of its extension, which the first call builds with nvcc (~90 s on an H200 machine, and
+    a failed load where the host has no CUDA toolchain)."""
+    data = packed._data
+    return torch.cat([data & 0xF, data >> 4])[: packed.shape[0]]
 
 
 def group_major(groups: torch.Tensor) -> torch.Tensor:
