@@ -1,7 +1,7 @@
 """A host's data path on one micro-batch (StageLoop.launch and finish, no sockets): token ids are checked
 against the vocabulary before they reach the device, a good batch flows on, and a stage that is first
 and last feeds a row the token its slot sampled (decode-ahead). The loop itself over a stand-in
-socket: a spurious zmq.Again does not stop it."""
+socket: a spurious zmq.Again does not stop it, nor lose the leader's micro-batches for stage 0."""
 
 from __future__ import annotations
 
@@ -151,3 +151,24 @@ async def test_a_stage_loop_that_stops_is_reported_to_the_leader():
     assert len(sent) == 1
     failed = decode(sent[0], expect=(Failed,))
     assert failed.host == "h0" and "the stage loop stopped: ZMQError" in failed.reason
+
+
+async def test_the_leader_sends_every_micro_batch_in_order_through_a_spurious_again():
+    """The engine's sends to stage 0 were un-awaited futures: one failing with zmq.Again lost its
+    micro-batch (a step timeout, then a replay). They now queue for one sender, which waits again."""
+    from hetserve.config import LeaderSettings
+    from hetserve.leader.daemon import Leader
+
+    leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
+    leader.to_stage0 = FlakySocket([])
+    step, _ = step_of(torch.tensor([[5, 7, 9]]))
+    for mb in (1, 2, 3):
+        leader._send_step(replace(step, mb=mb), torch.tensor([[5, 7, 9]]))
+    sender = asyncio.create_task(leader._stage0_sender())
+    for _ in range(100):
+        if len(leader.to_stage0.sent) == 3:
+            break
+        await asyncio.sleep(0.01)
+    sender.cancel()
+    await asyncio.gather(sender, return_exceptions=True)
+    assert [decode(frames[0], expect=(Step,)).mb for frames in leader.to_stage0.sent] == [1, 2, 3]

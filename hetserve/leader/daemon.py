@@ -34,7 +34,8 @@ from ..plan.quality import activation_scales, sensitivity
 from ..plan.split import PlanError, memory_split
 from ..transport.security import (Identity, KeyRing, KeysError, as_client, as_server, load_allowed, load_identity,
                                   start_authenticator)
-from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_socket, receive, split_hostport, tcp
+from ..transport.sockets import (bind_tcp, is_loopback, local_ip_towards, make_socket, receive, send, split_hostport,
+                                 tcp)
 from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer
 from ..wire.client import GenerateRequest, ProtocolError
@@ -88,6 +89,7 @@ class Leader:
         self.excluded: set[str] = set()  # joined hosts left out of the plan (no room for their slice)
         self.stages: list[HostRecord] = []  # the pipeline, in order
         self.stage0_addr: str | None = None  # where to_stage0 is connected
+        self.stage0_queue: asyncio.Queue[list] = asyncio.Queue()  # micro-batches for stage 0, in order
         self.served = False  # serving began once: later faults recover instead of stopping the leader
         self.lost_at: float | None = None  # when the pipeline was lost, for the recovery time
         self.assigning = False  # a layout is being made (_assign)
@@ -143,7 +145,8 @@ class Leader:
             log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
                      s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
             tasks = [asyncio.create_task(self._results_loop()), asyncio.create_task(self._expire_loop()),
-                     asyncio.create_task(weight_server.run()), asyncio.create_task(self._control_loop())]
+                     asyncio.create_task(weight_server.run()), asyncio.create_task(self._control_loop()),
+                     asyncio.create_task(self._stage0_sender())]
             # Any of them failing (a LeaderError before serving began) stops the leader.
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -521,8 +524,18 @@ class Leader:
     # ---- data path
 
     def _send_step(self, step: Step, ids: torch.Tensor) -> None:
+        """The engine's send, which it calls synchronously: queued for _stage0_sender. A send
+        left un-awaited here lost its micro-batch (a 120 s step timeout, then a replay) when
+        pyzmq's asyncio socket handed it a spurious zmq.Again (transport/sockets.py)."""
         meta, frame = to_frame(ids)
-        self.to_stage0.send_multipart([encode(step), frame], copy=False)
+        self.stage0_queue.put_nowait([encode(step), frame])
+
+    async def _stage0_sender(self) -> None:
+        """Send queued micro-batches to stage 0 one at a time, in the order the engine made them
+        (a stage feeds a row the token its slot sampled the step before: order matters)."""
+        while True:
+            frames = await self.stage0_queue.get()
+            await send(self.to_stage0, frames, copy=False)
 
     async def _results_loop(self) -> None:
         while True:
