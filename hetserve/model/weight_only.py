@@ -52,15 +52,20 @@ class WeightOnlyLinear(torch.nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weight in the compute dtype [N, K] (one kernel on a GPU): what products of many rows
         multiply by, and the reference the int8 kernel is tested against."""
-        n, k = self.out_features, self.in_features
         if available(self.weight.device):
-            return dequantize(self.weight, self.scale, self.zero, self.bits, self.group, k)
+            return dequantize(self.weight, self.scale, self.zero, self.bits, self.group, self.in_features)
+        return self.dequantized_by_torch().to(self.scale.dtype)
+
+    def dequantized_by_torch(self) -> torch.Tensor:
+        """The weight [N, K] in float32 by torch ops: the CPU's path, and the probe's reference
+        (independent of the kernels' layout code)."""
+        n, k = self.out_features, self.in_features
         if self.bits == 8:
-            return self.weight * self.scale[:, None]
+            return self.weight.float() * self.scale[:, None].float()
         halves = self.weight.view(n, k // self.group, self.group // 2)  # [N, K / G, G / 2]
         q = torch.cat([halves & 0xF, halves >> 4], dim=-1)  # [N, K / G, G]: the group's values in order
         w = q.to(torch.float32) * self.scale[..., None].float() - self.zero[..., None].float()
-        return w.view(n, k).to(self.scale.dtype)
+        return w.view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -138,6 +143,10 @@ def _unpacked(packed) -> torch.Tensor:
     computes them (two halves along dim 0: low nibbles, then high ones). quanto's CUDA unpack is a
     kernel of its extension, which the first call builds with nvcc (~90 s on an H200 machine, and
     a failed load where the host has no CUDA toolchain)."""
+    from optimum.quanto.tensor.packed import PackedTensor
+
+    if not isinstance(packed, PackedTensor):  # quanto also keeps unpacked uint8 values
+        return packed.to(torch.uint8)
     data = packed._data
     return torch.cat([data & 0xF, data >> 4])[: packed.shape[0]]
 
@@ -173,12 +182,23 @@ def available(device: torch.device) -> bool:
 _FAILURES: dict[tuple[torch.device, torch.dtype], str | None] = {}
 
 
+# Products the probe runs: (bits, rows, K, N, group). Between them they compile every tile shape
+# tile_config / int4_tile_config choose (one row, 2-16, 17-64; a long K; int4's N past 16384),
+# the dequantize paths (int4 past 64 rows; a group of 96, not a power of two), and N and rows
+# that do not fill their tiles, so the masks run.
+_PROBES = [(8, rows, k, 200, 0) for rows, k in ((1, 8192), (5, 4096), (40, 4096), (64, 8192), (200, 1024))]
+_PROBES += [(4, rows, k, n, 128) for rows in (1, 5, 40) for k, n in ((512, 200), (4608, 200), (512, 16500))]
+_PROBES += [(4, 100, 512, 200, 128), (4, 5, 576, 200, 96)]
+
+
 def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the kernels cannot serve a stage on `device` in `dtype`, or None where they can: each
-    tile shape a stage uses (int8 and int4) compiled, run once on small random weights and checked
-    against cuBLAS on the weights dequantized (so both dequantizations run too). Tiles come from
-    an H200 sweep; another GPU may lack their shared memory (float32 at 64 rows needs more than
-    sm_86's 99 KB) or bf16 products (before sm_80)."""
+    """Why the kernels cannot serve a stage on `device` in `dtype`, or None where they can: every
+    tile shape a stage uses (int8 and int4, _PROBES) compiled, run once on small random weights
+    in the layout a stage stores (int4 scales group-major) and checked against torch on the same
+    weights. Tiles come from an H200 sweep; another GPU may lack their shared memory (float32 at
+    64 rows needs more than sm_86's 99 KB) or bf16 products (before sm_80). A kernel that faults
+    (an illegal address) leaves the device unusable, quanto's kernels included: the probe cannot
+    help there."""
     key = (device, dtype)
     if key not in _FAILURES:
         try:
@@ -190,18 +210,18 @@ def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:
             def floats(*shape: int) -> torch.Tensor:
                 return torch.rand(shape, device=device, generator=generator).to(dtype) / 64
 
-            probes = [(WeightOnlyLinear(ints(-127, 128, (64, k), torch.int8), floats(64), None, None, 8, 0, k), rows)
-                      for rows, k in ((1, 8192), (32, 4096), (64, 8192))]
-            probes += [(WeightOnlyLinear(ints(0, 256, (64, k // 2), torch.uint8), floats(64, k // 128),
-                                         floats(64, k // 128), None, 4, 128, k), rows)
-                       for rows, k in ((1, 8192), (16, 4096), (64, 8192))]  # GEMV, transposed, plain
-            for linear, rows in probes:
-                x = torch.randn(rows, linear.in_features, device=device, generator=generator).to(dtype)
+            for bits, rows, k, n, group in _PROBES:
+                if bits == 8:
+                    linear = WeightOnlyLinear(ints(-127, 128, (n, k), torch.int8), floats(n), None, None, 8, 0, k)
+                else:
+                    linear = WeightOnlyLinear(ints(0, 256, (n, k // 2), torch.uint8), group_major(floats(n, k // group)),
+                                              group_major(floats(n, k // group)), None, 4, group, k)
+                x = torch.randn(rows, k, device=device, generator=generator).to(dtype)
                 got = linear(x).float()
-                want = F.linear(x.float(), linear.dequantized().float())
+                want = F.linear(x.float(), linear.dequantized_by_torch())
                 error = (got - want).abs().max().item()
                 if not error <= 0.02 * want.abs().max().item():
-                    raise ArithmeticError(f"int{linear.bits} kernel at {rows} rows is off by {error:.3g}")
+                    raise ArithmeticError(f"int{bits} kernel at {rows} rows of {k} x {n} is off by {error:.3g}")
             _FAILURES[key] = None
         except Exception as exc:  # a compile error, too little shared memory, an unsupported GPU, wrong sums
             _FAILURES[key] = f"{type(exc).__name__}: {exc}"
