@@ -96,7 +96,7 @@ def fuse(*linears: WeightOnlyLinear) -> WeightOnlyLinear:
         if parts[0] is None:
             return None
         if first.bits == 4 and name in ("scale", "zero"):
-            return torch.cat([p.T for p in parts], dim=1).T  # still group-major
+            return group_major(torch.cat(parts))
         return torch.cat(parts)
 
     fused = WeightOnlyLinear(*(joined(name) for name in _BUFFERS), bits=first.bits, group=first.group,

@@ -40,19 +40,23 @@ class TileConfig(NamedTuple):
     swap: bool = False  # compute out^T = w @ x^T (the kernel says why)
 
 
+def _block_m(rows: int) -> int:
+    """Rows a program's tensor-core product covers: a power of two, 16 (tl.dot's least) to 64."""
+    return min(64, max(16, 1 << (rows - 1).bit_length()))
+
+
 def tile_config(rows: int, k: int, n: int) -> TileConfig:
     """Tiles for an int8 [rows, k] x [k, n] product, bound by reading the weights. From sweeps on
     an H200 (Llama-3-8B shapes; benchmarks/weight_only_sweep.py --sweep, docs/benchmarks.md):
     narrow column blocks streaming long K blocks at 1-16 rows, wider ones at more; a K past 4096
     (the MLP's down projection) split among programs, their partials summed. At 17-64 rows and
     K <= 4096 the transposed product was 4-23 % faster, split in 4 where N alone gives few programs."""
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # tl.dot takes 16 rows at least
+    block_m = _block_m(rows)
     few = block_m == 16
     split = min(8, 1 << (-(-k // 4096) - 1).bit_length())
     if rows <= 64 and not few and k <= 4096:
         return TileConfig(64, 64, 128, 4 if n <= 4096 else 1, 4, 4, swap=True)
     return TileConfig(block_m, 32 if few and k <= 4096 else 64, 256 if few else 128, split, 4, 4)
-
 
 
 def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
@@ -65,8 +69,7 @@ def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
     program, split in 8 (4 for gate|up); the landscape is flat (the best 5 within 6 %)."""
     if rows == 1:
         return TileConfig(1, 32, group, 8 if n <= 16384 else 4, 4, 4)
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    if block_m == 16:
+    if _block_m(rows) == 16:
         return TileConfig(16, 64, group, 4 if n <= 16384 else 2, 4, 4, swap=True)
     if rows <= 64:
         return TileConfig(64, 128 if k <= 4096 else 64, group, 4 if n <= 16384 else 1, 4, 4)
