@@ -100,9 +100,9 @@ def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
 
 def kernel(bits: int, x: torch.Tensor, m, config: TileConfig | None = None) -> None:
     if bits == 8:
-        weight_only_kernels.int8_matmul(x, m.weight, m.scale, config)
+        weight_only_kernels.int8_matmul(x, m.weight, m.scale, config, m.counters)
     else:
-        weight_only_kernels.int4_matmul(x, m.weight, m.scale, m.zero, m.group, config)
+        weight_only_kernels.int4_matmul(x, m.weight, m.scale, m.zero, m.group, config, m.counters)
 
 
 @torch.no_grad()

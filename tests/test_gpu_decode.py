@@ -162,6 +162,44 @@ def test_int4_matmul_matches_quanto(rows, dtype):
         assert (got - want).abs().max() <= 0.01 * want.abs().max(), (n, k, type(quantos).__name__)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_split_products_sum_in_the_kernel_and_reset_their_counters(bits):
+    """Products split along K (1-16 rows for int4, the long K for int8) sum their partials in the
+    last program of each tile: right at every launch, eagerly and replayed from a CUDA graph, with
+    the module's counters back at zero after each (a counter left behind would corrupt the next)."""
+    from hetserve.model.weight_only import WeightOnlyLinear, group_major
+    from hetserve.model.weight_only_kernels import int4_tile_config, tile_config
+
+    torch.manual_seed(0)
+    n, k = 8192, 8192  # many tiles finishing in any order
+    if bits == 8:
+        linear = WeightOnlyLinear(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
+                                  torch.rand(n, dtype=torch.bfloat16, device="cuda") / 100, None, None, 8, 0, k)
+    else:
+        linear = WeightOnlyLinear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
+                                  group_major(torch.rand(n, k // 128, device="cuda").bfloat16() / 100),
+                                  group_major(torch.rand(n, k // 128, device="cuda").bfloat16() / 10), None, 4, 128, k)
+    weight = linear.dequantized_by_torch()
+    for rows in (1, 16):
+        config = tile_config(rows, k, n) if bits == 8 else int4_tile_config(rows, k, n, 128)
+        assert config.split_k > 1, config
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            for _ in range(2):
+                got = linear(x).float()
+                assert (got - x.float() @ weight.T).abs().max() <= 0.01 * (x.float() @ weight.T).abs().max()
+                assert not linear.counters.any()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = linear(x)
+            for _ in range(3):
+                x.copy_(torch.randn_like(x))
+                graph.replay()
+                want = x.float() @ weight.T
+                assert (out.float() - want).abs().max() <= 0.01 * want.abs().max(), rows
+                assert not linear.counters.any()
+
+
 @pytest.mark.parametrize("config", [(16, 32, 256, 1, False), (16, 64, 128, 3, False), (64, 64, 128, 2, True),
                                     (64, 128, 256, 1, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hetserve.model.weight_only_kernels import dequantize, int4_kernel_fits, int4_matmul, int8_matmul, triton
+from hetserve.model.weight_only_kernels import (dequantize, int4_kernel_fits, int4_matmul, int8_matmul, split_counters,
+                                                triton)
 
 # Products of more rows than this (prefill chunks) run as cuBLAS on the weights dequantized into
 # the compute dtype: arithmetic-bound, where the kernels, converting tile by tile, fall behind. On
@@ -48,6 +49,8 @@ class WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("scale", scale)  # [N] (int8) or [N, K / group] (int4)
         self.register_buffer("zero", zero)  # None (int8) or [N, K / group]
         self.register_buffer("bias", bias)
+        # split-K products' tile counters, zero between products (weight_only_kernels._finish)
+        self.register_buffer("counters", split_counters(self.out_features, weight.device), persistent=False)
 
     def dequantized(self) -> torch.Tensor:
         """The weight in the compute dtype [N, K] (one kernel on a GPU): what products of many rows
@@ -75,9 +78,9 @@ class WeightOnlyLinear(torch.nn.Module):
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
         if self.bits == 8:
-            out = int8_matmul(flat, self.weight, self.scale)
+            out = int8_matmul(flat, self.weight, self.scale, counters=self.counters)
         else:
-            out = int4_matmul(flat, self.weight, self.scale, self.zero, self.group)
+            out = int4_matmul(flat, self.weight, self.scale, self.zero, self.group, counters=self.counters)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

@@ -12,7 +12,8 @@ cores instead. An earlier kernel on the interleaved layout (q[2j], q[2j + 1] in 
 split x into even and odd columns and lost to quanto's tinygemm. Scales and zeros are [N, K/G]
 of any strides; stored group-major their reads coalesce.
 
-Products split along K write float32 partials [split, M, N], summed and cast by one kernel.
+Products split along K write float32 partials [split, M, N]; the last program of a tile to finish
+(a counter per tile) sums them into the output and resets the counter, so no second kernel runs.
 Shapes: x [M, K] in the compute dtype (K contiguous); int8 weight [N, K] with scale [N]; int4
 weight [N, K/2] uint8 with scale and zero [N, K/G], w = q * scale - zero; out [M, N].
 """
@@ -84,10 +85,33 @@ def int4_kernel_fits(group: int) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _int8_matmul(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
+    def _finish(acc, out_ptr, offsets, mask, partials_ptr, numel, counters_ptr, SPLIT_K: tl.constexpr):
+        """Write a program's fp32 sums `acc` (any shape; `offsets` and `mask` of the same into the
+        [M, N] output). Split along K: the program stores its partial ([SPLIT_K, M, N] float32,
+        numel = M * N apart); the tile's counter (one int32 a tile of the grid's first two axes,
+        zero between launches) says which program of the tile is last, and that one sums every
+        split's partial, in split order, into out and sets the counter back to zero. A barrier and
+        an acquire-release atomic at device scope order the partials' stores before the last
+        program's loads, which bypass L1 (.cg)."""
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(partials_ptr + tl.program_id(2) * numel + offsets, acc, mask=mask)
+            tl.debug_barrier()
+            counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = tl.load(partials_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                for split in tl.static_range(1, SPLIT_K):
+                    total += tl.load(partials_ptr + split * numel + offsets, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _int8_matmul(x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_xm, stride_wn,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
-        """out[split] [M, N] = x [M, K] @ (q [N, K] * scale [N])^T over the K blocks of this split.
+        """out [M, N] = x [M, K] @ (q [N, K] * scale [N])^T, this split's K blocks (_finish sums splits).
         SWAP computes the transpose, out^T = q @ x^T: the converted weights are then the product's
         first operand, which Hopper's wgmma takes from registers (the second must be in shared memory)."""
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,15 +136,12 @@ if triton is not None:
                             other=0)  # [BLOCK_K, BLOCK_N] int8
                 acc += tl.dot(x, q.to(x.dtype), input_precision=PRECISION)
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        out = out_ptr + split * stride_os
-        if SWAP:
-            acc *= scale[:, None]
-            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[None, :] & n_ok[:, None])
+        if SWAP:  # out is [M, N] contiguous
+            _finish(acc * scale[:, None], out_ptr, rm[None, :] * N + rn[:, None], m_ok[None, :] & n_ok[:, None],
+                    partials_ptr, M * N, counters_ptr, SPLIT_K)
         else:
-            acc *= scale[None, :]
-            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            _finish(acc * scale[None, :], out_ptr, rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :],
+                    partials_ptr, M * N, counters_ptr, SPLIT_K)
 
     @triton.jit
     def _nibbles(q, OFFSET: tl.constexpr, dtype: tl.constexpr):
@@ -134,12 +155,12 @@ if triton is not None:
             return q.to(dtype)
 
     @triton.jit
-    def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                     stride_sg, stride_os, stride_om, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_xm,
+                     stride_wn, stride_sn, stride_sg, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
                      SWAP: tl.constexpr):
-        """out[split] [M, N] = x [M, K] @ w^T over this split's groups, w = q * scale[g] - zero[g]
-        [N, K]. A group's bytes hold its first half's values in their low nibbles and its second
+        """out [M, N] = x [M, K] @ w^T over this split's groups (_finish sums splits), w = q *
+        scale[g] - zero[g] [N, K]. A group's bytes hold its first half's values in their low nibbles and its second
         half's in their high ones, so per group: sum x*w = s * (x_lo . lo + x_hi . hi) - (zero +
         OFFSET * s) * sum x, with lo / hi the nibbles plus OFFSET as floats. SWAP computes out^T
         (the weights as the first operand, as in _int8_matmul)."""
@@ -180,13 +201,12 @@ if triton is not None:
                     dot = tl.dot(x_hi, _nibbles(packed >> 4, OFFSET, x_lo.dtype), dot, input_precision=PRECISION)
                     x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)  # [BLOCK_M]
                     acc += dot * s[None, :] - x_sum[:, None] * (z + OFFSET * s)[None, :]
-        out = out_ptr + split * stride_os
-        if SWAP:
-            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[None, :] & n_ok[:, None])
+        if SWAP:  # out is [M, N] contiguous
+            _finish(acc, out_ptr, rm[None, :] * N + rn[:, None], m_ok[None, :] & n_ok[:, None], partials_ptr, M * N,
+                    counters_ptr, SPLIT_K)
         else:
-            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            _finish(acc, out_ptr, rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :], partials_ptr, M * N,
+                    counters_ptr, SPLIT_K)
 
     @triton.jit
     def _as_float(q):
@@ -196,9 +216,9 @@ if triton is not None:
         return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _int4_gemv(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_os,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """One row: out[split] [N] = w [N, K] @ x [K] over this split's groups, as _int4_matmul's
+    def _int4_gemv(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, partials_ptr, counters_ptr, N, K, stride_wn,
+                   stride_sn, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """One row: out [N] = w [N, K] @ x [K] over this split's groups, as _int4_matmul's
         sums but on CUDA cores: each program keeps a [BLOCK_N, GROUP / 2] tile of products and sums
         it across threads once, at the end (tensor cores would need the nibbles moved into their
         operand layouts, and 15 of 16 rows would be padding)."""
@@ -223,17 +243,7 @@ if triton is not None:
                 dot = _as_float(packed & 0xF) * x_lo[None, :] + _as_float(packed >> 4) * x_hi[None, :]
                 acc += dot * s[:, None]
                 zeros += z * tl.sum(x_lo + x_hi, 0)
-        tl.store(out_ptr + split * stride_os + rn, (tl.sum(acc, 1) - zeros).to(out_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.jit
-    def _sum_splits(partials_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-        """out [numel] = the sum of SPLIT_K float32 partials [SPLIT_K, numel], in out's dtype."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < numel
-        total = tl.zeros((BLOCK,), tl.float32)
-        for split in tl.static_range(SPLIT_K):
-            total += tl.load(partials_ptr + split * numel + i, mask=ok, other=0.0)
-        tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
+        _finish(tl.sum(acc, 1) - zeros, out_ptr, rn, n_ok, partials_ptr, N, counters_ptr, SPLIT_K)
 
     @triton.jit
     def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
@@ -274,20 +284,27 @@ if triton is not None:
             tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _partials(x: torch.Tensor, n: int, config: TileConfig) -> torch.Tensor:
-    """[split_k, rows, n]: the output itself where K is not split, else float32 partials."""
-    dtype = x.dtype if config.split_k == 1 else torch.float32
-    return torch.empty((config.split_k, x.shape[0], n), dtype=dtype, device=x.device)
+def split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed tile counters for products of n columns split along K (_finish), as many as the chosen
+    tiles can need: columns in blocks of 32 or more, up to 128 rows (DEQUANTIZE_ROWS) in blocks of
+    64 or 16 rows. A launch needing more (a swept tile) gets fresh ones. Each counter is back to
+    zero after every launch, so a module's products may share its counters, and graphs capture
+    them, as long as two of its products never run at once (a stage runs one stream)."""
+    return torch.zeros(2 * -(-n // 32), dtype=torch.int32, device=device)
 
 
-def _summed(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[split_k, rows, n] -> [rows, n] in dtype: one kernel where torch took two (a sum, a cast),
-    each a few µs of a decode step's ~200 split products."""
-    if out.shape[0] == 1:
-        return out[0]
-    summed = torch.empty(out.shape[1:], dtype=dtype, device=out.device)
-    _sum_splits[(triton.cdiv(summed.numel(), 1024),)](out, summed, summed.numel(), SPLIT_K=out.shape[0], BLOCK=1024)
-    return summed
+def _outputs(x: torch.Tensor, n: int, config: TileConfig, counters: torch.Tensor | None):
+    """out [rows, n] in x's dtype; split along K also float32 partials [split_k, rows, n] and zeroed
+    counters, one a tile (`counters` where it has enough); out stands in for both otherwise."""
+    rows = x.shape[0]
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if config.split_k == 1:
+        return out, out, out
+    partials = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    return out, partials, counters
 
 
 def _grid(rows: int, n: int, config: TileConfig) -> tuple[int, int, int]:
@@ -298,47 +315,49 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 stages keep float32 products, not tf32
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                config: TileConfig | None = None) -> torch.Tensor:
-    """x [M, K] (compute dtype, K contiguous), weight [N, K] int8, scale [N] -> [M, N] in x's dtype."""
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: TileConfig | None = None,
+                counters: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (compute dtype, K contiguous), weight [N, K] int8, scale [N] -> [M, N] in x's dtype.
+    counters: split_counters(N) to reuse (else zeroed ones are made where a product splits)."""
     rows, k = x.shape
     n = weight.shape[0]
     config = config or tile_config(rows, k, n)
-    out = _partials(x, n, config)
+    out, partials, counters = _outputs(x, n, config, counters)
     _int8_matmul[_grid(rows, n, config)](
-        x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+        x, weight, scale, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0),
         PRECISION=_precision(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
-    return _summed(out, x.dtype)
+    return out
 
 
 _OFFSETS = {torch.bfloat16: 128, torch.float16: 1024}  # _nibbles' float OFFSET + q; float32: none
 
 
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                config: TileConfig | None = None) -> torch.Tensor:
+                config: TileConfig | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (compute dtype, K contiguous), weight [N, K / 2] uint8 in the module docstring's
     layout, scale and zero [N, K / group] (any strides; group-major reads coalesce) -> [M, N] in
-    x's dtype. One row (block_m 1) runs the GEMV kernel, more the tensor-core one."""
+    x's dtype. One row (block_m 1) runs the GEMV kernel, more the tensor-core one. counters: as
+    int8_matmul's."""
     rows, k = x.shape
     n = weight.shape[0]
     config = config or int4_tile_config(rows, k, n, group)
-    out = _partials(x, n, config)
+    out, partials, counters = _outputs(x, n, config, counters)
     if config.block_m == 1:
         _int4_gemv[_grid(rows, n, config)](
-            x, weight, scale, zero, out, n, k, weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+            x, weight, scale, zero, out, partials, counters, n, k, weight.stride(0), scale.stride(0), scale.stride(1),
             GROUP=group, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
             num_warps=config.warps, num_stages=config.stages)
-        return _summed(out, x.dtype)
+        return out
     _int4_matmul[_grid(rows, n, config)](
-        x, weight, scale, zero, out, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0), scale.stride(1),
-        out.stride(0), out.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=_precision(x.dtype), GROUP=group,
+        x, weight, scale, zero, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0),
+        scale.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=_precision(x.dtype), GROUP=group,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
-    return _summed(out, x.dtype)
+    return out
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
