@@ -73,17 +73,11 @@ def quantized(n: int, k: int, bits: int, device: torch.device):
 
 
 def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
-    """Tiles to time: `which` is "all" (plain and transposed), "swap" (the transposed ones only) or
-    "gemv" (int4 at one row: the GEMV kernel's only).
+    """Tiles to time: `which` is "all" (plain and transposed) or "swap" (the transposed ones only).
     int4 K blocks are whole groups of 128, up to 512 values (256 bytes of a weight row)."""
     configs = []
     blocks = (128, 256) if bits == 8 else (128, 256, 512)
-    if bits == 4 and rows == 1 and which in ("all", "gemv"):  # the GEMV kernel (block_m 1)
-        configs = [TileConfig(1, n, kk, s, w, 4) for n, kk, s, w in
-                   itertools.product((16, 32, 64, 128), (128, 256), (1, 2, 4, 8), (4, 8))]
-        if which == "gemv":
-            return sorted({c for c in configs if c.block_k * c.split_k <= k})
-    if rows <= 64 and which != "gemv":
+    if rows <= 64:
         block_m = max(16, 1 << (rows - 1).bit_length())
         if which == "all":
             grid = itertools.product((32, 64, 128), blocks, (1, 2, 4))
@@ -111,9 +105,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16,64,512,2048")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap", "gemv"], default=None,
-                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only; "
-                             "gemv: int4's one-row kernel only")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap"], default=None,
+                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")

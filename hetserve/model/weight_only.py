@@ -186,7 +186,7 @@ _FAILURES: dict[tuple[torch.device, torch.dtype], str | None] = {}
 
 
 # Products the probe runs: (bits, rows, K, N, group). Between them they compile every tile shape
-# tile_config / int4_tile_config choose (one row, 2-16, 17-64; a long K; int4's N past 16384),
+# tile_config / int4_tile_config choose (1-16 rows, 17-64, int8's one row; a long K; int4's N past 16384),
 # the dequantize paths (int4 past 64 rows; a group of 96, not a power of two), and N and rows
 # that do not fill their tiles, so the masks run.
 _PROBES = [(8, rows, k, 200, 0) for rows, k in ((1, 8192), (5, 4096), (40, 4096), (64, 8192), (200, 1024))]

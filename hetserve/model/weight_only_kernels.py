@@ -7,8 +7,8 @@ multiplies on tensor cores with fp32 accumulation and applies the per-channel sc
 int4 layout: per group of G values along K, byte j holds q[j] in its low nibble and q[G/2 + j] in
 its high one. Each nibble half then multiplies a contiguous half of x's group, so no kernel
 shuffles: two tensor-core products per group of the nibbles as they are (offset into floats by a
-bit trick), the group's scale and zero applied to the sums; one row runs a GEMV kernel on CUDA
-cores instead. An earlier kernel on the interleaved layout (q[2j], q[2j + 1] in a byte) had to
+bit trick), the group's scale and zero applied to the sums, from one row up (a GEMV kernel on
+CUDA cores for one row was slower: docs/benchmarks.md). An earlier kernel on the interleaved layout (q[2j], q[2j + 1] in a byte) had to
 split x into even and odd columns and lost to quanto's tinygemm. Scales and zeros are [N, K/G]
 of any strides; stored group-major their reads coalesce.
 
@@ -66,10 +66,8 @@ def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
     docs/benchmarks.md): one group a step everywhere; at 2-16 rows the transposed product over 64
     weight rows, split in 4 along K (2 for the 28672 gate|up rows); at 17-64 rows the plain one
     over 128 columns (64 for a long K), split where N gives few column blocks. One row runs the
-    GEMV kernel (block_m 1): no tensor cores, products summed in registers, 32 weight rows a
-    program, split in 8 (4 for gate|up); the landscape is flat (the best 5 within 6 %)."""
-    if rows == 1:
-        return TileConfig(1, 32, group, 8 if n <= 16384 else 4, 4, 4)
+    2-16 rows' tiles: a decode step at batch 1 took 4.10 ms with them against 4.31 ms with a GEMV
+    kernel on CUDA cores (the tiles its sweep chose), side by side on an H200."""
     if _block_m(rows) == 16:
         return TileConfig(16, 64, group, 4 if n <= 16384 else 2, 4, 4, swap=True)
     if rows <= 64:
@@ -209,43 +207,6 @@ if triton is not None:
                     counters_ptr, SPLIT_K)
 
     @triton.jit
-    def _as_float(q):
-        """Small unsigned ints -> float32 by a bit trick: 2^23 + q has q as its mantissa, so an OR
-        and a subtraction replace the int-to-float conversion (a quarter-rate instruction that
-        bounded the GEMV kernel)."""
-        return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _int4_gemv(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, partials_ptr, counters_ptr, N, K, stride_wn,
-                   stride_sn, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """One row: out [N] = w [N, K] @ x [K] over this split's groups, as _int4_matmul's
-        sums but on CUDA cores: each program keeps a [BLOCK_N, GROUP / 2] tile of products and sums
-        it across threads once, at the end (tensor cores would need the nibbles moved into their
-        operand layouts, and 15 of 16 rows would be padding)."""
-        HALF: tl.constexpr = GROUP // 2
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, HALF)
-        split = tl.program_id(2)  # the grid's axis 1 (row blocks) is 1
-        n_ok = rn < N
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, HALF), tl.float32)
-        zeros = tl.zeros((BLOCK_N,), tl.float32)  # sum over groups of zero * sum of x
-        for first in range(0, tl.cdiv(groups, GROUPS), SPLIT_K):
-            for a in tl.static_range(GROUPS):
-                g = (first + split) * GROUPS + a
-                g_ok = g < groups
-                packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
-                                 mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
-                x_lo = tl.load(x_ptr + g * GROUP + j, mask=g_ok, other=0.0).to(tl.float32)  # [HALF]
-                x_hi = tl.load(x_ptr + g * GROUP + HALF + j, mask=g_ok, other=0.0).to(tl.float32)
-                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                dot = _as_float(packed & 0xF) * x_lo[None, :] + _as_float(packed >> 4) * x_hi[None, :]
-                acc += dot * s[:, None]
-                zeros += z * tl.sum(x_lo + x_hi, 0)
-        _finish(tl.sum(acc, 1) - zeros, out_ptr, rn, n_ok, partials_ptr, N, counters_ptr, SPLIT_K)
-
-    @triton.jit
     def _dequantize(w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """-> out [N, K] in its dtype. int8: w = q * scale[n]; int4 (the module docstring's layout):
@@ -339,18 +300,11 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
                 config: TileConfig | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (compute dtype, K contiguous), weight [N, K / 2] uint8 in the module docstring's
     layout, scale and zero [N, K / group] (any strides; group-major reads coalesce) -> [M, N] in
-    x's dtype. One row (block_m 1) runs the GEMV kernel, more the tensor-core one. counters: as
-    int8_matmul's."""
+    x's dtype. counters: as int8_matmul's."""
     rows, k = x.shape
     n = weight.shape[0]
     config = config or int4_tile_config(rows, k, n, group)
     out, partials, counters = _outputs(x, n, config, counters)
-    if config.block_m == 1:
-        _int4_gemv[_grid(rows, n, config)](
-            x, weight, scale, zero, out, partials, counters, n, k, weight.stride(0), scale.stride(0), scale.stride(1),
-            GROUP=group, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
-            num_warps=config.warps, num_stages=config.stages)
-        return out
     _int4_matmul[_grid(rows, n, config)](
         x, weight, scale, zero, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0),
         scale.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=_precision(x.dtype), GROUP=group,
