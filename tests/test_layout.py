@@ -1,4 +1,5 @@
-"""The leader's pure layout pieces (leader/layout.py): adoption after a restart and plan checks."""
+"""The leader's pure layout pieces (leader/layout.py): adoption after a restart, plan checks, the
+layout chosen, and the Assign each stage gets."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 
 from hetserve.config import LeaderSettings, Limits
 from hetserve.leader.hosts import HostRecord
-from hetserve.leader.layout import adoptable, plan_layout
+from hetserve.leader.layout import adoptable, choose_layout, plan_layout, stage_assigns
 from hetserve.plan.planner import Plan, PlannedStage, Workload
-from hetserve.plan.split import PlanError
+from hetserve.plan.split import ModelShape, PlanError
 from hetserve.wire.messages import Assign, Inventory
 
 INVENTORY = Inventory("cpu", "cpu", "x86", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
@@ -39,10 +40,10 @@ def test_anything_less_is_not_adopted(hosts, model_hash):
     assert adoptable(hosts, model_hash, 30, SETTINGS) is None
 
 
-def test_plan_layout_checks_hosts_and_coverage():
-    def plan(bounds):
-        stages = [PlannedStage(f"h{i}", a, b, [], 1.0, 1.0, 1, 2) for i, (a, b) in enumerate(bounds)]
-        return Plan("m", "float32", Workload(), 0.02, 1.0, 1.0, stages, 1, 1, 1.0)
+def plan(bounds, precisions=()):
+    stages = [PlannedStage(f"h{i}", a, b, list(precisions) or [], 1.0, 1.0, 1, 2) for i, (a, b) in enumerate(bounds)]
+    return Plan("m", "float32", Workload(), 0.02, 1.0, 1.0, stages, 1, 1, 1.0)
+
 
     hosts = {"h0": host("h0", None), "h1": host("h1", None)}
     order, ranges, _ = plan_layout(plan([(0, 10), (10, 30)]), hosts, 30)
@@ -51,3 +52,38 @@ def test_plan_layout_checks_hosts_and_coverage():
         plan_layout(plan([(0, 10), (11, 30)]), hosts, 30)
     with pytest.raises(PlanError, match="joined"):
         plan_layout(plan([(0, 10), (10, 20), (20, 30)]), hosts, 30)
+
+
+def test_the_layout_is_the_plans_until_its_hosts_are_gone_after_serving():
+    shape = ModelShape(30, 10 << 20, 20 << 20, 20 << 20, 4096)
+    hosts = {"h0": host("h0", None), "h1": host("h1", None)}
+    live = list(hosts.values())
+    args = (hosts, live, shape, 30, SETTINGS.limits)
+    order, ranges, _ = choose_layout(plan([(0, 5), (5, 30)]), False, True, *args)
+    assert ranges == [(0, 5), (5, 30)]  # the plan's, not a memory split
+    # once serving, a --plan host that died: split by memory over the live ones
+    order, ranges, precisions = choose_layout(plan([(0, 5), (5, 30)]), False, True, hosts, live[:1], shape, 30,
+                                              SETTINGS.limits)
+    assert [h.name for h in order] == ["h0"] and ranges == [(0, 30)] and precisions == [[]]
+    # before serving (or planned live) the plan must fit: its hosts not joined is an error
+    with pytest.raises(PlanError, match="joined"):
+        choose_layout(plan([(0, 5), (5, 30)]), False, False, {"h0": hosts["h0"]}, live[:1], shape, 30,
+                      SETTINGS.limits)
+    order, ranges, _ = choose_layout(None, False, False, *args)  # no plan: split by memory
+    assert [h.name for h in order] == ["h0", "h1"] and ranges[0][0] == 0 and ranges[-1][1] == 30
+
+
+def test_each_stage_is_told_its_neighbours_and_the_leader_closes_the_ring():
+    a, b, c = (host(n, None) for n in "abc")
+    a.data_addr, b.data_addr, c.data_addr = "tcp://a:1", "tcp://b:1", "tcp://c:1"
+    a.public_key, b.public_key, c.public_key = "ka", "kb", "kc"
+    layout = [a, b, c], [(0, 10), (10, 20), (20, 30)], [["native"] * 10, ["w8a8"] + ["int8"] * 9, []]
+    scales = [{"x": float(i)} for i in range(30)]
+    assigns = stage_assigns(layout, SETTINGS, 30, "hash", 7, "tcp://leader:9", ["w0", "w1", "w2"], "kl", scales)
+    assert [(x.stage, x.num_stages, x.start, x.end) for x in assigns] == [(0, 3, 0, 10), (1, 3, 10, 20), (2, 3, 20, 30)]
+    assert [x.downstream for x in assigns] == ["tcp://b:1", "tcp://c:1", "tcp://leader:9"]
+    assert [(x.upstream_key, x.downstream_key) for x in assigns] == [("kl", "kb"), ("ka", "kc"), ("kb", "kl")]
+    assert [x.weights_addr for x in assigns] == ["w0", "w1", "w2"] and {x.epoch for x in assigns} == {7}
+    # only activation-quantized layers carry their input scales
+    assert assigns[1].input_scales == [{"x": 10.0}] + [{}] * 9 and assigns[0].input_scales == [{}] * 10
+    assert all((x.max_seqs, x.max_context, x.model_hash) == (4, 256, "hash") for x in assigns)

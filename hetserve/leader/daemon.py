@@ -29,9 +29,9 @@ from ..model.precision import ACTIVATIONS_QUANTIZED
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
 from ..model.stage import load_config
-from ..plan.planner import HostInput, Plan, PlanningError, Workload, make_plan
-from ..plan.quality import activation_scales, sensitivity
-from ..plan.split import PlanError, memory_split
+from ..plan.planner import Plan, PlanningError
+from ..plan.quality import activation_scales
+from ..plan.split import PlanError
 from ..transport.security import (Identity, KeyRing, KeysError, as_client, as_server, load_allowed, load_identity,
                                   start_authenticator)
 from ..transport.sockets import (bind_tcp, is_loopback, local_ip_towards, make_socket, receive, send, split_hostport,
@@ -40,14 +40,14 @@ from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Alive, Assign, Failed, Heartbeat, Join, Probe, ProbeReply,
+from ..wire.messages import (PROTOCOL_VERSION, Alive, Failed, Heartbeat, Join, Probe, ProbeReply,
                              ProfileReport, ProfileRequest, Ready, Refused, Shutdown, Step, StepFailed, StepResult)
 from ..wire.tensors import to_frame
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
 from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, HostRecord, describe_precisions
 from .http_api import OpenAIServer
-from .layout import Layout, adoptable, disk_shortfalls, plan_layout
+from .layout import Layout, adoptable, choose_layout, disk_shortfalls, plan_live, stage_assigns
 from .link import LARGE_BYTES, LARGE_PROBES, PROBE_TIMEOUT_S, SMALL_PROBES, link_from_round_trips
 from .tokens import TextCodec
 
@@ -321,27 +321,12 @@ class Leader:
         await self._assign()
 
     def _plan_live(self) -> Plan:
-        p = self.settings.planner
-        hosts = [HostInput(h.name, h.inventory.usable_bytes, h.profile, h.link.gbps, h.link.latency_ms) if h.link
-                 else HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps) for h in self._plannable()]
-        quantized = sorted({q for h in hosts for q in h.profile.layer_bytes if q != "native"})
-        log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
-                 p.max_ppl_increase * 100)
-        limits = self.settings.limits
-        # The KV cache the hosts will allocate is what the plan must budget for.
-        workload = Workload(p.prompt_tokens, p.output_tokens, p.batch, limits.max_seqs * (limits.max_context + 1))
         try:
-            sens = sensitivity(self.model_dir, quantized, p.calibration_tokens, progress=False)
-            plan = make_plan(self.settings.model, hosts, sens, workload, p.max_ppl_increase)
+            return plan_live(self.settings, self._plannable(), self.model_dir)
         except PlanningError as exc:
             raise LeaderError(f"no plan: {exc}") from None
         except Exception as exc:  # a malformed profile from a host, a failed measurement
             raise LeaderError(f"planning failed: {type(exc).__name__}: {exc}") from None
-        log.info("plan: predicted %.1f tokens/s, perplexity %.3f (base %.3f), solved in %.2f s; baselines %s",
-                 plan.predicted_tokens_per_s, plan.predicted_ppl, plan.base_ppl, plan.solve_seconds, plan.baselines)
-        if p.save_to:
-            plan.save(Path(p.save_to))
-        return plan
 
     def _candidates(self) -> list[HostRecord]:
         """Joined hosts the plan may use, in name order (stable however they raced to join)."""
@@ -383,7 +368,7 @@ class Leader:
         epoch = self.engine.replay_all()
         self.state = "planning"
         try:
-            order, ranges, precisions = await self._fitting_layout()
+            layout = await self._fitting_layout()
         except LeaderError as exc:
             if not self.served:
                 raise
@@ -397,6 +382,7 @@ class Leader:
         self.state = "loading"
         for host in self._plannable():
             host.planned = True
+        order, _, precisions = layout
         own_key = self.identity.public.decode() if self.identity else ""
         # w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which
         # has the whole model, calibrates every layer once (cached) and ships each stage its own.
@@ -406,28 +392,17 @@ class Leader:
                 scales = await asyncio.get_running_loop().run_in_executor(None, activation_scales, self.model_dir)
             except Exception as exc:  # a failed measurement must reach the operator, not hang the load
                 raise LeaderError(f"w8a8 calibration failed: {type(exc).__name__}: {exc}") from None
-        assigns = []
-        for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
-            host.stage, host.layers, host.state = i, (start, end), "loading"
-            upstream_key = order[i - 1].public_key if i else own_key
-            downstream_key = order[i + 1].public_key if i + 1 < len(order) else own_key
-            host.precision = describe_precisions(precs, s.dtype)
-            if i + 1 < len(order):
-                downstream = order[i + 1].data_addr
-            else:
-                downstream = tcp(s.advertise or local_ip_towards(host.peer_ip), self.results_port)
-            assign = Assign(stage=i, num_stages=len(order), start=start, end=end, model=s.model,
-                            num_layers=self.num_layers, dtype=s.dtype, max_seqs=s.limits.max_seqs,
-                            max_context=s.limits.max_context, downstream=downstream, precisions=precs,
-                            model_hash=self.manifest.model_hash, weights_addr=self._weights_addr(host), epoch=epoch,
-                            upstream_key=upstream_key, downstream_key=downstream_key,
-                            input_scales=[scales[start + j] if p in ACTIVATIONS_QUANTIZED else {}
-                                          for j, p in enumerate(precs)])
-            log.info("plan: stage %d = host %s, layers %d-%d, %s", i, host.name, start, end - 1, host.precision)
-            assigns.append((host, assign))
+        results_addr = tcp(s.advertise or local_ip_towards(order[-1].peer_ip), self.results_port)
+        assigns = stage_assigns(layout, s, self.num_layers, self.manifest.model_hash, epoch, results_addr,
+                                [self._weights_addr(host) for host in order], own_key, scales)
+        for host, assign in zip(order, assigns):
+            host.stage, host.layers, host.state = assign.stage, (assign.start, assign.end), "loading"
+            host.precision = describe_precisions(assign.precisions, s.dtype)
+            log.info("plan: stage %d = host %s, layers %d-%d, %s", assign.stage, host.name, assign.start,
+                     assign.end - 1, host.precision)
         # Last stage first: each host admits its upstream's key as soon as its Assign arrives, so
         # by the time an upstream host has loaded and connects, its downstream expects it.
-        for host, assign in reversed(assigns):
+        for host, assign in reversed(list(zip(order, assigns))):
             await self._send_host(host, assign)
         self.stages = order
         for host in self.hosts.values():
@@ -447,7 +422,8 @@ class Leader:
                 if s.planner is not None:
                     self.plan = await asyncio.get_running_loop().run_in_executor(None, self._plan_live)
                 try:
-                    layout = self._layout()
+                    layout = choose_layout(self.plan, s.planner is not None, self.served, self.hosts,
+                                           self._candidates(), self.shape, self.num_layers, s.limits)
                 except PlanError as exc:
                     raise LeaderError(f"no plan fits: {exc}") from None
             short = disk_shortfalls(*layout[:2], self.manifest, self.config)
@@ -459,21 +435,6 @@ class Leader:
             if s.plan:
                 raise LeaderError(f"the plan {s.plan} cannot be loaded: " + "; ".join(short.values()))
             self.excluded.update(short)
-
-    def _layout(self) -> Layout:
-        """Pipeline order, layer ranges and per-layer precisions: from the plan (--plan or live),
-        or split by memory. A --plan whose hosts are not all alive falls back to the split."""
-        s = self.settings
-        plan_hosts = [] if self.plan is None else [st.host for st in self.plan.stages]
-        if self.plan is not None and s.planner is None and self.served and \
-                any(self.hosts.get(h) not in self._candidates() for h in plan_hosts):
-            log.warning("the plan's hosts are not all alive: splitting by memory over the live ones")
-        elif self.plan is not None:
-            return plan_layout(self.plan, self.hosts, self.num_layers)
-        order = self._candidates()
-        kv_tokens = s.limits.max_seqs * (s.limits.max_context + 1)
-        ranges = memory_split(self.shape, [h.inventory.usable_bytes for h in order], kv_tokens)
-        return order, ranges, [[] for _ in order]
 
     async def _maybe_serve(self) -> None:
         if self.state != "loading" or any(h.state != "ready" for h in self.stages):

@@ -1,15 +1,21 @@
 """Pure pieces of laying the pipeline out: which slices hosts already hold, which plan ranges are
-valid, and which hosts lack the disk room for their slice. The leader (daemon.py) decides when."""
+valid, which hosts lack the disk room for their slice, the layout itself (a plan's, a live plan,
+or a split by memory) and the Assign each stage gets. The leader (daemon.py) decides when."""
 
 from __future__ import annotations
 
 import logging
 
-from ..config import LeaderSettings
+from pathlib import Path
+
+from ..config import Limits, LeaderSettings
+from ..model.precision import ACTIVATIONS_QUANTIZED
+from ..plan.split import ModelShape
 from ..model.stage import StageSpec, stage_tensor_names
-from ..plan.planner import Plan
-from ..plan.split import PlanError
-from ..wire.messages import Manifest
+from ..plan.planner import HostInput, Plan, Workload, make_plan
+from ..plan.quality import sensitivity
+from ..plan.split import PlanError, memory_split
+from ..wire.messages import Assign, Manifest
 from .hosts import HostRecord
 
 log = logging.getLogger(__name__)
@@ -68,3 +74,59 @@ def plan_layout(plan: Plan, hosts: dict[str, HostRecord], num_layers: int) -> La
             a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(num_layers, 0)])):
         raise PlanError(f"the plan's layer ranges {bounds} do not cover layers 0-{num_layers - 1} contiguously")
     return [hosts[st.host] for st in plan.stages], bounds, [st.precisions for st in plan.stages]
+
+
+def choose_layout(plan: Plan | None, planned_live: bool, served: bool, hosts: dict[str, HostRecord],
+                  candidates: list[HostRecord], shape: ModelShape, num_layers: int, limits: Limits) -> Layout:
+    """Pipeline order, layer ranges and per-layer precisions: the plan's (--plan, or planned live
+    over the candidates), else the candidates in order split by memory. Once serving, a --plan
+    whose hosts are not all alive falls back to the split; PlanError when a plan does not fit."""
+    if plan is not None and not planned_live and served and \
+            any(hosts.get(st.host) not in candidates for st in plan.stages):
+        log.warning("the plan's hosts are not all alive: splitting by memory over the live ones")
+    elif plan is not None:
+        return plan_layout(plan, hosts, num_layers)
+    kv_tokens = limits.max_seqs * (limits.max_context + 1)
+    ranges = memory_split(shape, [h.inventory.usable_bytes for h in candidates], kv_tokens)
+    return candidates, ranges, [[] for _ in candidates]
+
+
+def plan_live(settings: LeaderSettings, hosts: list[HostRecord], model_dir: Path) -> Plan:
+    """Plan over hosts that sent their profiles (and whose links were measured, else
+    --link-gbps): the quality budget's sensitivity measured on the leader's copy (cached), the
+    plan solved for the KV cache the hosts will allocate. Raises PlanningError where none fits."""
+    p = settings.planner
+    inputs = [HostInput(h.name, h.inventory.usable_bytes, h.profile, h.link.gbps, h.link.latency_ms) if h.link
+              else HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps) for h in hosts]
+    quantized = sorted({q for h in inputs for q in h.profile.layer_bytes if q != "native"})
+    log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
+             p.max_ppl_increase * 100)
+    limits = settings.limits
+    workload = Workload(p.prompt_tokens, p.output_tokens, p.batch, limits.max_seqs * (limits.max_context + 1))
+    sens = sensitivity(model_dir, quantized, p.calibration_tokens, progress=False)
+    plan = make_plan(settings.model, inputs, sens, workload, p.max_ppl_increase)
+    log.info("plan: predicted %.1f tokens/s, perplexity %.3f (base %.3f), solved in %.2f s; baselines %s",
+             plan.predicted_tokens_per_s, plan.predicted_ppl, plan.base_ppl, plan.solve_seconds, plan.baselines)
+    if p.save_to:
+        plan.save(Path(p.save_to))
+    return plan
+
+
+def stage_assigns(layout: Layout, settings: LeaderSettings, num_layers: int, model_hash: str, epoch: int,
+                  results_addr: str, weights_addrs: list[str], own_key: str, scales: list[dict]) -> list[Assign]:
+    """Each stage's Assign, in pipeline order: its slice and precisions, where its output goes (the
+    next stage, the leader's results socket for the last), whose keys it admits on each side (the
+    leader's own at the ends) and, for w8a8 layers, their input scales (`scales`, by layer)."""
+    order, ranges, precisions = layout
+    limits = settings.limits
+    assigns = []
+    for i, (host, (start, end), precs) in enumerate(zip(order, ranges, precisions)):
+        last = i + 1 == len(order)
+        assigns.append(Assign(
+            stage=i, num_stages=len(order), start=start, end=end, model=settings.model, num_layers=num_layers,
+            dtype=settings.dtype, max_seqs=limits.max_seqs, max_context=limits.max_context,
+            downstream=results_addr if last else order[i + 1].data_addr, precisions=precs, model_hash=model_hash,
+            weights_addr=weights_addrs[i], epoch=epoch, upstream_key=order[i - 1].public_key if i else own_key,
+            downstream_key=own_key if last else order[i + 1].public_key,
+            input_scales=[scales[start + j] if p in ACTIVATIONS_QUANTIZED else {} for j, p in enumerate(precs)]))
+    return assigns
