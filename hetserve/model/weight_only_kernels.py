@@ -8,9 +8,9 @@ int4 layout: per group of G values along K, byte j holds q[j] in its low nibble 
 its high one. Each nibble half then multiplies a contiguous half of x's group, so no kernel
 shuffles: two tensor-core products per group of the nibbles as they are (offset into floats by a
 bit trick), the group's scale and zero applied to the sums, from one row up (a GEMV kernel on
-CUDA cores for one row was slower: docs/benchmarks.md). An earlier kernel on the interleaved layout (q[2j], q[2j + 1] in a byte) had to
-split x into even and odd columns and lost to quanto's tinygemm. Scales and zeros are [N, K/G]
-of any strides; stored group-major their reads coalesce.
+CUDA cores for one row was slower: docs/benchmarks.md). An earlier kernel on the interleaved
+layout (q[2j], q[2j + 1] in a byte) had to split x into even and odd columns and lost to quanto's
+tinygemm. Scales and zeros are [N, K/G] of any strides; stored group-major their reads coalesce.
 
 Products split along K write float32 partials [split, M, N]; the last program of a tile to finish
 (a counter per tile) sums them into the output and resets the counter, so no second kernel runs.
@@ -158,10 +158,10 @@ if triton is not None:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
                      SWAP: tl.constexpr):
         """out [M, N] = x [M, K] @ w^T over this split's groups (_finish sums splits), w = q *
-        scale[g] - zero[g] [N, K]. A group's bytes hold its first half's values in their low nibbles and its second
-        half's in their high ones, so per group: sum x*w = s * (x_lo . lo + x_hi . hi) - (zero +
-        OFFSET * s) * sum x, with lo / hi the nibbles plus OFFSET as floats. SWAP computes out^T
-        (the weights as the first operand, as in _int8_matmul)."""
+        scale[g] - zero[g] [N, K]. A group's bytes hold its first half's values in their low
+        nibbles and its second half's in their high ones, so per group: sum x*w = s * (x_lo . lo +
+        x_hi . hi) - (zero + OFFSET * s) * sum x, with lo / hi the nibbles plus OFFSET as floats.
+        SWAP computes out^T (the weights as the first operand, as in _int8_matmul)."""
         HALF: tl.constexpr = GROUP // 2
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
