@@ -20,6 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Triton and an older numpy, apart in $(VENV)/interp, for tests/test_kernels_interpreted.py: Triton's
+# interpreter runs our GPU kernels on the CPU (this machine has no GPU), and triton 3.6's
+# interpreter fails on numpy 2.3 and later, which the project itself uses.
+INTERP_PACKAGES ?= triton==3.6.0 numpy==2.2.6
+$(VENV)/interp/.installed: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --target $(VENV)/interp $(INTERP_PACKAGES)
+	touch $@
+
 # Convert the embedded model to safetensors once (into $$HETSERVE_HOME, default ~/.cache/hetserve).
 model: install
 	$(BIN)/python -c "from hetserve.model.resolve import resolve_model; print(resolve_model('smollm2-135m').path)"
@@ -27,7 +35,7 @@ model: install
 demo: model
 	BIN=$(BIN) bash examples/demo.sh
 
-test: model
+test: model $(VENV)/interp/.installed
 	$(BIN)/python -m pytest -q -ra
 
 bench: model
