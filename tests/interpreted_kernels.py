@@ -1,7 +1,9 @@
-"""Our weight-only Triton kernels run by Triton's interpreter on the CPU, against torch on the same
-weights: the logic of every tile family (plain and transposed, K split or not, splits that do not
+"""Our Triton kernels run by Triton's interpreter on the CPU, against torch on the same inputs.
+Weight-only matmuls: every tile family (plain and transposed, K split or not, splits that do not
 divide the groups, tiles that N and the rows do not fill), the in-kernel sum of split products
-with its counters back at zero, and both dequantize paths. Run by tests/test_kernels_interpreted.py
+with its counters back at zero, and both dequantize paths. Slot attention: the new K/V written
+into each row's slot (a padding row's into the scratch column), rotary applied inside, grouped
+query heads, keys past one block. Run by tests/test_kernels_interpreted.py
 in a process of its own (TRITON_INTERPRET must be set before triton is imported, and the
 interpreter needs a numpy older than the project's: the Makefile installs both apart).
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from hetserve.model.slot_attention import slot_decode_attention  # noqa: E402
 from hetserve.model.weight_only import WeightOnlyLinear, group_major  # noqa: E402
 from hetserve.model.weight_only_kernels import TileConfig, dequantize, int4_matmul, int8_matmul  # noqa: E402
 
@@ -45,13 +48,51 @@ def int4_linear(n: int, k: int, group: int, dtype: torch.dtype) -> WeightOnlyLin
     return WeightOnlyLinear(q, scale, zero, None, 4, group, k)
 
 
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D] * cos + rotate_half(x) * sin, as transformers' Llama applies rotary."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def attention_error(dtype: torch.dtype, rotary: bool) -> float:
+    """Slot attention for 3 rows (the last a padding row) of 8 query heads over 2 K/V heads against
+    writing the K/V and attending with torch, row by row; also the caches written."""
+    heads, kv_heads, dim, slots, context = 8, 2, 16, 4, 100
+    keys = torch.randn(slots, kv_heads, context + 1, dim).to(dtype)
+    values = torch.randn(slots, kv_heads, context + 1, dim).to(dtype)
+    q = torch.randn(3, heads, 1, dim).to(dtype)
+    k, v = torch.randn(3, kv_heads, 1, dim).to(dtype), torch.randn(3, kv_heads, 1, dim).to(dtype)
+    slot, start, length = torch.tensor([2, 0, 3]), torch.tensor([70, 5, 0]), torch.tensor([1, 1, 0])
+    cos, sin = torch.randn(3, 1, dim).to(dtype), torch.randn(3, 1, dim).to(dtype)
+    want_keys, want_values = keys.clone(), values.clone()
+    got = slot_decode_attention(q, k, v, keys, values, slot, start, length, context, dim ** -0.5,
+                                rotary=(cos, sin) if rotary else None).float()
+    error = 0.0
+    for row in range(2):  # the padding row's output is discarded by its callers
+        s, p = int(slot[row]), int(start[row])
+        qr, kr = (rotated(q[row].float(), cos[row].float(), sin[row].float()),
+                  rotated(k[row].float(), cos[row].float(), sin[row].float())) if rotary else (q[row].float(), k[row].float())
+        want_keys[s, :, p] = kr[:, 0].to(dtype)
+        want_values[s, :, p] = v[row, :, 0]
+        ks = want_keys[s, :, :p + 1].float().repeat_interleave(heads // kv_heads, 0)  # [H, p + 1, D]
+        vs = want_values[s, :, :p + 1].float().repeat_interleave(heads // kv_heads, 0)
+        want = F.scaled_dot_product_attention(qr, ks, vs).reshape(1, heads * dim)  # [1, H * D]
+        error = max(error, off(got[row], want))
+    want_keys[int(slot[2]), :, context] = k[2, :, 0] if not rotary else \
+        rotated(k[2].float(), cos[2].float(), sin[2].float())[:, 0].to(dtype)  # the scratch column
+    want_values[int(slot[2]), :, context] = v[2, :, 0]
+    written = max(off(keys, want_keys.float()), off(values, want_values.float()))
+    return max(error, written)
+
+
 def main() -> int:
     torch.manual_seed(0)
     failures = []
 
     def check(name: str, error: float, counters: torch.Tensor | None = None) -> None:
         if not error < 1e-2 or (counters is not None and counters.any()):
-            failures.append(f"{name}: off by {error:.2e}, counters left {counters.tolist() if counters is not None else []}")
+            left = f", counters left {counters.tolist()}" if counters is not None else ""
+            failures.append(f"{name}: off by {error:.2e}{left}")
 
     for dtype in (torch.float32, torch.float16):
         for rows, k, n, tiles in INT4_CASES:
@@ -76,6 +117,8 @@ def main() -> int:
             linear = int4_linear(70, k, group, dtype)
             check(f"int4 dequantize {dtype} group {group}",
                   off(dequantize(linear.weight, linear.scale, linear.zero, 4, group, k), linear.dequantized_by_torch()))
+        for rotary in (False, True):
+            check(f"slot attention {dtype} rotary {rotary}", attention_error(dtype, rotary))
     for failure in failures:
         print(failure)
     print(f"{len(failures)} failing case(s)")
