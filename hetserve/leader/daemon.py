@@ -12,7 +12,6 @@ The client port is a plain asyncio TCP server (frontend.py).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import replace
@@ -40,15 +39,15 @@ from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Alive, Failed, Heartbeat, Join, Probe, ProbeReply,
-                             ProfileReport, ProfileRequest, Ready, Refused, Shutdown, Step, StepFailed, StepResult)
+from ..wire.messages import (PROTOCOL_VERSION, Alive, Failed, Heartbeat, Join, ProbeReply, ProfileReport,
+                             ProfileRequest, Ready, Refused, Shutdown, Step, StepFailed, StepResult)
 from ..wire.tensors import to_frame
+from .control import ControlChannel
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
 from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, HostRecord, describe_precisions
 from .http_api import OpenAIServer
 from .layout import Layout, adoptable, choose_layout, disk_shortfalls, plan_live, stage_assigns
-from .link import LARGE_BYTES, LARGE_PROBES, PROBE_TIMEOUT_S, SMALL_PROBES, link_from_round_trips
 from .tokens import TextCodec
 
 log = logging.getLogger(__name__)
@@ -97,8 +96,6 @@ class Leader:
         self.state = "starting"
         self.started = time.monotonic()
         self.connections: set[asyncio.Task] = set()
-        self.probes: dict[int, asyncio.Future] = {}  # nonce -> the ProbeReply awaited
-        self.nonces = itertools.count()
         self.background: set[asyncio.Task] = set()
 
     async def run(self) -> None:
@@ -129,6 +126,7 @@ class Leader:
             for sock in (self.control, self.results, self.weights):
                 as_server(sock, self.identity)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.channel = ControlChannel(self.control)
         tasks: list[asyncio.Task] = []
         server = http_runner = None
         try:
@@ -211,9 +209,7 @@ class Leader:
             if isinstance(msg, Heartbeat):
                 host.stats = msg.stats
             elif isinstance(msg, ProbeReply):
-                waiter = self.probes.get(msg.nonce)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+                self.channel.answered(msg.nonce)
             elif isinstance(msg, ProfileReport):
                 host.profile = msg.profile
                 log.info("host %s sent its profile (%s)", host.name, msg.profile.device_name)
@@ -247,10 +243,7 @@ class Leader:
             reason = "the key in its Join is not the key it connected with"
         if reason:
             log.warning("refused host %s: %s", msg.host, reason)
-            try:
-                await self.control.send_multipart([route, encode(Refused(reason))], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # it is gone already
+            await self.channel.send(route, Refused(reason))  # where it is gone already, nothing to tell
             return
         now = time.monotonic()
         self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
@@ -276,29 +269,15 @@ class Leader:
     async def _send_host(self, host: HostRecord, msg) -> None:
         """Send on the control channel; a host whose connection is gone is left to the dead-host
         check (within a second) rather than failing whoever was sending."""
-        try:
-            await self.control.send_multipart([host.route, encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.warning("cannot reach host %s (%s)", host.name, exc)
+        error = await self.channel.send(host.route, msg)
+        if error is not None:
+            log.warning("cannot reach host %s (%s)", host.name, error)
             host.last_seen = -float("inf")
-
-    async def _round_trip(self, host: HostRecord, payload: bytes) -> float:
-        nonce = next(self.nonces)
-        self.probes[nonce] = asyncio.get_running_loop().create_future()
-        started = time.perf_counter()
-        try:
-            await self.control.send_multipart([host.route, encode(Probe(nonce, payload))])
-            await asyncio.wait_for(self.probes[nonce], PROBE_TIMEOUT_S)
-        finally:
-            del self.probes[nonce]
-        return time.perf_counter() - started
 
     async def _measure_link(self, host: HostRecord) -> None:
         """Time probes to the host, then (when planning live) ask for its profile."""
         try:
-            small = [await self._round_trip(host, b"") for _ in range(SMALL_PROBES)]
-            large = [await self._round_trip(host, bytes(LARGE_BYTES)) for _ in range(LARGE_PROBES)]
-            host.link = link_from_round_trips(small, large)
+            host.link = await self.channel.measure_link(host.route)
             log.info("link to host %s: %.3f ms, %.2f Gbit/s", host.name, host.link.latency_ms, host.link.gbps)
         except (asyncio.TimeoutError, zmq.ZMQError) as exc:
             log.warning("could not measure the link to host %s (%s); planning assumes --link-gbps",
@@ -477,10 +456,7 @@ class Leader:
 
     async def _shutdown_hosts(self, reason: str) -> None:
         for host in self.hosts.values():
-            try:
-                await self.control.send_multipart([host.route, encode(Shutdown(reason))], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            await self.channel.send(host.route, Shutdown(reason))
 
     # ---- data path
 
@@ -527,10 +503,7 @@ class Leader:
                 if now - host.last_seen > (DEAD_AFTER_SECONDS if serving else BUSY_DEAD_AFTER_SECONDS):
                     await self._host_lost(host, f"silent for {now - host.last_seen:.1f} s")
                     continue
-                try:
-                    await self.control.send_multipart([host.route, encode(Alive())], flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # its connection is gone: the silence above will tell
+                await self.channel.send(host.route, Alive())  # where its connection is gone, the silence will tell
 
     # ---- clients
 
