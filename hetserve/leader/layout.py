@@ -5,16 +5,14 @@ or a split by memory) and the Assign each stage gets. The leader (daemon.py) dec
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
-from ..config import Limits, LeaderSettings
+from ..config import LeaderSettings, Limits
 from ..model.precision import ACTIVATIONS_QUANTIZED
-from ..plan.split import ModelShape
 from ..model.stage import StageSpec, stage_tensor_names
 from ..plan.planner import HostInput, Plan, Workload, make_plan
 from ..plan.quality import sensitivity
-from ..plan.split import PlanError, memory_split
+from ..plan.split import ModelShape, PlanError, memory_split
 from ..wire.messages import Assign, Manifest
 from .hosts import HostRecord
 
