@@ -13,6 +13,7 @@ its weights from memory. Floor: the weights' bytes (scales included) / the measu
     python benchmarks/weight_only_sweep.py --rows 1,64 --sweep
     python benchmarks/weight_only_sweep.py --bits 8 --rows 16,64 --sweep swap
     python benchmarks/weight_only_sweep.py --bits 4 --rows 1,16,64 --sweep
+    python benchmarks/weight_only_sweep.py --bits 8 --rows 128,256,512,1024 --sweep --no-quanto
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
         swapped = itertools.product((64, 128), (64, 128, 256) if bits == 8 else (128, 256), (1, 2, 4))
         configs += [TileConfig(block_m, n, kk, s, 4, 4, True) for n, kk, s in swapped]
     elif rows > 64 and which == "all":
-        grid = itertools.product((64, 128), (128, 256), (64, 128) if bits == 8 else (128,))
-        configs = [TileConfig(m, n, kk, 1, 8, 3) for m, n, kk in grid]
+        # prefill-sized products: big tiles convert each weight for more rows; split along K for the
+        # narrow shapes, whose column blocks alone leave SMs idle
+        grid = itertools.product((64, 128), (64, 128, 256), (64, 128) if bits == 8 else (128, 256), (1, 2))
+        configs = [TileConfig(m, n, kk, s, 8 if m * n >= 128 * 128 else 4, 3 if n == 256 else 4)
+                   for m, n, kk, s in grid]
     valid = {c for c in configs if c.block_k * c.split_k <= k}
     return sorted(valid)
 
@@ -107,6 +111,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap"], default=None,
                         help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only")
+    parser.add_argument("--no-quanto", dest="quanto", action="store_false",
+                        help="skip timing quanto's kernels (tinygemm takes seconds at prefill sizes)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -125,7 +131,7 @@ def main() -> None:
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
             bf16 = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in plain])
-            theirs = graph_us([lambda m=m: m(x) for m in quanto])
+            theirs = graph_us([lambda m=m: m(x) for m in quanto]) if args.quanto else float("nan")
             # the kernel, or dequantize + cuBLAS past DEQUANTIZE_ROWS[bits]
             served = graph_us([lambda m=m: m(x) for m in ours])
             chosen = weight_only_kernels.tile_config(rows, k, n) if bits == 8 else \
