@@ -77,7 +77,7 @@ def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
     """Tiles to time: `which` is "all" (plain and transposed) or "swap" (the transposed ones only).
     int4 K blocks are whole groups of 128, up to 512 values (256 bytes of a weight row)."""
     configs = []
-    blocks = (128, 256) if bits == 8 else (128, 256, 512)
+    blocks = (64, 128, 256) if bits == 8 else (128, 256, 512)
     if rows <= 64:
         block_m = max(16, 1 << (rows - 1).bit_length())
         if which == "all":
