@@ -33,7 +33,8 @@ INT4_CASES = [(1, 1024, 96, TileConfig(16, 64, 128, 4, 4, 1, True)),
               (5, 768, 150, TileConfig(16, 128, 128, 1, 4, 1, True))]
 INT8_CASES = [(1, 1024, 96, TileConfig(16, 32, 128, 4, 4, 1)),
               (20, 512, 80, TileConfig(64, 64, 128, 2, 4, 1, True)),
-              (7, 640, 70, TileConfig(16, 64, 128, 1, 4, 1))]
+              (7, 640, 70, TileConfig(16, 64, 128, 1, 4, 1)),
+              (150, 448, 100, TileConfig(128, 64, 64, 2, 4, 1))]  # two row blocks, K blocks of 64
 
 
 def off(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -93,7 +93,7 @@ def test_graph_prefill_matches_transformers_layers(model_dir, precision):
         torch.testing.assert_close(got_k[:, :, :512], want_k[:, :, :512], rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64, 300, 700])
+@pytest.mark.parametrize("rows", [1, 5, 64, 200, 300, 700])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_int8_matmul_matches_quanto(rows, dtype):
     """Our int8 linear against quanto's module on the same quantized weights: the Triton kernel at
@@ -164,7 +164,7 @@ def test_int4_matmul_matches_quanto(rows, dtype):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_split_products_sum_in_the_kernel_and_reset_their_counters(bits):
-    """Products split along K (1-16 rows for int4, the long K for int8) sum their partials in the
+    """Products split along K (1-16 rows for int4; the long K and 17-64 rows for int8) sum their partials in the
     last program of each tile: right at every launch, eagerly and replayed from a CUDA graph, with
     the module's counters back at zero after each (a counter left behind would corrupt the next)."""
     from hetserve.model.weight_only import WeightOnlyLinear, group_major
@@ -180,7 +180,7 @@ def test_split_products_sum_in_the_kernel_and_reset_their_counters(bits):
                                   group_major(torch.rand(n, k // 128, device="cuda").bfloat16() / 100),
                                   group_major(torch.rand(n, k // 128, device="cuda").bfloat16() / 10), None, 4, 128, k)
     weight = linear.dequantized_by_torch()
-    for rows in (1, 16):
+    for rows in (1, 16, 40) if bits == 8 else (1, 16):
         config = tile_config(rows, k, n) if bits == 8 else int4_tile_config(rows, k, n, 128)
         assert config.split_k > 1, config
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")

@@ -88,17 +88,22 @@ def test_fused_projections_compute_the_parts_side_by_side_in_shared_memory(qtype
     assert not weight_only.fusable(parts[0], other)
 
 
-def test_tiles_stream_long_k_blocks_and_split_only_long_k():
+def test_int8_tiles_follow_the_rows_and_the_shape():
     # o_proj, q|k|v, gate|up of a Llama-3-8B shape at 1 row: 32 columns a program, no split
     assert tile_config(1, 4096, 4096) == TileConfig(16, 32, 256, 1, 4, 4)
     # down (K = 14336): split in 4
     assert tile_config(16, 14336, 4096) == TileConfig(16, 64, 256, 4, 4, 4)
-    assert tile_config(64, 14336, 4096) == TileConfig(64, 64, 128, 4, 4, 4)
-    # 17-64 rows, K <= 4096: the transposed product, split where N gives few column blocks
-    assert tile_config(64, 4096, 28672) == TileConfig(64, 64, 128, 1, 4, 4, swap=True)
-    assert tile_config(33, 4096, 4096) == TileConfig(64, 64, 128, 4, 4, 4, swap=True)
-    assert tile_config(128, 4096, 4096) == TileConfig(64, 64, 128, 1, 4, 4)
     assert tile_config(1, 576, 1536).split_k == 1
+    # 17-64 rows: K blocks of 64, split in 4, gate|up's long N wider and unsplit
+    assert tile_config(64, 14336, 4096) == TileConfig(64, 64, 64, 4, 4, 4)
+    assert tile_config(33, 4096, 6144) == TileConfig(64, 64, 64, 4, 4, 4)
+    assert tile_config(20, 4096, 6144).block_m == 32
+    assert tile_config(64, 4096, 28672) == TileConfig(64, 128, 64, 1, 4, 4)
+    # past 64 rows: blocks of 128 rows, split in 2 while the tiles give few programs
+    assert tile_config(128, 4096, 4096) == TileConfig(128, 64, 64, 2, 4, 4)  # 64 programs
+    assert tile_config(256, 4096, 6144) == TileConfig(128, 64, 64, 1, 4, 4)  # 192 programs
+    assert tile_config(256, 4096, 28672) == TileConfig(128, 128, 64, 1, 8, 4)
+    assert all(not tile_config(rows, 4096, n).swap for rows in (1, 16, 64, 256) for n in (4096, 28672))
 
 
 def test_a_kernel_failure_is_reported_once_with_its_reason(monkeypatch):

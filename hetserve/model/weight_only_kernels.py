@@ -41,23 +41,32 @@ class TileConfig(NamedTuple):
     swap: bool = False  # compute out^T = w @ x^T (the kernel says why)
 
 
+SMS_FILLED = 128  # programs below which a prefill-sized int8 product splits along K (an H200 has 132 SMs)
+
+
 def _block_m(rows: int) -> int:
     """Rows a program's tensor-core product covers: a power of two, 16 (tl.dot's least) to 64."""
     return min(64, max(16, 1 << (rows - 1).bit_length()))
 
 
 def tile_config(rows: int, k: int, n: int) -> TileConfig:
-    """Tiles for an int8 [rows, k] x [k, n] product, bound by reading the weights. From sweeps on
-    an H200 (Llama-3-8B shapes; benchmarks/weight_only_sweep.py --sweep, docs/benchmarks.md):
-    narrow column blocks streaming long K blocks at 1-16 rows, wider ones at more; a K past 4096
-    (the MLP's down projection) split among programs, their partials summed. At 17-64 rows and
-    K <= 4096 the transposed product was 4-23 % faster, split in 4 where N alone gives few programs."""
+    """Tiles for an int8 [rows, k] x [k, n] product. From sweeps on an H200 (Llama-3-8B shapes;
+    benchmarks/weight_only_sweep.py --sweep, docs/benchmarks.md): at 1-16 rows narrow column
+    blocks streaming long K blocks, a K past 4096 (the MLP's down projection) split among programs;
+    from 17 rows K blocks of 64 (8-16 % faster a layer than 128 at 64 rows, the plain product
+    ahead of the transposed one with them); past 64 rows (up to DEQUANTIZE_ROWS) blocks of 128
+    rows, so each weight is converted for more rows, split in 2 where the tiles alone give few
+    programs (SMS_FILLED). Gate|up's long N (> 16384) takes wider column blocks."""
     block_m = _block_m(rows)
-    few = block_m == 16
-    split = min(8, 1 << (-(-k // 4096) - 1).bit_length())
-    if rows <= 64 and not few and k <= 4096:
-        return TileConfig(64, 64, 128, 4 if n <= 4096 else 1, 4, 4, swap=True)
-    return TileConfig(block_m, 32 if few and k <= 4096 else 64, 256 if few else 128, split, 4, 4)
+    if block_m == 16:
+        split = min(8, 1 << (-(-k // 4096) - 1).bit_length())
+        return TileConfig(16, 32 if k <= 4096 else 64, 256, split, 4, 4)
+    if rows <= 64:
+        return TileConfig(block_m, 128, 64, 1, 4, 4) if n > 16384 else TileConfig(block_m, 64, 64, 4, 4, 4)
+    if n > 16384:
+        return TileConfig(128, 128, 64, 1, 8, 4)
+    few = -(-n // 64) * -(-rows // 128) <= SMS_FILLED
+    return TileConfig(128, 64, 64, 2 if few else 1, 4, 4)
 
 
 def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
@@ -247,8 +256,9 @@ if triton is not None:
 
 def split_counters(n: int, device: torch.device) -> torch.Tensor:
     """Zeroed tile counters for products of n columns split along K (_finish), as many as the chosen
-    tiles can need: columns in blocks of 32 or more, up to 128 rows (DEQUANTIZE_ROWS) in blocks of
-    64 or 16 rows. A launch needing more (a swept tile) gets fresh ones. Each counter is back to
+    tiles can need: one row block of 16 or 64 rows with columns in blocks of 32 or more, or two
+    of 128 rows (up to DEQUANTIZE_ROWS' 256) with blocks of 64. A launch needing more (a swept
+    tile) gets fresh ones. Each counter is back to
     zero after every launch, so a module's products may share its counters, and graphs capture
     them, as long as two of its products never run at once (a stage runs one stream)."""
     return torch.zeros(2 * -(-n // 32), dtype=torch.int32, device=device)
