@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from hetserve.model.slot_attention import slot_decode_attention  # noqa: E402
+from hetserve.model.slot_attention import slot_decode_attention, slot_prefill_attention  # noqa: E402
 from hetserve.model.weight_only import WeightOnlyLinear, group_major  # noqa: E402
 from hetserve.model.weight_only_kernels import TileConfig, dequantize, int4_matmul, int8_matmul  # noqa: E402
 
@@ -86,6 +86,25 @@ def attention_error(dtype: torch.dtype, rotary: bool) -> float:
     return max(error, written)
 
 
+def prefill_attention_error(dtype: torch.dtype, heads: int, rows: list[tuple[int, int, int]]) -> float:
+    """Prefill attention for `rows` (slot, position, length) over caches already written, 2 K/V
+    heads, against torch row by row (padding rows, length 0, are discarded by the callers)."""
+    kv_heads, dim, slots, context = 2, 16, 4, 100
+    keys = torch.randn(slots, kv_heads, context + 1, dim).to(dtype)
+    values = torch.randn(slots, kv_heads, context + 1, dim).to(dtype)
+    q = torch.randn(len(rows), heads, 1, dim).to(dtype)
+    slot, start, length = (torch.tensor(column) for column in zip(*rows))
+    got = slot_prefill_attention(q, keys, values, slot, start, length, dim ** -0.5).float()
+    error = 0.0
+    for row, (s, p, n) in enumerate(rows):
+        if n:
+            ks = keys[s, :, :p + 1].float().repeat_interleave(heads // kv_heads, 0)  # [H, p + 1, D]
+            vs = values[s, :, :p + 1].float().repeat_interleave(heads // kv_heads, 0)
+            want = F.scaled_dot_product_attention(q[row].float(), ks, vs).reshape(1, heads * dim)
+            error = max(error, off(got[row], want))
+    return error
+
+
 def main() -> int:
     torch.manual_seed(0)
     failures = []
@@ -120,6 +139,14 @@ def main() -> int:
                   off(dequantize(linear.weight, linear.scale, linear.zero, 4, group, k), linear.dequantized_by_torch()))
         for rotary in (False, True):
             check(f"slot attention {dtype} rotary {rotary}", attention_error(dtype, rotary))
+        # blocks of 16 rows (8 query heads over 2 K/V heads: 4 a K/V head, 64 a tile): a prompt of
+        # 40 tokens (two whole blocks of one slot, tiled, and a part block), then a decode row, a
+        # later chunk of another prompt and padding in blocks attended row by row
+        prompt = [(2, p, 1) for p in range(40)]
+        mixed = prompt + [(1, 50, 1)] + [(3, p, 1) for p in range(30, 47)] + [(0, 0, 0)] * 2
+        for name, rows in (("one prompt", prompt), ("mixed", mixed)):
+            check(f"prefill attention {dtype} {name}", prefill_attention_error(dtype, 8, rows))
+        check(f"prefill attention {dtype} 3 query heads a K/V head", prefill_attention_error(dtype, 6, mixed))
     for failure in failures:
         print(failure)
     print(f"{len(failures)} failing case(s)")

@@ -207,9 +207,11 @@ class DecodeLayers:
             return grouped_decode(q, keys, values, layout.mask, layer.scaling)
         if layout.shared_slots:  # prompt tokens: all K/V written before any row attends
             cache.write(k, v, index)
+            return slot_attention.slot_prefill_attention(q, cache.keys[index], cache.values[index], layout.slots,
+                                                         layout.starts, layout.lengths, layer.scaling)
         return slot_attention.slot_decode_attention(
             q, k, v, cache.keys[index], cache.values[index], layout.slots, layout.starts, layout.lengths,
-            cache.scratch, layer.scaling, write=not layout.shared_slots)
+            cache.scratch, layer.scaling)
 
 
 def grouped_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
