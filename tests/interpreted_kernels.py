@@ -22,7 +22,7 @@ import torch.nn.functional as F
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from hetserve.model.slot_attention import slot_decode_attention, slot_prefill_attention  # noqa: E402
-from hetserve.model.weight_only import WeightOnlyLinear, group_major  # noqa: E402
+from hetserve.model.weight_only import random_linear  # noqa: E402
 from hetserve.model.weight_only_kernels import TileConfig, dequantize, int4_matmul, int8_matmul  # noqa: E402
 
 # (rows, K, N, tiles): splits of 1-4 over 6-8 K blocks; rows and N that leave tiles part-empty
@@ -40,13 +40,6 @@ INT8_CASES = [(1, 1024, 96, TileConfig(16, 32, 128, 4, 4, 1)),
 def off(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest error relative to the largest value."""
     return ((got.float() - want).abs().max() / want.abs().max()).item()
-
-
-def int4_linear(n: int, k: int, group: int, dtype: torch.dtype) -> WeightOnlyLinear:
-    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
-    scale = group_major(torch.rand(n, k // group) / 64).to(dtype)
-    zero = group_major(torch.rand(n, k // group) / 64).to(dtype)
-    return WeightOnlyLinear(q, scale, zero, None, 4, group, k)
 
 
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -116,15 +109,14 @@ def main() -> int:
 
     for dtype in (torch.float32, torch.float16):
         for rows, k, n, tiles in INT4_CASES:
-            linear = int4_linear(n, k, 128, dtype)
+            linear = random_linear(4, n, k, 128, dtype, "cpu")
             for launch in range(2):  # the second reuses the counters the first left
                 x = torch.randn(rows, k).to(dtype)
                 got = int4_matmul(x, linear.weight, linear.scale, linear.zero, 128, tiles, linear.counters)
                 check(f"int4 {dtype} {rows}x{k}x{n} {tiles} launch {launch}",
                       off(got, F.linear(x.float(), linear.dequantized_by_torch())), linear.counters)
         for rows, k, n, tiles in INT8_CASES:
-            linear = WeightOnlyLinear(torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) / 64).to(dtype),
-                                      None, None, 8, 0, k)
+            linear = random_linear(8, n, k, 0, dtype, "cpu")
             x = torch.randn(rows, k).to(dtype)
             want = F.linear(x.float(), linear.dequantized_by_torch())
             check(f"int8 {dtype} {rows}x{k}x{n} {tiles}", off(int8_matmul(x, linear.weight, linear.scale, tiles,
@@ -134,7 +126,7 @@ def main() -> int:
             check(f"int8 dequantize {dtype}", off(dequantize(linear.weight, linear.scale, None, 8, 0, k),
                                                   linear.dequantized_by_torch()))
         for group, k in ((128, 512), (96, 576)):  # a power of two: a group a block; 96: each value's byte gathered
-            linear = int4_linear(70, k, group, dtype)
+            linear = random_linear(4, 70, k, group, dtype, "cpu")
             check(f"int4 dequantize {dtype} group {group}",
                   off(dequantize(linear.weight, linear.scale, linear.zero, 4, group, k), linear.dequantized_by_torch()))
         for rotary in (False, True):

@@ -167,18 +167,12 @@ def test_split_products_sum_in_the_kernel_and_reset_their_counters(bits):
     """Products split along K (1-16 rows for int4; the long K and 17-64 rows for int8) sum their partials in the
     last program of each tile: right at every launch, eagerly and replayed from a CUDA graph, with
     the module's counters back at zero after each (a counter left behind would corrupt the next)."""
-    from hetserve.model.weight_only import WeightOnlyLinear, group_major
+    from hetserve.model.weight_only import random_linear
     from hetserve.model.weight_only_kernels import int4_tile_config, tile_config
 
     torch.manual_seed(0)
     n, k = 8192, 8192  # many tiles finishing in any order
-    if bits == 8:
-        linear = WeightOnlyLinear(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
-                                  torch.rand(n, dtype=torch.bfloat16, device="cuda") / 100, None, None, 8, 0, k)
-    else:
-        linear = WeightOnlyLinear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
-                                  group_major(torch.rand(n, k // 128, device="cuda").bfloat16() / 100),
-                                  group_major(torch.rand(n, k // 128, device="cuda").bfloat16() / 10), None, 4, 128, k)
+    linear = random_linear(bits, n, k, 128, torch.bfloat16, "cuda")
     weight = linear.dequantized_by_torch()
     for rows in (1, 16, 40) if bits == 8 else (1, 16):
         config = tile_config(rows, k, n) if bits == 8 else int4_tile_config(rows, k, n, 128)

@@ -209,19 +209,8 @@ def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:
     if key not in _FAILURES:
         try:
             generator = torch.Generator(device).manual_seed(0)
-
-            def ints(low: int, high: int, shape: tuple[int, int], int_dtype: torch.dtype) -> torch.Tensor:
-                return torch.randint(low, high, shape, dtype=int_dtype, device=device, generator=generator)
-
-            def floats(*shape: int) -> torch.Tensor:
-                return torch.rand(shape, device=device, generator=generator).to(dtype) / 64
-
             for bits, rows, k, n, group in _PROBES:
-                if bits == 8:
-                    linear = WeightOnlyLinear(ints(-127, 128, (n, k), torch.int8), floats(n), None, None, 8, 0, k)
-                else:
-                    linear = WeightOnlyLinear(ints(0, 256, (n, k // 2), torch.uint8), group_major(floats(n, k // group)),
-                                              group_major(floats(n, k // group)), None, 4, group, k)
+                linear = random_linear(bits, n, k, group, dtype, device, generator)
                 x = torch.randn(rows, k, device=device, generator=generator).to(dtype)
                 got = linear(x).float()
                 want = F.linear(x.float(), linear.dequantized_by_torch())
@@ -232,6 +221,22 @@ def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:
         except Exception as exc:  # a compile error, too little shared memory, an unsupported GPU, wrong sums
             _FAILURES[key] = f"{type(exc).__name__}: {exc}"
     return _FAILURES[key]
+
+
+def random_linear(bits: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device | str,
+                  generator: torch.Generator | None = None) -> WeightOnlyLinear:
+    """A linear of random int8 or int4 weights [n, k] in the layout a stage stores (int4: groups of
+    `group`, scales and zeros group-major), scales and zeros in [0, 1/64) of `dtype`: what the
+    probe and the kernels' tests multiply by."""
+    def floats(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, device=device, generator=generator).to(dtype) / 64
+
+    if bits == 8:
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device, generator=generator)
+        return WeightOnlyLinear(weight, floats(n), None, None, 8, 0, k)
+    weight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
+    return WeightOnlyLinear(weight, group_major(floats(n, k // group)), group_major(floats(n, k // group)), None, 4,
+                            group, k)
 
 
 def replace_quanto_linears(module: torch.nn.Module) -> int:
