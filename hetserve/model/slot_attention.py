@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .weight_only_kernels import dot_precision
+
 try:
     import triton
     import triton.language as tl
@@ -172,12 +174,6 @@ if triton is not None:
                                 GROUP, ROW_G, BLOCK_N, HEAD_DIM, False, PRECISION)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 stages keep float32 products (tl.dot would round them to tf32, and greedy tokens
-    # would drift from transformers'); 16-bit inputs multiply exactly either way.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
                           lengths: torch.Tensor, scratch: int, scale: float,
@@ -198,7 +194,7 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1), cos.stride(0),
         scratch, scale,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=dim,
-        ROTARY=rotary is not None, PRECISION=_precision(q.dtype),
+        ROTARY=rotary is not None, PRECISION=dot_precision(q.dtype),
     )
     return out.view(rows, 1, heads * dim)
 
@@ -221,7 +217,7 @@ def slot_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0),
         out.stride(1), scale,
         GROUP=group, BLOCK_G=block_g, ROW_G=max(16, block_g), BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=dim,
-        PRECISION=_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype),
         num_stages=1 if q.dtype == torch.float32 else 3,  # float32 tiles in 3 stages take 180 KB of shared memory, 82 KB in 1
     )
     return out.view(rows, 1, heads * dim)

@@ -282,8 +282,11 @@ def _grid(rows: int, n: int, config: TileConfig) -> tuple[int, int, int]:
     return triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m), config.split_k
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # float32 stages keep float32 products, not tf32
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of `dtype`: float32 stages keep float32 products (tf32
+    would round them, and greedy tokens would drift from transformers'); 16-bit inputs multiply
+    exactly either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: TileConfig | None = None,
@@ -296,7 +299,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     out, partials, counters = _outputs(x, n, config, counters)
     _int8_matmul[_grid(rows, n, config)](
         x, weight, scale, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0),
-        PRECISION=_precision(x.dtype),
+        PRECISION=dot_precision(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
@@ -317,7 +320,7 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     out, partials, counters = _outputs(x, n, config, counters)
     _int4_matmul[_grid(rows, n, config)](
         x, weight, scale, zero, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0),
-        scale.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=_precision(x.dtype), GROUP=group,
+        scale.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=dot_precision(x.dtype), GROUP=group,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
