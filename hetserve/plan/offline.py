@@ -20,7 +20,12 @@ from .planner import HostInput
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "data" / "reference_profiles"
 # device class -> (measured profile, the spec kind it was measured on, what it is)
 REFERENCES = {
-    "gpu": ("h100-llama-3-8b-bf16.json", "H100", "H100 80GB, Llama-3-8B layer, bf16, measured 2026-11-22"),
+    # Timed before stages decoded from CUDA graphs with int8 / int4 kernels of ours (eager layers,
+    # quanto's kernels): it overstates every layer's decode time and quantized layers' most of
+    # all (docs/benchmarks.md). To be measured again with `hetserve profile --device cuda`.
+    "gpu": ("h100-llama-3-8b-bf16.json", "H100", "H100 80GB, Llama-3-8B layer, bf16, measured 2026-11-22 with "
+            "eager decode and quanto's kernels, which stages no longer run: quantized layers decode faster "
+            "than predicted"),
     "cpu": ("cpu-2t-smollm2-135m-fp32.json", "CPU", "a 2-core CPU, SmolLM2-135M layer, fp32, measured 2026-11-22"),
 }
 DTYPE_PREFERENCE = ("bfloat16", "float16", "float32")
