@@ -82,7 +82,7 @@ def attention_error(dtype: torch.dtype, rotary: bool) -> float:
 def prefill_attention_error(dtype: torch.dtype, heads: int, rows: list[tuple[int, int, int]]) -> float:
     """Prefill attention for `rows` (slot, position, length) over caches already written, 2 K/V
     heads, against torch row by row (padding rows, length 0, are discarded by the callers)."""
-    kv_heads, dim, slots, context = 2, 16, 4, 100
+    kv_heads, dim, slots, context = 2, 16, 4, 300
     keys = torch.randn(slots, kv_heads, context + 1, dim).to(dtype)
     values = torch.randn(slots, kv_heads, context + 1, dim).to(dtype)
     q = torch.randn(len(rows), heads, 1, dim).to(dtype)
@@ -136,7 +136,9 @@ def main() -> int:
         # later chunk of another prompt and padding in blocks attended row by row
         prompt = [(2, p, 1) for p in range(40)]
         mixed = prompt + [(1, 50, 1)] + [(3, p, 1) for p in range(30, 47)] + [(0, 0, 0)] * 2
-        for name, rows in (("one prompt", prompt), ("mixed", mixed)):
+        # a later chunk past several key blocks of 64, its blocks of 16 rows across their edges
+        later = [(1, p, 1) for p in range(120, 250)]
+        for name, rows in (("one prompt", prompt), ("mixed", mixed), ("a later chunk", later)):
             check(f"prefill attention {dtype} {name}", prefill_attention_error(dtype, 8, rows))
         check(f"prefill attention {dtype} 3 query heads a K/V head", prefill_attention_error(dtype, 6, mixed))
     for failure in failures:
