@@ -258,9 +258,9 @@ def split_counters(n: int, device: torch.device) -> torch.Tensor:
     """Zeroed tile counters for products of n columns split along K (_finish), as many as the chosen
     tiles can need: one row block of 16 or 64 rows with columns in blocks of 32 or more, or two
     of 128 rows (up to DEQUANTIZE_ROWS' 256) with blocks of 64. A launch needing more (a swept
-    tile) gets fresh ones. Each counter is back to
-    zero after every launch, so a module's products may share its counters, and graphs capture
-    them, as long as two of its products never run at once (a stage runs one stream)."""
+    tile) gets fresh ones. Each counter is back to zero after every launch, so a module's products
+    may share its counters, and graphs capture them, as long as two of its products never run at
+    once (a stage runs one stream)."""
     return torch.zeros(2 * -(-n // 32), dtype=torch.int32, device=device)
 
 
