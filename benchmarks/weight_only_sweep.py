@@ -88,10 +88,11 @@ def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
         configs += [TileConfig(block_m, n, kk, s, 4, 4, True) for n, kk, s in swapped]
     elif rows > 64 and which == "all":
         # prefill-sized products: big tiles convert each weight for more rows; split along K for the
-        # narrow shapes, whose column blocks alone leave SMs idle
-        grid = itertools.product((64, 128), (64, 128, 256), (64, 128) if bits == 8 else (128, 256), (1, 2))
-        configs = [TileConfig(m, n, kk, s, 8 if m * n >= 128 * 128 else 4, 3 if n == 256 else 4)
-                   for m, n, kk, s in grid]
+        # narrow shapes, whose column blocks alone leave SMs idle; plain and transposed
+        grid = itertools.product((64, 128), (64, 128, 256), (64, 128) if bits == 8 else (128, 256), (1, 2),
+                                 (False, True))
+        configs = [TileConfig(m, n, kk, s, 8 if m * n >= 128 * 128 else 4, 3 if n == 256 else 4, swap)
+                   for m, n, kk, s, swap in grid]
     valid = {c for c in configs if c.block_k * c.split_k <= k}
     return sorted(valid)
 

@@ -30,7 +30,8 @@ INT4_CASES = [(1, 1024, 96, TileConfig(16, 64, 128, 4, 4, 1, True)),
               (3, 1024, 96, TileConfig(16, 64, 128, 3, 4, 1, True)),
               (20, 768, 80, TileConfig(64, 64, 128, 2, 4, 1)),
               (20, 768, 80, TileConfig(64, 64, 256, 1, 4, 1)),
-              (5, 768, 150, TileConfig(16, 128, 128, 1, 4, 1, True))]
+              (5, 768, 150, TileConfig(16, 128, 128, 1, 4, 1, True)),
+              (3, 1280, 96, TileConfig(16, 32, 256, 4, 4, 1))]  # 5 blocks of 2 groups over 4 splits
 INT8_CASES = [(1, 1024, 96, TileConfig(16, 32, 128, 4, 4, 1)),
               (20, 512, 80, TileConfig(64, 64, 128, 2, 4, 1, True)),
               (7, 640, 70, TileConfig(16, 64, 128, 1, 4, 1)),

@@ -134,7 +134,7 @@ def test_int8_matmul_transposed_tiles_agree(config):
         assert (got - want).abs().max() <= 0.01 * want.abs().max(), rows
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+@pytest.mark.parametrize("rows", [1, 5, 64, 100, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_int4_matmul_matches_quanto(rows, dtype):
     """Our int4 linear against what quanto dequantizes the same weights to, from each of quanto's
@@ -160,6 +160,25 @@ def test_int4_matmul_matches_quanto(rows, dtype):
             torch.testing.assert_close(module[0].dequantized(), weight, rtol=0, atol=1e-3)
         want = torch.nn.functional.linear(x, weight, bias).float()
         assert (got - want).abs().max() <= 0.01 * want.abs().max(), (n, k, type(quantos).__name__)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_kernel_dequantizes_every_value_as_dequantize_does(swap, dtype):
+    """x = the identity makes each output one weight times 1.0: the kernel's in-register
+    dequantization (PTX, two values an instruction) gives every weight as the dequantize kernel
+    does, value by value, so no nibble, pair or scale lands on another value's place."""
+    from hetserve.model.weight_only import random_linear
+    from hetserve.model.weight_only_kernels import TileConfig, dequantize, int4_matmul
+
+    torch.manual_seed(0)
+    n, k, group = 320, 512, 128
+    linear = random_linear(4, n, k, group, dtype, "cuda")
+    weight = dequantize(linear.weight, linear.scale, linear.zero, 4, group, k)
+    eye = torch.eye(k, dtype=dtype, device="cuda")
+    config = TileConfig(64, 64, group, 1, 4, 4, True) if swap else TileConfig(64, 128, group, 1, 4, 4)
+    got = int4_matmul(eye, linear.weight, linear.scale, linear.zero, group, config)
+    torch.testing.assert_close(got, weight.T, rtol=2 ** -7, atol=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

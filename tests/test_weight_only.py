@@ -151,11 +151,16 @@ def test_stage_swaps_int8_layers_only_where_the_kernels_run(tmp_path, monkeypatc
 def test_int4_tiles_by_rows_and_the_groups_the_kernels_take():
     from hetserve.model.weight_only_kernels import int4_kernel_fits, int4_tile_config
 
-    # 1-16 rows: transposed tiles, split less where N alone gives many programs; 17-64: plain
-    # ones, 64 columns for a long K; one group a step
+    # 1-16 rows: plain tiles over two groups a step, 32 columns for a long K, split but for a long
+    # N; 17-64: transposed ones over one group, split by how few column blocks N gives; 65-128:
+    # 128 x 128 past N = 4096
     assert int4_tile_config(1, 4096, 6144, 128) == int4_tile_config(16, 4096, 6144, 128)
-    assert int4_tile_config(16, 4096, 4096, 128) == TileConfig(16, 64, 128, 4, 4, 4, swap=True)
-    assert int4_tile_config(1, 4096, 28672, 128).split_k == 2
-    assert int4_tile_config(64, 4096, 28672, 128) == TileConfig(64, 128, 128, 1, 4, 4)
-    assert int4_tile_config(40, 14336, 4096, 128) == TileConfig(64, 64, 128, 4, 4, 4)
+    assert int4_tile_config(16, 4096, 4096, 128) == TileConfig(16, 64, 256, 4, 4, 4)
+    assert int4_tile_config(1, 14336, 4096, 128) == TileConfig(16, 32, 256, 4, 4, 4)
+    assert int4_tile_config(1, 4096, 28672, 128).split_k == 1
+    assert int4_tile_config(64, 4096, 28672, 128) == TileConfig(64, 64, 128, 1, 4, 4, swap=True)
+    assert int4_tile_config(40, 4096, 6144, 128).split_k == 2
+    assert int4_tile_config(40, 14336, 4096, 128) == TileConfig(64, 64, 128, 4, 4, 4, swap=True)
+    assert int4_tile_config(100, 4096, 4096, 128) == TileConfig(64, 64, 128, 2, 4, 4, swap=True)
+    assert int4_tile_config(128, 4096, 28672, 128) == TileConfig(128, 128, 128, 1, 8, 4, swap=True)
     assert [int4_kernel_fits(g) for g in (16, 32, 96, 128)] == [False, True, False, True]

@@ -33,9 +33,9 @@ from hetserve.model.weight_only_kernels import (dequantize, int4_kernel_fits, in
 # the compute dtype: arithmetic-bound, where the kernels, converting tile by tile, fall behind. On
 # an H200 (Llama-3-8B shapes, docs/benchmarks.md) a layer's four int8 products took 194 us with
 # the kernel's 128-row tiles against 325 us dequantized at 128 rows, 305 against 362 us at 256
-# and 572 against 481 us at 512; int4's 202 against 300 us at 64 rows and, with the best of its
-# tiles, 335 against 313 us at 128.
-DEQUANTIZE_ROWS = {8: 256, 4: 64}  # by weight bits
+# and 572 against 481 us at 512; int4's (weights dequantized in registers by PTX) 204 against 310 us
+# at 128 rows and 348 against 346 us at 256.
+DEQUANTIZE_ROWS = {8: 256, 4: 128}  # by weight bits
 
 
 class WeightOnlyLinear(torch.nn.Module):
@@ -187,14 +187,15 @@ _FAILURES: dict[tuple[torch.device, torch.dtype], str | None] = {}
 
 
 # Products the probe runs: (bits, rows, K, N, group). Between them they compile every tile shape
-# tile_config / int4_tile_config choose (1-16 rows, 17-64, int8's 65-256 split or not; a long K; an
-# N past 16384), the dequantize paths (int8 past 256 rows, int4 past 64; a group of 96, not a power
-# of two), and N and rows that do not fill their tiles, so the masks run.
+# tile_config / int4_tile_config choose (1-16 rows, 17-64, int8's 65-256 and int4's 65-128, split or
+# not; a long K; an N past 4096 and past 16384), the dequantize paths (int8 past 256 rows, int4 past
+# 128; a group of 96, not a power of two), and N and rows that do not fill their tiles, so the masks run.
 _PROBES = [(8, rows, k, n, 0) for rows, k, n in ((1, 8192, 200), (5, 4096, 200), (40, 4096, 200), (64, 8192, 200),
                                                  (40, 512, 16500), (200, 1024, 200), (200, 512, 16500),
                                                  (200, 512, 8300), (300, 512, 200))]
 _PROBES += [(4, rows, k, n, 128) for rows in (1, 5, 40) for k, n in ((512, 200), (4608, 200), (512, 16500))]
-_PROBES += [(4, 100, 512, 200, 128), (4, 5, 576, 200, 96)]
+_PROBES += [(4, rows, 512, n, 128) for rows in (40, 100) for n in (8300, 16500)]
+_PROBES += [(4, 100, 512, 200, 128), (4, 200, 512, 200, 128), (4, 5, 576, 200, 96)]
 
 
 def kernel_failure(device: torch.device, dtype: torch.dtype) -> str | None:

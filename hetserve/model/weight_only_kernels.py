@@ -6,10 +6,12 @@ multiplies on tensor cores with fp32 accumulation and applies the per-channel sc
 
 int4 layout: per group of G values along K, byte j holds q[j] in its low nibble and q[G/2 + j] in
 its high one. Each nibble half then multiplies a contiguous half of x's group, so no kernel
-shuffles: two tensor-core products per group of the nibbles as they are (offset into floats by a
-bit trick), the group's scale and zero applied to the sums, from one row up (a GEMV kernel on
-CUDA cores for one row was slower: docs/benchmarks.md). An earlier kernel on the interleaved
-layout (q[2j], q[2j + 1] in a byte) had to split x into even and odd columns and lost to quanto's
+shuffles: per group, the bytes are dequantized in registers (w = q * scale - zero, by PTX doing
+two values an instruction: _dequantize_ptx) and multiplied on tensor cores as two products into
+one accumulator. An earlier kernel applied scale and zero to each group's sums of the nibbles
+(offset into floats by a bit trick) and summed x per group in every program: bound by those
+instructions, 1.2x slower a decode step (docs/benchmarks.md). One on the interleaved layout
+(q[2j], q[2j + 1] in a byte) had to split x into even and odd columns and lost to quanto's
 tinygemm. Scales and zeros are [N, K/G] of any strides; stored group-major their reads coalesce.
 
 Products split along K write float32 partials [split, M, N]; the last program of a tile to finish
@@ -71,17 +73,19 @@ def tile_config(rows: int, k: int, n: int) -> TileConfig:
 
 def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
     """Tiles for an int4 [rows, k] x [k, n] product; block_k is a whole number of groups. From an
-    int4 sweep on an H200 (Llama-3-8B shapes, benchmarks/weight_only_sweep.py --bits 4 --sweep,
-    docs/benchmarks.md): one group a step everywhere; at 2-16 rows the transposed product over 64
-    weight rows, split in 4 along K (2 for the 28672 gate|up rows); at 17-64 rows the plain one
-    over 128 columns (64 for a long K), split where N gives few column blocks. One row runs the
-    2-16 rows' tiles: a decode step at batch 1 took 4.10 ms with them against 4.31 ms with a GEMV
-    kernel on CUDA cores (the tiles its sweep chose), side by side on an H200."""
+    int4 sweep on an H200 with the weights dequantized in registers by PTX (Llama-3-8B shapes,
+    benchmarks/weight_only_sweep.py --bits 4 --sweep, docs/benchmarks.md): at 1-16 rows the plain
+    product over two groups a step, narrow column blocks for a long K (the MLP's down projection),
+    split in 4 along K but for gate|up's long N (> 16384), whose column blocks alone fill the GPU;
+    from 17 rows the transposed product, one group a step, over 64 weight rows, split where N gives
+    few column blocks; past 64 rows (up to DEQUANTIZE_ROWS) blocks of 128 x 128 for N > 4096."""
     if _block_m(rows) == 16:
-        return TileConfig(16, 64, group, 4 if n <= 16384 else 2, 4, 4, swap=True)
+        return TileConfig(16, 32 if k > 4096 else 64, 2 * group, 1 if n > 16384 else 4, 4, 4)
     if rows <= 64:
-        return TileConfig(64, 128 if k <= 4096 else 64, group, 4 if n <= 16384 else 1, 4, 4)
-    return TileConfig(64, 64, group, 4 if n <= 4096 else 1, 4, 4, swap=True)
+        return TileConfig(64, 64, group, 1 if n > 16384 else 2 if n > 4096 else 4, 4, 4, swap=True)
+    if n <= 4096:
+        return TileConfig(64, 64, group, 2, 4, 4, swap=True)
+    return TileConfig(128, 128, group, 1 if n > 16384 else 2, 8, 4, swap=True)
 
 
 def int4_kernel_fits(group: int) -> bool:
@@ -90,7 +94,36 @@ def int4_kernel_fits(group: int) -> bool:
     return group >= 32 and group & (group - 1) == 0
 
 
+def _dequantize_ptx(fma: str, offset: int, one: int, pack: int) -> str:
+    """PTX dequantizing `pack` (2 or 4) bytes of 4-bit values, two values a 32-bit register. With
+    p = pack / 2 pairs of bytes: in $2p the bytes; in $2p+1.. their scales, then p registers of
+    their negated zeros (byte i's in half i % 2 of register i // 2) -> $0.. the low nibbles' w (p
+    registers), then the high nibbles' (p). A byte permute puts a pair's bytes in the two halves of
+    a register; an OR-AND sets a nibble as the low mantissa bits of `offset` (a float whose
+    mantissa steps by 1 there), giving offset + q exactly; an fma subtracts the offset exactly and
+    a second computes q * s - z rounded once."""
+    pairs = pack // 2
+    base = f"0x{offset:04X}{offset:04X}"
+    lines = [".reg .b32 b<2>, h<2>, one, neg;", f"mov.b32 one, 0x{one:04X}{one:04X};",
+             f"mov.b32 neg, 0x{offset | 0x8000:04X}{offset | 0x8000:04X};"]
+    for i in range(pairs):
+        lo, hi, scale, zero = f"${i}", f"${pairs + i}", f"${2 * pairs + 1 + i}", f"${3 * pairs + 1 + i}"
+        lines += [f"prmt.b32 b{i}, ${2 * pairs}, 0, {('0x4140', '0x4342')[i]};", f"shr.u32 h{i}, b{i}, 4;",
+                  f"lop3.b32 {lo}, b{i}, 0x000F000F, {base}, 0xEA;", f"lop3.b32 {hi}, h{i}, 0x000F000F, {base}, 0xEA;",
+                  f"{fma} {lo}, {lo}, one, neg;", f"{fma} {hi}, {hi}, one, neg;",
+                  f"{fma} {lo}, {lo}, {scale}, {zero};", f"{fma} {hi}, {hi}, {scale}, {zero};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
 if triton is not None:
+    # bf16: offset 128.0, one 1.0; fp16: 1024.0 and 1.0. Two bytes an instance where the weights are the
+    # product's first operand (SWAP: the registers of a pair hold one row's neighbouring values), four
+    # where they are its second (loaded four bytes a thread): fewer byte permutes (docs/benchmarks.md).
+    _BF16_PTX_2 = tl.constexpr(_dequantize_ptx("fma.rn.bf16x2", 0x4300, 0x3F80, 2))
+    _BF16_PTX_4 = tl.constexpr(_dequantize_ptx("fma.rn.bf16x2", 0x4300, 0x3F80, 4))
+    _FP16_PTX_2 = tl.constexpr(_dequantize_ptx("fma.rn.f16x2", 0x6400, 0x3C00, 2))
+    _FP16_PTX_4 = tl.constexpr(_dequantize_ptx("fma.rn.f16x2", 0x6400, 0x3C00, 4))
+
     @triton.jit
     def _finish(acc, out_ptr, offsets, mask, partials_ptr, numel, counters_ptr, SPLIT_K: tl.constexpr):
         """Write a program's fp32 sums `acc` (any shape; `offsets` and `mask` of the same into the
@@ -151,26 +184,39 @@ if triton is not None:
                     partials_ptr, M * N, counters_ptr, SPLIT_K)
 
     @triton.jit
-    def _nibbles(q, OFFSET: tl.constexpr, dtype: tl.constexpr):
-        """4-bit values (in uint8) -> OFFSET + q in `dtype` by setting the mantissa bits of OFFSET:
-        an OR, not a conversion. bf16 128.0 and fp16 1024.0 step by 1; float32 converts (OFFSET 0)."""
+    def _dequantize_bytes(packed, s, nz, OFFSET: tl.constexpr, PACK: tl.constexpr):
+        """Bytes of 4-bit values [..] uint8 and their rows' scale and negated zero (broadcast to
+        packed's shape, in the compute dtype) -> (low nibbles' w, high nibbles' w) in that dtype,
+        w = q * s - z. OFFSET 128 (bf16) / 1024 (fp16): in PTX, PACK bytes an instance
+        (_dequantize_ptx); 0 (float32, or Triton's interpreter, which runs no PTX): in float32."""
         if OFFSET == 128:
-            return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            if PACK == 2:
+                return tl.inline_asm_elementwise(_BF16_PTX_2, "=r,=r,r,r,r", [packed, s, nz], (s.dtype, s.dtype),
+                                                 is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_BF16_PTX_4, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, nz],
+                                                 (s.dtype, s.dtype), is_pure=True, pack=4)
         elif OFFSET == 1024:
-            return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+            if PACK == 2:
+                return tl.inline_asm_elementwise(_FP16_PTX_2, "=r,=r,r,r,r", [packed, s, nz], (s.dtype, s.dtype),
+                                                 is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_FP16_PTX_4, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, nz],
+                                                 (s.dtype, s.dtype), is_pure=True, pack=4)
         else:
-            return q.to(dtype)
+            lo = (packed & 0xF).to(tl.float32) * s.to(tl.float32) + nz.to(tl.float32)
+            hi = (packed >> 4).to(tl.float32) * s.to(tl.float32) + nz.to(tl.float32)
+            return lo.to(s.dtype), hi.to(s.dtype)
 
     @triton.jit
     def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_xm,
-                     stride_wn, stride_sn, stride_sg, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     SWAP: tl.constexpr):
+                     stride_wn, stride_sn, stride_sg, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
         """out [M, N] = x [M, K] @ w^T over this split's groups (_finish sums splits), w = q *
-        scale[g] - zero[g] [N, K]. A group's bytes hold its first half's values in their low
-        nibbles and its second half's in their high ones, so per group: sum x*w = s * (x_lo . lo +
-        x_hi . hi) - (zero + OFFSET * s) * sum x, with lo / hi the nibbles plus OFFSET as floats.
-        SWAP computes out^T (the weights as the first operand, as in _int8_matmul)."""
+        scale[g] - zero[g] [N, K], dequantized in registers (_dequantize_bytes). A group's bytes hold
+        its first half's values in their low nibbles and its second half's in their high ones, so
+        each nibble half multiplies a contiguous half of x's group: two tensor-core products a group
+        into one accumulator. SWAP computes out^T (the weights as the first operand, as in _int8_matmul)."""
         HALF: tl.constexpr = GROUP // 2
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,8 +230,8 @@ if triton is not None:
                 g = (first + split) * GROUPS + a  # past the last group where the splits do not divide them
                 g_ok = g < groups
                 k = g * GROUP + j  # the group's first half; the second is k + HALF
-                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                z = tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
+                nz = -tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
                 if SWAP:
                     packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
                                      mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
@@ -193,10 +239,10 @@ if triton is not None:
                                    other=0.0)  # [HALF, BLOCK_M]
                     x_hi = tl.load(x_ptr + rm[None, :] * stride_xm + HALF + k[:, None], mask=m_ok[None, :] & g_ok,
                                    other=0.0)
-                    dot = tl.dot(_nibbles(packed & 0xF, OFFSET, x_lo.dtype), x_lo, input_precision=PRECISION)
-                    dot = tl.dot(_nibbles(packed >> 4, OFFSET, x_lo.dtype), x_hi, dot, input_precision=PRECISION)
-                    x_sum = tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)  # [BLOCK_M]
-                    acc += dot * s[:, None] - (z + OFFSET * s)[:, None] * x_sum[None, :]
+                    w_lo, w_hi = _dequantize_bytes(packed, tl.broadcast_to(s[:, None], packed.shape),
+                                                   tl.broadcast_to(nz[:, None], packed.shape), OFFSET, 2)
+                    acc = tl.dot(w_lo, x_lo, acc, input_precision=PRECISION)
+                    acc = tl.dot(w_hi, x_hi, acc, input_precision=PRECISION)
                 else:
                     packed = tl.load(w_ptr + rn[None, :] * stride_wn + (g * HALF + j)[:, None],
                                      mask=n_ok[None, :] & g_ok, other=0)  # [HALF, BLOCK_N] uint8
@@ -204,10 +250,10 @@ if triton is not None:
                                    other=0.0)  # [BLOCK_M, HALF]
                     x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + HALF + k[None, :], mask=m_ok[:, None] & g_ok,
                                    other=0.0)
-                    dot = tl.dot(x_lo, _nibbles(packed & 0xF, OFFSET, x_lo.dtype), input_precision=PRECISION)
-                    dot = tl.dot(x_hi, _nibbles(packed >> 4, OFFSET, x_lo.dtype), dot, input_precision=PRECISION)
-                    x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)  # [BLOCK_M]
-                    acc += dot * s[None, :] - x_sum[:, None] * (z + OFFSET * s)[None, :]
+                    w_lo, w_hi = _dequantize_bytes(packed, tl.broadcast_to(s[None, :], packed.shape),
+                                                   tl.broadcast_to(nz[None, :], packed.shape), OFFSET, 4)
+                    acc = tl.dot(x_lo, w_lo, acc, input_precision=PRECISION)
+                    acc = tl.dot(x_hi, w_hi, acc, input_precision=PRECISION)
         if SWAP:  # out is [M, N] contiguous
             _finish(acc, out_ptr, rm[None, :] * N + rn[:, None], m_ok[None, :] & n_ok[:, None], partials_ptr, M * N,
                     counters_ptr, SPLIT_K)
@@ -306,7 +352,13 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     return out
 
 
-_OFFSETS = {torch.bfloat16: 128, torch.float16: 1024}  # _nibbles' float OFFSET + q; float32: none
+_OFFSETS = {torch.bfloat16: 128, torch.float16: 1024}  # _dequantize_bytes' PTX per dtype; float32: none
+
+
+def _offset(x: torch.Tensor) -> int:
+    """_dequantize_bytes' OFFSET for x: its PTX on an NVIDIA GPU; float32 arithmetic otherwise (the CPU
+    tensors of Triton's interpreter, which cannot run PTX)."""
+    return _OFFSETS.get(x.dtype, 0) if x.is_cuda and torch.version.hip is None else 0
 
 
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
@@ -320,7 +372,7 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     out, partials, counters = _outputs(x, n, config, counters)
     _int4_matmul[_grid(rows, n, config)](
         x, weight, scale, zero, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0),
-        scale.stride(1), OFFSET=_OFFSETS.get(x.dtype, 0), PRECISION=dot_precision(x.dtype), GROUP=group,
+        scale.stride(1), OFFSET=_offset(x), PRECISION=dot_precision(x.dtype), GROUP=group,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
