@@ -116,14 +116,6 @@ def _dequantize_ptx(fma: str, offset: int, one: int, pack: int) -> str:
 
 
 if triton is not None:
-    # bf16: offset 128.0, one 1.0; fp16: 1024.0 and 1.0. Two bytes an instance where the weights are the
-    # product's first operand (SWAP: the registers of a pair hold one row's neighbouring values), four
-    # where they are its second (loaded four bytes a thread): fewer byte permutes (docs/benchmarks.md).
-    _BF16_PTX_2 = tl.constexpr(_dequantize_ptx("fma.rn.bf16x2", 0x4300, 0x3F80, 2))
-    _BF16_PTX_4 = tl.constexpr(_dequantize_ptx("fma.rn.bf16x2", 0x4300, 0x3F80, 4))
-    _FP16_PTX_2 = tl.constexpr(_dequantize_ptx("fma.rn.f16x2", 0x6400, 0x3C00, 2))
-    _FP16_PTX_4 = tl.constexpr(_dequantize_ptx("fma.rn.f16x2", 0x6400, 0x3C00, 4))
-
     @triton.jit
     def _finish(acc, out_ptr, offsets, mask, partials_ptr, numel, counters_ptr, SPLIT_K: tl.constexpr):
         """Write a program's fp32 sums `acc` (any shape; `offsets` and `mask` of the same into the
@@ -184,34 +176,27 @@ if triton is not None:
                     partials_ptr, M * N, counters_ptr, SPLIT_K)
 
     @triton.jit
-    def _dequantize_bytes(packed, s, nz, OFFSET: tl.constexpr, PACK: tl.constexpr):
+    def _dequantize_bytes(packed, s, nz, PTX: tl.constexpr, PACK: tl.constexpr):
         """Bytes of 4-bit values [..] uint8 and their rows' scale and negated zero (broadcast to
         packed's shape, in the compute dtype) -> (low nibbles' w, high nibbles' w) in that dtype,
-        w = q * s - z. OFFSET 128 (bf16) / 1024 (fp16): in PTX, PACK bytes an instance
-        (_dequantize_ptx); 0 (float32, or Triton's interpreter, which runs no PTX): in float32."""
-        if OFFSET == 128:
-            if PACK == 2:
-                return tl.inline_asm_elementwise(_BF16_PTX_2, "=r,=r,r,r,r", [packed, s, nz], (s.dtype, s.dtype),
-                                                 is_pure=True, pack=2)
-            else:
-                return tl.inline_asm_elementwise(_BF16_PTX_4, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, nz],
-                                                 (s.dtype, s.dtype), is_pure=True, pack=4)
-        elif OFFSET == 1024:
-            if PACK == 2:
-                return tl.inline_asm_elementwise(_FP16_PTX_2, "=r,=r,r,r,r", [packed, s, nz], (s.dtype, s.dtype),
-                                                 is_pure=True, pack=2)
-            else:
-                return tl.inline_asm_elementwise(_FP16_PTX_4, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, nz],
-                                                 (s.dtype, s.dtype), is_pure=True, pack=4)
-        else:
+        w = q * s - z: by PTX (_dequantize_ptx), PACK bytes an instance; without (float32, or
+        Triton's interpreter, which runs no PTX) in float32 arithmetic."""
+        if PTX == "":
             lo = (packed & 0xF).to(tl.float32) * s.to(tl.float32) + nz.to(tl.float32)
             hi = (packed >> 4).to(tl.float32) * s.to(tl.float32) + nz.to(tl.float32)
             return lo.to(s.dtype), hi.to(s.dtype)
+        elif PACK == 2:  # 16-bit pairs out, bytes, scales and zeros in
+            return tl.inline_asm_elementwise(PTX, "=r,=r,r,r,r", [packed, s, nz], (s.dtype, s.dtype), is_pure=True,
+                                             pack=2)
+        else:
+            return tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, nz], (s.dtype, s.dtype),
+                                             is_pure=True, pack=4)
 
     @triton.jit
     def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_xm,
-                     stride_wn, stride_sn, stride_sg, OFFSET: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+                     stride_wn, stride_sn, stride_sg, PTX: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     SWAP: tl.constexpr):
         """out [M, N] = x [M, K] @ w^T over this split's groups (_finish sums splits), w = q *
         scale[g] - zero[g] [N, K], dequantized in registers (_dequantize_bytes). A group's bytes hold
         its first half's values in their low nibbles and its second half's in their high ones, so
@@ -230,8 +215,9 @@ if triton is not None:
                 g = (first + split) * GROUPS + a  # past the last group where the splits do not divide them
                 g_ok = g < groups
                 k = g * GROUP + j  # the group's first half; the second is k + HALF
-                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
-                nz = -tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
+                groups_at = rn * stride_sn + g * stride_sg
+                s = tl.load(scale_ptr + groups_at, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
+                nz = -tl.load(zero_ptr + groups_at, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
                 if SWAP:
                     packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
                                      mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
@@ -240,7 +226,7 @@ if triton is not None:
                     x_hi = tl.load(x_ptr + rm[None, :] * stride_xm + HALF + k[:, None], mask=m_ok[None, :] & g_ok,
                                    other=0.0)
                     w_lo, w_hi = _dequantize_bytes(packed, tl.broadcast_to(s[:, None], packed.shape),
-                                                   tl.broadcast_to(nz[:, None], packed.shape), OFFSET, 2)
+                                                   tl.broadcast_to(nz[:, None], packed.shape), PTX, 2)
                     acc = tl.dot(w_lo, x_lo, acc, input_precision=PRECISION)
                     acc = tl.dot(w_hi, x_hi, acc, input_precision=PRECISION)
                 else:
@@ -251,7 +237,7 @@ if triton is not None:
                     x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + HALF + k[None, :], mask=m_ok[:, None] & g_ok,
                                    other=0.0)
                     w_lo, w_hi = _dequantize_bytes(packed, tl.broadcast_to(s[None, :], packed.shape),
-                                                   tl.broadcast_to(nz[None, :], packed.shape), OFFSET, 4)
+                                                   tl.broadcast_to(nz[None, :], packed.shape), PTX, 4)
                     acc = tl.dot(x_lo, w_lo, acc, input_precision=PRECISION)
                     acc = tl.dot(x_hi, w_hi, acc, input_precision=PRECISION)
         if SWAP:  # out is [M, N] contiguous
@@ -352,13 +338,20 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     return out
 
 
-_OFFSETS = {torch.bfloat16: 128, torch.float16: 1024}  # _dequantize_bytes' PTX per dtype; float32: none
+# _dequantize_bytes' PTX by compute dtype and bytes an instance: two where the weights are the
+# product's first operand (SWAP: a register pair holds one row's neighbouring values; four would take
+# ~56 byte permutes a group step to gather), four where they are its second (loaded four bytes a thread).
+_PTX = {(dtype, pack): _dequantize_ptx(fma, offset, one, pack) for pack in (2, 4)
+        for dtype, fma, offset, one in ((torch.bfloat16, "fma.rn.bf16x2", 0x4300, 0x3F80),  # 128.0, 1.0
+                                        (torch.float16, "fma.rn.f16x2", 0x6400, 0x3C00))}  # 1024.0, 1.0
 
 
-def _offset(x: torch.Tensor) -> int:
-    """_dequantize_bytes' OFFSET for x: its PTX on an NVIDIA GPU; float32 arithmetic otherwise (the CPU
-    tensors of Triton's interpreter, which cannot run PTX)."""
-    return _OFFSETS.get(x.dtype, 0) if x.is_cuda and torch.version.hip is None else 0
+def _ptx(x: torch.Tensor, swap: bool) -> str:
+    """_dequantize_bytes' PTX for x on an NVIDIA GPU; "" (float32 arithmetic) for float32 and for the
+    CPU tensors of Triton's interpreter, which cannot run PTX."""
+    if not x.is_cuda or torch.version.hip is not None:
+        return ""
+    return _PTX.get((x.dtype, 2 if swap else 4), "")
 
 
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
@@ -372,7 +365,7 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     out, partials, counters = _outputs(x, n, config, counters)
     _int4_matmul[_grid(rows, n, config)](
         x, weight, scale, zero, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0),
-        scale.stride(1), OFFSET=_offset(x), PRECISION=dot_precision(x.dtype), GROUP=group,
+        scale.stride(1), PTX=_ptx(x, config.swap), PRECISION=dot_precision(x.dtype), GROUP=group,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
         SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
     )
