@@ -48,7 +48,6 @@ from .tokens import TextCodec
 log = logging.getLogger(__name__)
 
 
-
 class Leader(PipelineLayout):
     def __init__(self, settings: LeaderSettings):
         settings.limits.check()

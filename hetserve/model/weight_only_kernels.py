@@ -196,7 +196,7 @@ if triton is not None:
     def _int4_matmul(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_xm,
                      stride_wn, stride_sn, stride_sg, PTX: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     SWAP: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr):
         """out [M, N] = x [M, K] @ w^T over this split's groups (_finish sums splits), w = q *
         scale[g] - zero[g] [N, K], dequantized in registers (_dequantize_bytes). A group's bytes hold
         its first half's values in their low nibbles and its second half's in their high ones, so
@@ -215,9 +215,12 @@ if triton is not None:
                 g = (first + split) * GROUPS + a  # past the last group where the splits do not divide them
                 g_ok = g < groups
                 k = g * GROUP + j  # the group's first half; the second is k + HALF
-                groups_at = rn * stride_sn + g * stride_sg
-                s = tl.load(scale_ptr + groups_at, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
-                nz = -tl.load(zero_ptr + groups_at, mask=n_ok & g_ok, other=0.0).to(x_ptr.dtype.element_ty)
+                # (the offsets written out in both loads: one shared offset tensor costs the 1-16-row
+                # tile 12 more instructions a step in offline SASS)
+                s = tl.load(scale_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok,
+                            other=0.0).to(x_ptr.dtype.element_ty)
+                nz = -tl.load(zero_ptr + rn * stride_sn + g * stride_sg, mask=n_ok & g_ok,
+                              other=0.0).to(x_ptr.dtype.element_ty)
                 if SWAP:
                     packed = tl.load(w_ptr + rn[:, None] * stride_wn + (g * HALF + j)[None, :],
                                      mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF] uint8
@@ -226,7 +229,7 @@ if triton is not None:
                     x_hi = tl.load(x_ptr + rm[None, :] * stride_xm + HALF + k[:, None], mask=m_ok[None, :] & g_ok,
                                    other=0.0)
                     w_lo, w_hi = _dequantize_bytes(packed, tl.broadcast_to(s[:, None], packed.shape),
-                                                   tl.broadcast_to(nz[:, None], packed.shape), PTX, 2)
+                                                   tl.broadcast_to(nz[:, None], packed.shape), PTX, PACK)
                     acc = tl.dot(w_lo, x_lo, acc, input_precision=PRECISION)
                     acc = tl.dot(w_hi, x_hi, acc, input_precision=PRECISION)
                 else:
@@ -237,7 +240,7 @@ if triton is not None:
                     x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + HALF + k[None, :], mask=m_ok[:, None] & g_ok,
                                    other=0.0)
                     w_lo, w_hi = _dequantize_bytes(packed, tl.broadcast_to(s[None, :], packed.shape),
-                                                   tl.broadcast_to(nz[None, :], packed.shape), PTX, 4)
+                                                   tl.broadcast_to(nz[None, :], packed.shape), PTX, PACK)
                     acc = tl.dot(x_lo, w_lo, acc, input_precision=PRECISION)
                     acc = tl.dot(x_hi, w_hi, acc, input_precision=PRECISION)
         if SWAP:  # out is [M, N] contiguous
@@ -346,12 +349,12 @@ _PTX = {(dtype, pack): _dequantize_ptx(fma, offset, one, pack) for pack in (2, 4
                                         (torch.float16, "fma.rn.f16x2", 0x6400, 0x3C00))}  # 1024.0, 1.0
 
 
-def _ptx(x: torch.Tensor, swap: bool) -> str:
+def _ptx(x: torch.Tensor, pack: int) -> str:
     """_dequantize_bytes' PTX for x on an NVIDIA GPU; "" (float32 arithmetic) for float32 and for the
     CPU tensors of Triton's interpreter, which cannot run PTX."""
     if not x.is_cuda or torch.version.hip is not None:
         return ""
-    return _PTX.get((x.dtype, 2 if swap else 4), "")
+    return _PTX.get((x.dtype, pack), "")
 
 
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
@@ -363,11 +366,12 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     n = weight.shape[0]
     config = config or int4_tile_config(rows, k, n, group)
     out, partials, counters = _outputs(x, n, config, counters)
+    pack = 2 if config.swap else 4  # bytes a PTX instance dequantizes (_PTX says why)
     _int4_matmul[_grid(rows, n, config)](
         x, weight, scale, zero, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0),
-        scale.stride(1), PTX=_ptx(x, config.swap), PRECISION=dot_precision(x.dtype), GROUP=group,
+        scale.stride(1), PTX=_ptx(x, pack), PRECISION=dot_precision(x.dtype), GROUP=group,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // group, SPLIT_K=config.split_k,
-        SWAP=config.swap, num_warps=config.warps, num_stages=config.stages,
+        SWAP=config.swap, PACK=pack, num_warps=config.warps, num_stages=config.stages,
     )
     return out
 
