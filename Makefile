@@ -35,8 +35,9 @@ model: install
 demo: model
 	BIN=$(BIN) bash examples/demo.sh
 
+# --durations: the 20 slowest tests are printed, to watch the suite against CI's 90 minutes.
 test: model $(VENV)/interp/.installed
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=20
 
 bench: model
 	$(BIN)/python benchmarks/pipeline_cpu.py

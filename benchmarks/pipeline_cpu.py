@@ -1,6 +1,6 @@
 """Pipeline overhead on CPU: hetserve (1 and 2 loopback stages) vs transformers `generate`.
 
-Measures, in one run, for SmolLM2-135M in fp32:
+Measures, in one run, for SmolLM2-135M in fp32 (decoder layers at --precision):
   - batch 1: time per output token (decode step, median of repeats) and tokens/s;
   - batch 8: output tokens/s with 8 concurrent requests of different prompts.
 transformers runs in this process; each hetserve configuration is a real `hetserve up` cluster on
@@ -9,10 +9,12 @@ transformers runs in this process; each hetserve configuration is a real `hetser
 token on both sides. Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/pipeline_cpu.py [--tokens 64] [--repeats 3] [--threads T] [--model M]
-        [--out bench-results/pipeline_cpu.json]
+        [--precision native|int8|int4] [--out bench-results/pipeline_cpu.json]
 
 --threads T gives transformers and every stage T threads, as if each host had T cores of its own
 (default: this machine's cores, and also a run with the cores split between the stages).
+--precision int8 (or int4) serves every decoder layer at that quanto precision (a plan file with
+the cluster's default limits, layers split evenly) and quantizes transformers' layers the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from hetserve.bench.baseline import BaselineSpec, HFBaseline
@@ -34,6 +37,8 @@ from hetserve.bench.stats import Summary, summarize
 from hetserve.bench.workload import RequestSpec
 from hetserve.client import LineClient
 from hetserve.model.resolve import resolve_model
+from hetserve.model.stage import load_config
+from hetserve.plan.planner import Plan, PlannedStage, Workload
 
 PROMPTS = [
     "1, 2, 3, 4, 5,", "a, b, c, d,", "Monday, Tuesday,", "10, 20, 30,",
@@ -64,8 +69,20 @@ def medians(runs: list[tuple[Summary, Summary]]) -> dict:
             "batch8_tokens_per_s": statistics.median(eight.output_tokens_per_s for _, eight in runs)}
 
 
-def bench_transformers(model_dir: Path, tokens: int, repeats: int, threads: int) -> dict:
-    hf = HFBaseline(BaselineSpec(model_dir, "cpu", "float32", threads=threads), PROMPTS[0])
+def uniform_plan(model: str, workers: int, precision: str, path: Path) -> Path:
+    """A plan of every decoder layer at `precision`, split evenly over worker-0.., with `hetserve up`'s
+    CPU limits (8 requests of 512 tokens, prefill micro-batches of 4, decode of 8): not planned."""
+    layers = load_config(resolve_model(model).path).num_hidden_layers
+    bounds = [layers * i // workers for i in range(workers + 1)]
+    stages = [PlannedStage(f"worker-{i}", a, b, [precision] * (b - a), 0.0, 0.0, 0, 0)
+              for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    Plan(model, "float32", Workload(448, 64, 8), 0.0, 0.0, 0.0, stages, 4, 8, 0.0,
+         notes=[f"written by benchmarks/pipeline_cpu.py: every layer {precision}, not planned"]).save(path)
+    return path
+
+
+def bench_transformers(model_dir: Path, tokens: int, repeats: int, threads: int, precision: str) -> dict:
+    hf = HFBaseline(BaselineSpec(model_dir, "cpu", "float32", threads=threads, precision=precision), PROMPTS[0])
     runs = []
     for _ in range(repeats):
         one = hf.run(list(enumerate(requests(PROMPTS[:1], tokens))), 1)
@@ -87,10 +104,14 @@ async def drive(serve: str, tokens: int, repeats: int) -> dict:
     return medians(runs)
 
 
-def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats: int, *extra: str) -> dict:
+def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats: int, precision: str,
+                   extra: tuple[str, ...] = ()) -> dict:
     serve, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    plan = []
+    if precision != "native":
+        plan = ["--plan", str(uniform_plan(model, workers, precision, Path(tempfile.mkdtemp()) / "plan.json"))]
     cmd = [sys.executable, "-m", "hetserve", "up", "--model", model, "--workers", str(workers), "--threads", str(threads),
-           "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512", *extra]
+           "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512", *plan, *extra]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **EXTRA_ENV})
     try:
         return asyncio.run(drive(serve, tokens, repeats))
@@ -105,22 +126,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="threads for transformers and for each stage")
     parser.add_argument("--model", default="smollm2-135m", help="model spec (a directory works, e.g. random weights)")
+    parser.add_argument("--precision", default="native", choices=("native", "int8", "int4"),
+                        help="quanto precision of every decoder layer, in hetserve and transformers alike")
     parser.add_argument("--out", default="bench-results/pipeline_cpu.json")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     threads = args.threads or cores
     model_dir = resolve_model(args.model).path
     rows = {f"transformers generate (1 process, {threads} threads)":
-            bench_transformers(model_dir, args.tokens, args.repeats, threads)}
-    rows[f"hetserve 1 stage ({threads} threads)"] = bench_hetserve(args.model, 1, threads, args.tokens, args.repeats)
+            bench_transformers(model_dir, args.tokens, args.repeats, threads, args.precision)}
+    run = dict(tokens=args.tokens, repeats=args.repeats, precision=args.precision)
+    rows[f"hetserve 1 stage ({threads} threads)"] = bench_hetserve(args.model, 1, threads, **run)
     rows[f"hetserve 1 stage ({threads} threads), --decode-ahead on"] = bench_hetserve(
-        args.model, 1, threads, args.tokens, args.repeats, "--decode-ahead", "on")
-    rows[f"hetserve 2 stages ({threads} threads each)"] = bench_hetserve(args.model, 2, threads, args.tokens, args.repeats)
+        args.model, 1, threads, **run, extra=("--decode-ahead", "on"))
+    rows[f"hetserve 2 stages ({threads} threads each)"] = bench_hetserve(args.model, 2, threads, **run)
     if args.threads is None and cores > 1:
-        rows[f"hetserve 2 stages ({cores // 2} thread(s) each)"] = bench_hetserve(args.model, 2, cores // 2, args.tokens,
-                                                                                 args.repeats)
+        rows[f"hetserve 2 stages ({cores // 2} thread(s) each)"] = bench_hetserve(args.model, 2, cores // 2, **run)
     base = next(iter(rows.values()))
-    print(f"{args.model} fp32, CPU ({cores} cores), {args.tokens} output tokens, median of {args.repeats}")
+    print(f"{args.model} fp32, layers {args.precision}, CPU ({cores} cores), {args.tokens} output tokens, "
+          f"median of {args.repeats}")
     print(f"{'configuration':52} {'b1 ms/token':>12} {'vs HF':>7} {'b1 tok/s':>9} {'b8 tok/s':>9} {'vs HF':>7}")
     for name, r in rows.items():
         print(f"{name:52} {r['batch1_ms_per_token']:12.1f} {r['batch1_ms_per_token'] / base['batch1_ms_per_token']:6.2f}x"
@@ -128,7 +152,8 @@ def main() -> None:
               f" {r['batch8_tokens_per_s'] / base['batch8_tokens_per_s']:6.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"tokens": args.tokens, "repeats": args.repeats, "cores": cores, "results": rows}, indent=2))
+    out.write_text(json.dumps({"tokens": args.tokens, "repeats": args.repeats, "cores": cores,
+                               "precision": args.precision, "results": rows}, indent=2))
     print(f"wrote {out}")
 
 
