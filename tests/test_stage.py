@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hetserve.model.kv_cache import StepLayout
 from hetserve.model.precision import module_bytes
 from hetserve.model.resolve import ModelError
 from hetserve.model.sampling import filter_logits, sample
@@ -78,6 +79,31 @@ def test_chunked_prefill_and_slot_reuse(model_dir, reference):
     while len(gen) < 8:
         gen.append(run(stages, [1], [len(prompt) + len(gen) - 1], [1], torch.tensor([[gen[-1]]]))[0])
     assert gen == reference(prompt, 8)
+
+
+def test_prompts_of_different_lengths_prefilled_together_over_stale_slots(model_dir, reference):
+    """Rows that all start at 0 attend causally with no mask (StepLayout.causal): the shorter rows'
+    padding and the stale entries past their ends must reach no real token."""
+    stages = build(model_dir, [0, 12, 30], slots=3)
+    tok = reference.tokenizer
+    filler = tok(" ".join(PROMPTS))["input_ids"]
+    for slot in range(3):  # every slot holds a longer, earlier request's entries
+        run(stages, [slot], [0], [len(filler)], torch.tensor([filler]))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    lengths = [len(p) for p in prompts]
+    slots = [2, 0, 1]
+    assert len(set(lengths)) == 3
+    assert StepLayout(longs(slots), longs([0, 0, 0]), longs(lengths), scratch=256).causal
+    assert not StepLayout(longs(slots), longs([0, 0, 1]), longs(lengths), scratch=256).causal
+    assert not StepLayout(longs(slots), longs([0, 0, 0]), longs([1, 1, 1]), scratch=256).causal
+    gen = [[t] for t in run(stages, slots, [0, 0, 0], lengths, padded(prompts))]
+    for _ in range(5):
+        out = run(stages, slots, [n + len(g) - 1 for n, g in zip(lengths, gen)], [1, 1, 1],
+                  torch.tensor([[g[-1]] for g in gen]))
+        for g, t in zip(gen, out):
+            g.append(t)
+    for prompt, g in zip(prompts, gen):
+        assert g == reference(prompt, 6)
 
 
 def test_stage_refuses_bad_ranges_and_rows(model_dir):

@@ -69,7 +69,8 @@ class StepLayout:
     slots [B], starts [B] (tokens already cached), lengths [B] (new tokens; rows right-padded to
     T = max(lengths)). Derived: position_ids [B, T], write_pos [B, T] (padding -> scratch),
     mask [B, 1, T, L] with L = max(starts + lengths): query (b, t) sees keys 0..starts[b]+t
-    (built on first use: attention that reads the cache in place needs none).
+    (built on first use: attention that reads the cache in place needs none, nor does a `causal`
+    layout).
     """
 
     def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scratch: int,
@@ -82,6 +83,7 @@ class StepLayout:
         slot (a prefill step run as one row per prompt token), so every row's K/V is written
         before any row attends."""
         device = slots.device
+        dynamic = steps is None and kv_len is None  # shapes read from the tensors (a host sync; never in a graph)
         steps = int(lengths.max()) if steps is None else steps
         t = torch.arange(steps, device=device)
         self.slots = slots
@@ -94,6 +96,13 @@ class StepLayout:
         self._valid = t[None, :] < lengths[:, None]
         self.write_pos = torch.where(self._valid, self.position_ids, scratch)
         self.kv_len = int((starts + lengths).max()) if kv_len is None else kv_len
+        # Every row starts at position 0 (whole prompts, first chunks): query t may see keys 0..t,
+        # the plain causal mask, which attention applies without a mask tensor, skipping the
+        # masked half of its work (and, in SDPA, without copying grouped K/V heads). Padded
+        # queries then see keys past their row's end: garbage in rows nobody reads (their K/V
+        # go to scratch). One-token steps keep the mask: SDPA applies no causal mask to them.
+        self.causal = (dynamic and steps > 1 and not shared_slots and self.kv_len == steps
+                       and not bool(starts.any()))
 
     @functools.cached_property
     def mask(self) -> torch.Tensor:

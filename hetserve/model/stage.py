@@ -300,7 +300,8 @@ class StageModel:
         cos_sin = self.rotary(hidden, layout.position_ids)
         if decode_layers is not None:
             return decode_layers(hidden, cos_sin, self.cache, layout)
+        mask = None if layout.causal else layout.mask  # None: transformers' SDPA attends causally
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=layout.mask, position_ids=layout.position_ids,
+            hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids,
                            past_key_values=self.cache, use_cache=True, position_embeddings=cos_sin)
         return hidden
