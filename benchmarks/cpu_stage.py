@@ -5,12 +5,10 @@ The CPU half of issue 4's table (benchmarks/gpu_decode.py is the GPU half). The 
 layer, the embedding and the head, as `hetserve up --workers 1` runs it, and is timed by the call
 a CPU host serves with (StageModel.run: transformers' decoder layers over the slot KV cache;
 graphs and our kernels are GPU-only). int8 and int4 are quanto's weight-only layers, in the stage
-and in transformers alike (model/precision.py). The process's malloc keeps freed memory, as a
-host's does (worker/allocator.py), for transformers too; --return-freed-memory leaves glibc's
-defaults.
+and in transformers alike (model/precision.py).
 
     .venv/bin/python benchmarks/cpu_stage.py [--model smollm2-135m] [--batches 1,8] [--prefill 512,2048]
-        [--precisions native,int8,int4] [--threads T] [--return-freed-memory] [--json bench-results/cpu_stage.json]
+        [--precisions native,int8,int4] [--threads T] [--json bench-results/cpu_stage.json]
 
 Floor: bytes a decode step must read (layers + norm + lm_head, quantized sizes as stored) over the
 measured copy bandwidth of this CPU (bytes read + written per second, same threads). Decode rows
@@ -33,7 +31,6 @@ import torch
 from hetserve.model.precision import apply_precisions, module_bytes
 from hetserve.model.resolve import resolve_model
 from hetserve.model.stage import StageModel, StageSpec, load_config
-from hetserve.worker.allocator import keep_freed_memory
 
 
 def copy_bandwidth(mib: int = 1024) -> float:
@@ -117,11 +114,8 @@ def main() -> None:
     parser.add_argument("--prefill", default="512,2048", help="prompt lengths of the prefill columns")
     parser.add_argument("--repeats", type=int, default=3, help="prefill runs per length (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
-    parser.add_argument("--return-freed-memory", action="store_true",
-                        help="leave malloc's defaults (a host keeps freed memory unless told this)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/cpu_stage.json"))
     args = parser.parse_args()
-    kept = not args.return_freed_memory and keep_freed_memory()
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     model_dir = resolve_model(args.model).path
@@ -129,11 +123,11 @@ def main() -> None:
     lengths = [int(n) for n in args.prefill.split(",") if n]
     layers = load_config(model_dir).num_hidden_layers
     bandwidth = copy_bandwidth()
-    print(f"{args.model}, CPU with {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
-          f"malloc {'keeps' if kept else 'returns'} freed memory", flush=True)
+    print(f"{args.model}, CPU with {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)",
+          flush=True)
     print(f"{'precision':>9} {'batch':>5} {'weights MB':>10} {'floor ms':>8} {'stage ms':>8} {'/floor':>6} "
           f"{'hf ms':>7} {'hf/stage':>8}", flush=True)
-    results = {"model": args.model, "threads": threads, "bandwidth_gbs": bandwidth / 1e9, "keeps_freed_memory": kept,
+    results = {"model": args.model, "threads": threads, "bandwidth_gbs": bandwidth / 1e9,
                "rows": [], "prefill": []}
     for precision in args.precisions.split(","):
         spec = StageSpec(0, layers, first=True, last=True, dtype="float32", max_seqs=max(batches + [1]),

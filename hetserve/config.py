@@ -110,4 +110,3 @@ class HostSettings:
     insecure: bool = False  # allow plain text to a leader beyond loopback
     cuda_graphs: bool = True  # on a GPU, replay decode and prefill steps from CUDA graphs (model/static_steps.py)
     quanto_kernels: bool = False  # on a GPU, int8 / int4 layers keep quanto's matmuls (else model/weight_only.py's)
-    keep_freed_memory: bool = True  # malloc keeps freed memory for reuse (worker/allocator.py): steady CPU steps

@@ -102,15 +102,9 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
               help="On a GPU, int8 and int4 layers run optimum-quanto's matmuls instead of hetserve's (on an "
                    "H200: int8 7-15x slower at decode; int4 tinygemm, faster at batch 1 but 2-6x slower from 16 "
                    "rows and ~11x slower prefill). A baseline, or a way out should ours misbehave on a GPU.")
-@click.option("--keep-freed-memory/--return-freed-memory", default=True, show_default=True,
-              help="Keep memory the process frees for its next allocations (glibc malloc: no trimming, blocks "
-                   "up to 32 MiB from the heap) instead of returning it to the OS: on a CPU, quanto's int4 "
-                   "layers allocate and free their dequantized weights every step, and fresh pages made "
-                   "SmolLM2's int4 decode steps 1.6-2.5x slower (docs/benchmarks.md). Costs the peak of "
-                   "transient memory, held.")
 @log_options
 def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, cuda_graphs,
-         quanto_kernels, keep_freed_memory, log_level, log_json):
+         quanto_kernels, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     if omp_wait == "active":
         # Read by libgomp when torch loads, so before the import below. A stage idles while the
@@ -121,8 +115,7 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, ke
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads, model=model,
                             disk_limit=parse_size(disk_limit) if disk_limit else None, keys=keys, insecure=insecure,
-                            cuda_graphs=cuda_graphs, quanto_kernels=quanto_kernels,
-                            keep_freed_memory=keep_freed_memory)
+                            cuda_graphs=cuda_graphs, quanto_kernels=quanto_kernels)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 

@@ -42,7 +42,6 @@ from ..wire.messages import (Alive, Assign, Failed, Heartbeat, Join, Probe, Prob
 from ..weights.fetch import WeightFetcher
 from ..weights.manifest import describe_mismatch, load_manifest
 from ..weights.store import WeightStore, cached_weights, disk_room
-from .allocator import keep_freed_memory
 from .inventory import take_inventory
 from .stage_loop import StageLoop
 
@@ -326,6 +325,4 @@ class Host:
 
 def run_host(settings: HostSettings) -> None:
     """Run until Shutdown or a signal."""
-    if settings.keep_freed_memory:
-        keep_freed_memory()
     asyncio.run(run_until_signal(Host(settings).run()))
