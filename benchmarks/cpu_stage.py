@@ -127,8 +127,7 @@ def main() -> None:
           flush=True)
     print(f"{'precision':>9} {'batch':>5} {'weights MB':>10} {'floor ms':>8} {'stage ms':>8} {'/floor':>6} "
           f"{'hf ms':>7} {'hf/stage':>8}", flush=True)
-    results = {"model": args.model, "threads": threads, "bandwidth_gbs": bandwidth / 1e9,
-               "rows": [], "prefill": []}
+    results = {"model": args.model, "threads": threads, "bandwidth_gbs": bandwidth / 1e9, "rows": [], "prefill": []}
     for precision in args.precisions.split(","):
         spec = StageSpec(0, layers, first=True, last=True, dtype="float32", max_seqs=max(batches + [1]),
                          max_context=max(lengths + [args.prompt + args.steps + 2]),
