@@ -26,21 +26,9 @@ mkdir -p "$out"
 hetserve() { python3 -m hetserve "$@"; }
 precision=${PRECISION:-native}
 uniform_plan() {  # $1 hosts -> a plan file: every layer at $precision, the same limits as below
-  python3 - "$model" "$1" "$precision" "${DTYPE:-bfloat16}" "$out/plan-$precision-$1.json" <<'PY'
-import json, sys
-from transformers import AutoConfig
-model, hosts, precision, dtype, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-layers = AutoConfig.from_pretrained(model).num_hidden_layers
-bounds = [layers * i // hosts for i in range(hosts + 1)]
-stages = [{"host": f"worker-{i}", "start": a, "end": b, "precisions": [precision] * (b - a), "prefill_ms": 0.0,
-           "decode_ms": 0.0, "memory_bytes": 0, "capacity_bytes": 0} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-plan = {"model": model, "dtype": dtype, "workload": {"prompt_tokens": 896, "output_tokens": 128, "batch": 64},
-        "max_ppl_increase": 0.0, "base_ppl": 0.0, "predicted_ppl": 0.0, "stages": stages, "prefill_microbatch": 8,
-        "decode_microbatch": 64, "predicted_tokens_per_s": 0.0,
-        "notes": [f"written by benchmarks/gpu_serving.sh: every layer {precision}, not planned"]}
-open(path, "w").write(json.dumps(plan, indent=1))
-print(path)
-PY
+  python3 "$(dirname "$0")/uniform_plan.py" "$model" "$1" "$precision" "$out/plan-$precision-$1.json" \
+    --dtype "${DTYPE:-bfloat16}" --prompt 896 --output 128 --batch 64 --prefill-microbatch 8 --decode-microbatch 64 \
+    --writer benchmarks/gpu_serving.sh
 }
 for workers in ${WORKERS:-1 2}; do
   plan=()

@@ -37,8 +37,8 @@ from hetserve.bench.stats import Summary, summarize
 from hetserve.bench.workload import RequestSpec
 from hetserve.client import LineClient
 from hetserve.model.resolve import resolve_model
-from hetserve.model.stage import load_config
-from hetserve.plan.planner import Plan, PlannedStage, Workload
+from hetserve.plan.planner import Workload
+from uniform_plan import uniform_plan  # benchmarks/, this script's folder
 
 PROMPTS = [
     "1, 2, 3, 4, 5,", "a, b, c, d,", "Monday, Tuesday,", "10, 20, 30,",
@@ -69,18 +69,6 @@ def medians(runs: list[tuple[Summary, Summary]]) -> dict:
             "batch8_tokens_per_s": statistics.median(eight.output_tokens_per_s for _, eight in runs)}
 
 
-def uniform_plan(model: str, workers: int, precision: str, path: Path) -> Path:
-    """A plan of every decoder layer at `precision`, split evenly over worker-0.., with `hetserve up`'s
-    CPU limits (8 requests of 512 tokens, prefill micro-batches of 4, decode of 8): not planned."""
-    layers = load_config(resolve_model(model).path).num_hidden_layers
-    bounds = [layers * i // workers for i in range(workers + 1)]
-    stages = [PlannedStage(f"worker-{i}", a, b, [precision] * (b - a), 0.0, 0.0, 0, 0)
-              for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-    Plan(model, "float32", Workload(448, 64, 8), 0.0, 0.0, 0.0, stages, 4, 8, 0.0,
-         notes=[f"written by benchmarks/pipeline_cpu.py: every layer {precision}, not planned"]).save(path)
-    return path
-
-
 def bench_transformers(model_dir: Path, tokens: int, repeats: int, threads: int, precision: str) -> dict:
     hf = HFBaseline(BaselineSpec(model_dir, "cpu", "float32", threads=threads, precision=precision), PROMPTS[0])
     runs = []
@@ -109,7 +97,10 @@ def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats:
     serve, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     plan = []
     if precision != "native":
-        plan = ["--plan", str(uniform_plan(model, workers, precision, Path(tempfile.mkdtemp()) / "plan.json"))]
+        # hetserve up's CPU limits: 8 requests of 512 tokens, prefill micro-batches of 4, decode of 8.
+        path = uniform_plan(model, workers, precision, Path(tempfile.mkdtemp()) / "plan.json", "float32",
+                            Workload(448, 64, 8), 4, 8, "benchmarks/pipeline_cpu.py")
+        plan = ["--plan", str(path)]
     cmd = [sys.executable, "-m", "hetserve", "up", "--model", model, "--workers", str(workers), "--threads", str(threads),
            "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512", *plan, *extra]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **EXTRA_ENV})
