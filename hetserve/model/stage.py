@@ -291,7 +291,13 @@ class StageModel:
         """The decoder layers of this stage: -> hidden states [B, T, H] (K/V written to the cache)."""
         if int(lengths.min()) < 1 or int((starts + lengths).max()) > self.spec.max_context:
             raise ValueError("micro-batch rows must have 1..max_context tokens")
-        return self._layers(StepLayout(slots, starts, lengths, self.cache.scratch), inputs)
+        layout = StepLayout(slots, starts, lengths, self.cache.scratch)
+        # A CPU decode step runs the written-out layers at its exact shape (no bucket: padding rows
+        # would cost a CPU their arithmetic): their fused projections and fewer ops made SmolLM2's
+        # batch-1 step 1.05x faster (docs/benchmarks.md). Elsewhere this path stays transformers'
+        # layers: a GPU without graphs must not depend on the Triton kernels they call.
+        decode = self.decode_layers if self.device.type == "cpu" and layout.position_ids.shape[1] == 1 else None
+        return self._layers(layout, inputs, decode)
 
     def _layers(self, layout: StepLayout, inputs: torch.Tensor, decode_layers: DecodeLayers | None = None
                 ) -> torch.Tensor:
