@@ -36,6 +36,7 @@ from hetserve.bench.load import LoadSpec, run_load, warm_up
 from hetserve.bench.stats import Summary, summarize
 from hetserve.bench.workload import RequestSpec
 from hetserve.client import LineClient
+from hetserve.config import Limits
 from hetserve.model.resolve import resolve_model
 from hetserve.plan.planner import Workload
 from uniform_plan import uniform_plan  # benchmarks/, this script's folder
@@ -45,6 +46,8 @@ PROMPTS = [
     "January, February, March,", "red, orange, yellow,", "2, 4, 6, 8,", "one, two, three,",
 ]
 
+
+MAX_CONTEXT = 512  # tokens per request the clusters allocate KV cache for
 
 EXTRA_ENV = dict(kv.split("=", 1) for kv in os.environ.get("BENCH_ENV", "").split() if "=" in kv)
 
@@ -97,12 +100,16 @@ def bench_hetserve(model: str, workers: int, threads: int, tokens: int, repeats:
     serve, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     plan = []
     if precision != "native":
-        # hetserve up's CPU limits: 8 requests of 512 tokens, prefill micro-batches of 4, decode of 8.
-        path = uniform_plan(model, workers, precision, Path(tempfile.mkdtemp()) / "plan.json", "float32",
-                            Workload(448, 64, 8), 4, 8, "benchmarks/pipeline_cpu.py")
+        # A plan sets the cluster's limits: the same as without one (hetserve up's defaults, this
+        # benchmark's context), MAX_CONTEXT split as prompt + output.
+        limits = Limits()
+        workload = Workload(MAX_CONTEXT - tokens, tokens, limits.max_seqs)
+        path = uniform_plan(model, workers, precision, Path(tempfile.mkdtemp()) / "plan.json", "float32", workload,
+                            limits.prefill_seqs, limits.decode_seqs, "benchmarks/pipeline_cpu.py")
         plan = ["--plan", str(path)]
     cmd = [sys.executable, "-m", "hetserve", "up", "--model", model, "--workers", str(workers), "--threads", str(threads),
-           "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", "512", *plan, *extra]
+           "--serve", serve, "--listen", listen, "--log-level", "warning", "--max-context", str(MAX_CONTEXT), *plan,
+           *extra]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **EXTRA_ENV})
     try:
         return asyncio.run(drive(serve, tokens, repeats))
