@@ -149,6 +149,11 @@ class _Layer:
             return self.gate_up(x).chunk(2, dim=-1)
         return self.gate_proj(x), self.up_proj(x)
 
+    def linears(self) -> list[torch.nn.Module]:
+        """Every projection module this layer calls, the fused ones included."""
+        return [m for m in (self.qkv, self.gate_up, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
+                            self.gate_proj, self.up_proj, self.down_proj) if m is not None]
+
 
 class DecodeLayers:
     """A stage's decoder layers for one-token-per-row steps: hidden [b, 1, H] -> [b, 1, H]."""
@@ -163,6 +168,9 @@ class DecodeLayers:
         fused = _compiled if compile else (lambda fn: fn)
         self._norm, self._add_norm = fused(rms_norm), fused(add_rms_norm)
         self._split_heads, self._silu_mul = fused(split_heads), fused(silu_mul)
+
+    def linears(self) -> list[torch.nn.Module]:
+        return [m for layer in self.layers for m in layer.linears()]
 
     @staticmethod
     def supports(layers: torch.nn.ModuleList, config) -> bool:

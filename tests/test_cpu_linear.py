@@ -1,0 +1,102 @@
+"""CPU linears (model/cpu_linear.py): every way computes F.linear, the selector keeps the fastest
+way it measured, and a stage's projections take this path on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hetserve.model import cpu_linear
+from hetserve.model.cpu_linear import SAMPLES, CpuLinear, Selector, adopt, bucket
+
+
+@pytest.fixture(autouse=True)
+def fresh_selectors(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_SELECTORS", {})
+
+
+def available_ways() -> list[str]:
+    return [w for w in cpu_linear.WAYS if w != "onednn" or torch.backends.mkldnn.is_available()]
+
+
+@pytest.mark.parametrize("way", ["mkl", "onednn", "transposed"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_way_computes_the_linear(way, rows, bias):
+    if way not in available_ways():
+        pytest.skip("oneDNN is not in this torch build")
+    torch.manual_seed(rows)
+    weight = torch.randn(96, 40)
+    b = torch.randn(96) if bias else None
+    x = torch.randn(rows, 40)
+    out = cpu_linear.WAYS[way](x, weight, b)
+    assert out.shape == (rows, 96) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 100)] == [1, 2, 4, 4, 8, 8, 16, 128]
+    assert bucket(10 ** 6) == cpu_linear.MAX_BUCKET
+
+
+def test_selector_tries_each_way_in_turn_then_keeps_the_fastest_median():
+    selector = Selector(["a", "b", "c"])
+    times = {"a": [3.0, 3.0, 1.0], "b": [2.0, 2.0, 9.0], "c": [5.0, 5.0, 5.0]}  # b has the lowest median
+    tried = []
+    for i in range(3 * SAMPLES):
+        way = selector.next_way()
+        tried.append(way)
+        assert selector.chosen is None
+        selector.record(way, times[way][i % 3 if way == "a" else (i // 3) % 3])
+    assert sorted(tried) == sorted(["a", "b", "c"] * SAMPLES)
+    assert tried[:3] == ["a", "b", "c"]  # round robin, not one way SAMPLES times first
+    assert selector.chosen == "b"
+    assert selector.next_way() == "b"
+
+
+def test_selector_without_a_failed_way():
+    selector = Selector(["a", "b"])
+    selector.drop("a")
+    assert selector.chosen == "b"
+
+
+def test_cpu_linear_matches_nn_linear_while_choosing_and_after(monkeypatch):
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(32, 48)
+    module = torch.nn.Linear(32, 48)
+    module.load_state_dict(reference.state_dict())
+    assert adopt([module, torch.nn.LayerNorm(4)]) == 1 and type(module) is CpuLinear
+    x = torch.randn(3, 1, 32)  # [b, 1, H] as a decode step has it
+    with torch.no_grad():
+        for _ in range(len(available_ways()) * SAMPLES + 2):
+            torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)
+    (settled,) = cpu_linear.choices().items()
+    assert settled[0] == "48x32 float32 +bias rows<=4" and settled[1] in available_ways()
+
+
+def test_a_way_that_fails_is_dropped_and_the_call_still_answers(monkeypatch):
+    def broken(x, weight, bias):
+        raise RuntimeError("not for this dtype")
+
+    monkeypatch.setattr(cpu_linear, "WAYS", {"mkl": cpu_linear.mkl, "broken": broken})
+    module = torch.nn.Linear(8, 4, bias=False)
+    adopt([module])
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        outs = [module(x) for _ in range(3)]
+    for out in outs:
+        torch.testing.assert_close(out, F.linear(x, module.weight))
+    (selector,) = cpu_linear._SELECTORS.values()
+    assert selector.ways == ["mkl"] and selector.chosen == "mkl"
+
+
+def test_cpu_stage_projections_and_head_choose_their_product(model_dir):
+    from hetserve.model.stage import StageModel, StageSpec
+
+    stage = StageModel(model_dir, StageSpec(28, 30, first=False, last=True, max_seqs=2, max_context=64), "cpu")
+    assert type(stage.lm_head) is CpuLinear
+    assert all(type(m) is CpuLinear for layer in stage.layers for m in layer.modules()
+               if isinstance(m, torch.nn.Linear))
+    assert stage.decode_layers is not None
+    assert all(type(m) is CpuLinear for m in stage.decode_layers.linears())  # the fused q|k|v and gate|up too
