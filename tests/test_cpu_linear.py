@@ -100,3 +100,24 @@ def test_cpu_stage_projections_and_head_choose_their_product(model_dir):
                if isinstance(m, torch.nn.Linear))
     assert stage.decode_layers is not None
     assert all(type(m) is CpuLinear for m in stage.decode_layers.linears())  # the fused q|k|v and gate|up too
+
+
+def test_a_pinned_way_serves_every_product(monkeypatch):
+    calls = []
+
+    def counted(x, weight, bias):
+        calls.append(x.shape[0])
+        return cpu_linear.mkl(x, weight, bias)
+
+    monkeypatch.setitem(cpu_linear.WAYS, "counted", counted)
+    module = torch.nn.Linear(8, 4)
+    adopt([module])
+    cpu_linear.pin("counted")
+    try:
+        with torch.no_grad():
+            out = module(torch.ones(2, 3, 8))
+    finally:
+        cpu_linear.pin(None)
+    assert calls == [6] and out.shape == (2, 3, 4) and not cpu_linear._SELECTORS
+    with pytest.raises(ValueError):
+        cpu_linear.pin("fastest")

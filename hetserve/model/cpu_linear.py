@@ -90,6 +90,15 @@ class Selector:
 
 
 _SELECTORS: dict[tuple, Selector] = {}  # (out, in, dtype, bias, bucket) -> its selector, per process
+_PINNED: str | None = None  # a way every product takes instead of the measured one (pin())
+
+
+def pin(way: str | None) -> None:
+    """Run every product `way` from now on, or (None) the way measured: for A/B benchmarks."""
+    global _PINNED
+    if way is not None and way not in WAYS:
+        raise ValueError(f"unknown way {way!r}: one of {sorted(WAYS)}")
+    _PINNED = way
 
 
 def choices() -> dict[str, str]:
@@ -104,6 +113,8 @@ class CpuLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, K]
+        if _PINNED is not None:
+            return WAYS[_PINNED](flat, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         key = (self.out_features, self.in_features, self.weight.dtype, self.bias is not None, bucket(flat.shape[0]))
         selector = _SELECTORS.get(key)
         if selector is None:
