@@ -26,7 +26,8 @@ REFERENCES = {
     "gpu": ("h100-llama-3-8b-bf16.json", "H100", "H100 80GB, Llama-3-8B layer, bf16, measured 2026-11-22 with "
             "eager decode and quanto's kernels, which stages no longer run: quantized layers decode faster "
             "than predicted"),
-    "cpu": ("cpu-2t-smollm2-135m-fp32.json", "CPU", "a 2-core CPU, SmolLM2-135M layer, fp32, measured 2026-11-22"),
+    "cpu": ("cpu-2t-smollm2-135m-fp32.json", "CPU", "a 2-core CPU, SmolLM2-135M layer, fp32, measured 2026-12-05 "
+            "with 2 threads and each linear the fastest way measured (model/cpu_linear.py)"),
 }
 DTYPE_PREFERENCE = ("bfloat16", "float16", "float32")
 
