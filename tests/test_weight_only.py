@@ -9,6 +9,7 @@ import torch
 from optimum.quanto import freeze, qint4, qint8, quantize
 
 from hetserve.model import weight_only
+from hetserve.model.cpu_linear import CpuLinear
 from hetserve.model.weight_only import WeightOnlyLinear
 from hetserve.model.weight_only_kernels import TileConfig, tile_config
 
@@ -141,7 +142,7 @@ def test_stage_swaps_int8_layers_only_where_the_kernels_run(tmp_path, monkeypatc
     assert type(asked.layers[0].self_attn.q_proj).__name__ == "QLinear"
     swapped = StageModel(tmp_path, spec, "cpu")
     assert type(swapped.layers[0].mlp.down_proj).__name__ == "WeightOnlyLinear"
-    assert type(swapped.layers[1].mlp.down_proj) is torch.nn.Linear  # the native layer
+    assert type(swapped.layers[1].mlp.down_proj) is CpuLinear  # the native layer: plain (on a CPU, cpu_linear.py's)
     assert isinstance(swapped.decode_layers.layers[0].qkv, WeightOnlyLinear)  # fused like bf16 ones
     # the same int8 tensors and scales, stored once though fused (quanto's modules also hold two
     # float32 activation scales each, unused by weight-only layers)
