@@ -185,3 +185,23 @@ def test_w8a8_refuses_to_run_without_its_scales(model_dir):
     with pytest.raises(ModelError, match="activation scales"):
         StageModel(model_dir, StageSpec(3, 5, first=False, last=False, max_seqs=1, max_context=8,
                                         precisions=("int8", "w8a8")))
+
+
+def test_consecutive_slots_attend_through_a_view_others_through_a_gather():
+    from hetserve.model.kv_cache import SlotKVCache
+
+    cache = SlotKVCache(num_layers=1, slots=6, kv_heads=2, head_dim=4, max_context=16, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    cache.keys[0].normal_()
+    cache.values[0].normal_()
+    for slots, run_ in (([2, 3, 4], (2, 3)), ([5], (5, 1)), ([0, 2], None), ([3, 2], None)):
+        layout = StepLayout(longs(slots), longs([7] * len(slots)), longs([1] * len(slots)), cache.scratch)
+        assert layout.slot_run == run_
+        cache.begin(layout)
+        new_k, new_v = torch.randn(len(slots), 2, 1, 4), torch.randn(len(slots), 2, 1, 4)
+        keys, values = cache.update(new_k, new_v, 0)
+        assert keys.shape == (len(slots), 2, 8, 4)
+        torch.testing.assert_close(keys, cache.keys[0][longs(slots), :, :8], rtol=0, atol=0)
+        torch.testing.assert_close(values[:, :, 7:8], new_v, rtol=0, atol=0)  # this step's K/V included
+        shares = keys.untyped_storage().data_ptr() == cache.keys[0].untyped_storage().data_ptr()
+        assert shares == (run_ is not None)  # a view of the cache, or a gathered copy

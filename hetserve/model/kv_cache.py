@@ -59,6 +59,9 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if lay.every_slot:  # row i is slot i: attend to the cache in place, no gather
             return keys[:, :, : lay.kv_len], values[:, :, : lay.kv_len]
+        if lay.slot_run is not None:  # rows are consecutive slots: a view of them, no gather
+            first, rows = lay.slot_run
+            return keys[first:first + rows, :, : lay.kv_len], values[first:first + rows, :, : lay.kv_len]
         return (keys[:, :, : lay.kv_len].index_select(0, lay.slots),
                 values[:, :, : lay.kv_len].index_select(0, lay.slots))
 
@@ -103,6 +106,14 @@ class StepLayout:
         # go to scratch). One-token steps keep the mask: SDPA applies no causal mask to them.
         self.causal = (dynamic and steps > 1 and not shared_slots and self.kv_len == steps
                        and not bool(starts.any()))
+        # (first slot, rows) where the rows are the consecutive slots first, first + 1, ... (one row
+        # always is): the cache returns a view of them instead of gathering a copy per layer.
+        # Read from the tensors, so only for dynamic layouts (a captured graph must not sync).
+        self.slot_run = None
+        if dynamic and not shared_slots:
+            first = int(slots[0])
+            if bool((slots == torch.arange(first, first + len(slots), device=device)).all()):
+                self.slot_run = (first, len(slots))
 
     @functools.cached_property
     def mask(self) -> torch.Tensor:
