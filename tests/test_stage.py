@@ -205,3 +205,14 @@ def test_consecutive_slots_attend_through_a_view_others_through_a_gather():
         torch.testing.assert_close(values[:, :, 7:8], new_v, rtol=0, atol=0)  # this step's K/V included
         shares = keys.untyped_storage().data_ptr() == cache.keys[0].untyped_storage().data_ptr()
         assert shares == (run_ is not None)  # a view of the cache, or a gathered copy
+
+
+def test_one_token_rows_at_the_newest_position_need_no_mask():
+    def layout(starts, lengths):
+        return StepLayout(longs(range(len(starts))), longs(starts), longs(lengths), 16)
+
+    assert layout([7], [1]).sees_all and layout([7, 7], [1, 1]).sees_all
+    assert not layout([7, 3], [1, 1]).sees_all  # the shorter row must not see the longer row's keys
+    assert not layout([0], [5]).sees_all  # prompt tokens attend causally
+    static = StepLayout(longs([0]), longs([7]), longs([1]), 16, steps=1, kv_len=12)
+    assert not static.sees_all  # a graph's fixed kv_len holds keys past the row's own

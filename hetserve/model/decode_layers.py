@@ -212,7 +212,7 @@ class DecodeLayers:
         q, k, v = self._split_heads(*projections, *cos_sin, layer.head_dim, layer.q_norm, layer.k_norm, layer.eps)
         if not self.in_place_attention:
             keys, values = cache.update(k, v, index)  # [b, Hkv, L, D]
-            return grouped_decode(q, keys, values, layout.mask, layer.scaling)
+            return grouped_decode(q, keys, values, None if layout.sees_all else layout.mask, layer.scaling)
         if layout.shared_slots:  # prompt tokens: all K/V written before any row attends
             cache.write(k, v, index)
             return slot_attention.slot_prefill_attention(q, cache.keys[index], cache.values[index], layout.slots,
@@ -222,9 +222,10 @@ class DecodeLayers:
             cache.scratch, layer.scaling)
 
 
-def grouped_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def grouped_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    scaling: float | None) -> torch.Tensor:
-    """q [b, Hq, 1, D] against keys/values [b, Hkv, L, D] and mask [b, 1, 1, L] -> [b, 1, Hq*D].
+    """q [b, Hq, 1, D] against keys/values [b, Hkv, L, D] and mask [b, 1, 1, L] (None: every key)
+    -> [b, 1, Hq*D].
     The query heads of one K/V head stand in for query positions (attention.py says why)."""
     rows, heads, _, dim = q.shape
     kv_heads = keys.shape[1]

@@ -310,7 +310,8 @@ class StageModel:
         cos_sin = self.rotary(hidden, layout.position_ids)
         if decode_layers is not None:
             return decode_layers(hidden, cos_sin, self.cache, layout)
-        mask = None if layout.causal else layout.mask  # None: transformers' SDPA attends causally
+        # None: transformers' SDPA attends causally (prompts from 0) or to every key (one token a row)
+        mask = None if layout.causal or layout.sees_all else layout.mask
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids,
                            past_key_values=self.cache, use_cache=True, position_embeddings=cos_sin)
