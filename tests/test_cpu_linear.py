@@ -36,7 +36,7 @@ def test_every_way_computes_the_linear(way, rows, bias):
 
 
 def test_buckets_are_powers_of_two():
-    assert [bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 100)] == [1, 2, 4, 4, 8, 8, 16, 128]
+    assert [bucket(r) for r in (0, 1, 2, 3, 4, 5, 8, 9, 100)] == [0, 1, 2, 4, 4, 8, 8, 16, 128]
     assert bucket(10 ** 6) == cpu_linear.MAX_BUCKET
 
 

@@ -57,9 +57,9 @@ WAYS = {"mkl": mkl, "onednn": onednn, "transposed": transposed}
 
 
 def bucket(rows: int) -> int:
-    """Rows -> the power of two at or above them (at most MAX_BUCKET): products of similar
-    size share one choice."""
-    return min(MAX_BUCKET, 1 << max(0, rows - 1).bit_length())
+    """Rows -> the power of two at or above them (at most MAX_BUCKET; 0 for none): products of
+    similar size share one choice."""
+    return min(MAX_BUCKET, 1 << (rows - 1).bit_length()) if rows else 0
 
 
 @dataclass
@@ -131,7 +131,7 @@ class CpuLinear(torch.nn.Linear):
         start = time.perf_counter()
         try:
             out = WAYS[way](flat, self.weight, self.bias)
-        except RuntimeError as exc:  # not in this build, or not for this dtype: the others serve
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # not in this build or dtype
             log.info("%s cannot compute a %dx%d %s product here (%s); not used for it", way, self.out_features,
                      self.in_features, self.weight.dtype, exc)
             selector.drop(way)
