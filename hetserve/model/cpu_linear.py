@@ -5,7 +5,8 @@ rows (a decode step) that call can be far from what the CPU can do. On the devel
 (AMD EPYC, 2 threads, MKL 2024.2) SmolLM2's lm_head (N = 49152, K = 576) took 9.5 ms at 1 row
 (single-threaded GEMV, 12 GB/s), 22 ms at 2 rows and 16 ms at 4, where the same product computed
 as (W @ x^T)^T took 2.9 / 3.1 / 4.5 ms and oneDNN's linear on the same weights 3.7 / 5.0 / 5.5 ms;
-a whole fp32 decode step was 1.45x faster at batch 1 and 1.9x at batch 2 (docs/benchmarks.md).
+with each product the way measured fastest, a whole fp32 decode step was 1.88x faster at batch 1,
+2.88x at batch 2 and 1.46x at batch 8 (docs/benchmarks.md, benchmarks/cpu_linear.py).
 Which way wins depends on the CPU, the BLAS build, the threads, the shape and the rows, so none
 is assumed: the first calls of each (shape, dtype, row bucket) try the ways in turn on the real
 weights (every layer's call is a sample, its weights coming from memory as when serving), and
