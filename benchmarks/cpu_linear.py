@@ -3,6 +3,10 @@ shapes, and a whole stage's decode step with each way pinned against the measure
 
     .venv/bin/python benchmarks/cpu_linear.py [--model smollm2-135m] [--rows 1,2,4,8,64,512]
         [--batches 1,2,4,8] [--rounds 2] [--threads T] [--json bench-results/cpu_linear.json]
+    .venv/bin/python benchmarks/cpu_linear.py --model-config llama-3-8b --rows 1,2,8,64   # shapes only
+
+--model-config NAME (a built-in config, or a config.json) times that model's product shapes from
+random weights and skips the stage table (no weights are loaded).
 
 Products: each shape of the model's decoder layers (q|k|v and gate|up fused, as a decode step
 runs them; q, k, v alone, as prefill does) and its lm_head, float32, over distinct weights of at
@@ -22,10 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from hetserve.model import cpu_linear
 from hetserve.model.resolve import resolve_model
 from hetserve.model.stage import StageModel, StageSpec, load_config
+from hetserve.plan.model_shape import load_model_config
 
 POOL_BYTES = 256 << 20  # distinct weights per shape, in all: far past any CPU cache
 
@@ -67,34 +73,7 @@ def stage_decode_ms(stage: StageModel, rows: int, steps: int = 16, prompt: int =
     return statistics.median(times[4:]) * 1000  # the first steps of a row count choose its ways
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="model spec (name, directory or .gguf)")
-    parser.add_argument("--rows", default="1,2,4,8,64,512", help="rows of the product table")
-    parser.add_argument("--batches", default="1,2,4,8", help="decode batch sizes of the stage table")
-    parser.add_argument("--rounds", type=int, default=2, help="turns each way takes at the stage")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
-    parser.add_argument("--json", type=Path, default=Path("bench-results/cpu_linear.json"))
-    args = parser.parse_args()
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    model_dir = resolve_model(args.model).path
-    config = load_config(model_dir)
-    ways = [w for w in cpu_linear.WAYS if w != "onednn" or torch.backends.mkldnn.is_available()]
-    rows = [int(r) for r in args.rows.split(",")]
-    results: dict = {"model": args.model, "threads": threads, "products": [], "stage": []}
-
-    print(f"{args.model}, CPU with {threads} threads: ms per float32 product (x [rows, in] @ W^T)")
-    print(f"{'product':>16} {'out x in':>12} {'rows':>5} " + " ".join(f"{w:>10}" for w in ways) + f" {'best/mkl':>8}")
-    for name, (n, k) in layer_shapes(config).items():
-        weights = [torch.randn(n, k) for _ in range(max(1, POOL_BYTES // (n * k * 4)))]
-        for r in rows:
-            ms = {w: product_ms(w, weights, r) for w in ways}
-            results["products"].append({"product": name, "out": n, "in": k, "rows": r, "ms": ms})
-            print(f"{name:>16} {f'{n}x{k}':>12} {r:>5} " + " ".join(f"{ms[w]:10.3f}" for w in ways)
-                  + f" {ms['mkl'] / min(ms.values()):7.2f}x", flush=True)
-        del weights
-
+def stage_table(args, model_dir: Path, config, ways: list[str], results: dict) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     layers = config.num_hidden_layers
     stage = StageModel(model_dir, StageSpec(0, layers, first=True, last=True, max_seqs=max(batches),
@@ -115,6 +94,44 @@ def main() -> None:
         results["stage"].append({"batch": b, "ms": ms})
         print(f"{b:>5} " + " ".join(f"{ms[label[w]]:10.2f}" for w in pinned) + f" {ms['mkl'] / ms['measured']:11.2f}x")
     results["choices"] = cpu_linear.choices()
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model spec (name, directory or .gguf)")
+    parser.add_argument("--model-config", default=None,
+                        help="time this config's product shapes only (built-in name or config.json), no stage")
+    parser.add_argument("--rows", default="1,2,4,8,64,512", help="rows of the product table")
+    parser.add_argument("--batches", default="1,2,4,8", help="decode batch sizes of the stage table")
+    parser.add_argument("--rounds", type=int, default=2, help="turns each way takes at the stage")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/cpu_linear.json"))
+    args = parser.parse_args()
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if args.model_config:
+        name, fields = load_model_config(args.model_config)
+        config, model_dir = PretrainedConfig(**fields), None
+    else:
+        name, model_dir = args.model, resolve_model(args.model).path
+        config = load_config(model_dir)
+    ways = [w for w in cpu_linear.WAYS if w != "onednn" or torch.backends.mkldnn.is_available()]
+    rows = [int(r) for r in args.rows.split(",")]
+    results: dict = {"model": name, "threads": threads, "products": [], "stage": []}
+
+    print(f"{name}, CPU with {threads} threads: ms per float32 product (x [rows, in] @ W^T)")
+    print(f"{'product':>16} {'out x in':>12} {'rows':>5} " + " ".join(f"{w:>10}" for w in ways) + f" {'best/mkl':>8}")
+    for product, (n, k) in layer_shapes(config).items():
+        weights = [torch.randn(n, k) for _ in range(max(1, POOL_BYTES // (n * k * 4)))]
+        for r in rows:
+            ms = {w: product_ms(w, weights, r) for w in ways}
+            results["products"].append({"product": product, "out": n, "in": k, "rows": r, "ms": ms})
+            print(f"{product:>16} {f'{n}x{k}':>12} {r:>5} " + " ".join(f"{ms[w]:10.3f}" for w in ways)
+                  + f" {ms['mkl'] / min(ms.values()):7.2f}x", flush=True)
+        del weights
+    if model_dir is not None:
+        stage_table(args, model_dir, config, ways, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")
