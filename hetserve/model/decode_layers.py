@@ -212,7 +212,7 @@ class DecodeLayers:
         q, k, v = self._split_heads(*projections, *cos_sin, layer.head_dim, layer.q_norm, layer.k_norm, layer.eps)
         if not self.in_place_attention:
             keys, values = cache.update(k, v, index)  # [b, Hkv, L, D]
-            return grouped_decode(q, keys, values, None if layout.sees_all else layout.mask, layer.scaling)
+            return grouped_decode(q, keys, values, layout.attention_mask, layer.scaling)
         if layout.shared_slots:  # prompt tokens: all K/V written before any row attends
             cache.write(k, v, index)
             return slot_attention.slot_prefill_attention(q, cache.keys[index], cache.values[index], layout.slots,

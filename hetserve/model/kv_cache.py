@@ -57,9 +57,7 @@ class SlotKVCache:
         lay = self._layout
         self.write(key_states, value_states, layer_idx)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if lay.every_slot:  # row i is slot i: attend to the cache in place, no gather
-            return keys[:, :, : lay.kv_len], values[:, :, : lay.kv_len]
-        if lay.slot_run is not None:  # rows are consecutive slots: a view of them, no gather
+        if lay.slot_run is not None:  # rows are consecutive slots: attend to them in place, no gather
             first, rows = lay.slot_run
             return keys[first:first + rows, :, : lay.kv_len], values[first:first + rows, :, : lay.kv_len]
         return (keys[:, :, : lay.kv_len].index_select(0, lay.slots),
@@ -92,7 +90,6 @@ class StepLayout:
         self.slots = slots
         self.starts = starts
         self.slot_rows = slots[:, None]
-        self.every_slot = every_slot
         self.shared_slots = shared_slots
         self.lengths = lengths
         self.position_ids = starts[:, None] + t[None, :]
@@ -109,14 +106,20 @@ class StepLayout:
         # One token a row, each row attending to every key up to kv_len (one row always does): no
         # mask is needed, and SDPA runs faster without one (~13 us a layer at batch 1 on a CPU).
         self.sees_all = dynamic and steps == 1 and bool((starts + lengths == self.kv_len).all())
-        # (first slot, rows) where the rows are the consecutive slots first, first + 1, ... (one row
-        # always is): the cache returns a view of them instead of gathering a copy per layer.
-        # Read from the tensors, so only for dynamic layouts (a captured graph must not sync).
-        self.slot_run = None
+        # (first slot, rows) where the rows are the consecutive slots first, first + 1, ... (every
+        # slot in order; one row always is): the cache returns a view of them instead of gathering
+        # a copy per layer. Read from the tensors only for dynamic layouts (a graph must not sync).
+        self.slot_run = (0, len(slots)) if every_slot else None
         if dynamic and not shared_slots:
             first = int(slots[0])
             if bool((slots == torch.arange(first, first + len(slots), device=device)).all()):
                 self.slot_run = (first, len(slots))
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """The mask attention needs, or None where it needs none: causal prompt rows (attention
+        applies the causal mask itself) and one-token rows that see every key."""
+        return None if self.causal or self.sees_all else self.mask
 
     @functools.cached_property
     def mask(self) -> torch.Tensor:

@@ -310,8 +310,7 @@ class StageModel:
         cos_sin = self.rotary(hidden, layout.position_ids)
         if decode_layers is not None:
             return decode_layers(hidden, cos_sin, self.cache, layout)
-        # None: transformers' SDPA attends causally (prompts from 0) or to every key (one token a row)
-        mask = None if layout.causal or layout.sees_all else layout.mask
+        mask = layout.attention_mask  # None: transformers' SDPA attends causally, or to every key
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids,
                            past_key_values=self.cache, use_cache=True, position_embeddings=cos_sin)
