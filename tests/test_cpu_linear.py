@@ -14,6 +14,11 @@ from hetserve.model.cpu_linear import SAMPLES, CpuLinear, Selector, adopt, bucke
 @pytest.fixture(autouse=True)
 def fresh_selectors(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_SELECTORS", {})
+    monkeypatch.setattr(cpu_linear, "_PINNED", None)  # measuring; each test's changes undone after it
+
+
+def test_stages_run_one_way_by_default():
+    assert cpu_linear.DEFAULT_WAY == ("onednn" if torch.backends.mkldnn.is_available() else "mkl")
 
 
 def available_ways() -> list[str]:

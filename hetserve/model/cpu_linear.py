@@ -5,19 +5,24 @@ rows (a decode step) that call can be far from what the CPU can do. On the devel
 (AMD EPYC, 2 threads, MKL 2024.2) SmolLM2's lm_head (N = 49152, K = 576) took 9.5 ms at 1 row
 (single-threaded GEMV, 12 GB/s), 22 ms at 2 rows and 16 ms at 4, where the same product computed
 as (W @ x^T)^T took 2.9 / 3.1 / 4.5 ms and oneDNN's linear on the same weights 3.7 / 5.0 / 5.5 ms;
-with each product the way measured fastest, a whole fp32 decode step was 1.88x faster at batch 1,
-2.88x at batch 2 and 1.46x at batch 8 (docs/benchmarks.md, benchmarks/cpu_linear.py).
-Which way wins depends on the CPU, the BLAS build, the threads, the shape and the rows, so none
-is assumed: the first calls of each (shape, dtype, row bucket) try the ways in turn on the real
-weights (every layer's call is a sample, its weights coming from memory as when serving), and
-once each has SAMPLES timings the one of lowest median serves from then on. The ways:
+a whole fp32 decode step with oneDNN's way was 1.47x faster at batch 1, 2.02x at batch 2 and
+1.40x at batch 8, with each product the way measured fastest 1.88x / 2.88x / 1.46x
+(docs/benchmarks.md, benchmarks/cpu_linear.py).
+Stages run oneDNN's way (DEFAULT_WAY), not the fastest measured: a choice measured in each
+process differs between processes (timing noise, and the turns taken while choosing), and the
+ways differ in fp32 rounding, which in a quantized plan was enough to change greedy tokens between
+a served pipeline and the same plan in one process (tests/test_planner.py failed so). oneDNN was
+at least as fast as torch's call for every product measured here (SmolLM2 and Llama-3-8B shapes,
+1-512 rows) and the fastest at Llama-3-8B's; for SmolLM2's small products at 1-4 rows the
+transposed way is faster still. `pin(None)` turns measuring on (benchmarks/cpu_linear.py): the
+first calls of each (shape, dtype, row bucket) try the ways in turn on the real weights (every
+layer's call is a sample) and once each has SAMPLES timings the one of lowest median serves. The
+ways:
   - "mkl": torch's own F.linear (the reference; always available);
   - "onednn": oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what Inductor calls) on the
     plain weight tensor, no packed copy (packing would double the weights' memory);
   - "transposed": (W @ x^T)^T by torch.mm, x padded to two rows (one row would take the GEMV path).
-They differ only in summation order (fp32 rounding). Bitwise results already differ between row
-counts in torch, so a request's output does not depend on which way served which step any more
-than on its batch.
+They differ only in summation order (fp32 rounding).
 """
 
 from __future__ import annotations
@@ -91,11 +96,12 @@ class Selector:
 
 
 _SELECTORS: dict[tuple, Selector] = {}  # (out, in, dtype, bias, bucket) -> its selector, per process
-_PINNED: str | None = None  # a way every product takes instead of the measured one (pin())
+DEFAULT_WAY = "onednn" if torch.backends.mkldnn.is_available() else "mkl"
+_PINNED: str | None = DEFAULT_WAY  # the way every product takes; None: the way measured fastest
 
 
 def pin(way: str | None) -> None:
-    """Run every product `way` from now on, or (None) the way measured: for A/B benchmarks."""
+    """Run every product `way` from now on, or (None) the way measured fastest: for benchmarks."""
     global _PINNED
     if way is not None and way not in WAYS:
         raise ValueError(f"unknown way {way!r}: one of {sorted(WAYS)}")
@@ -109,13 +115,18 @@ def choices() -> dict[str, str]:
 
 
 class CpuLinear(torch.nn.Linear):
-    """nn.Linear whose product runs the way measured fastest for its shape and rows. Stages make
-    their plain CPU linears this class in place (`adopt`), so every holder of the module keeps it."""
+    """nn.Linear whose product runs the pinned way, or the way measured fastest for its shape and
+    rows. Stages make their plain CPU linears this class in place (`adopt`), so every holder of the
+    module keeps it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if _PINNED is not None:
-            return WAYS[_PINNED](flat, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+            try:
+                out = WAYS[_PINNED](flat, self.weight, self.bias)
+            except (RuntimeError, AttributeError, NotImplementedError):  # e.g. oneDNN without this dtype
+                out = F.linear(flat, self.weight, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         key = (self.out_features, self.in_features, self.weight.dtype, self.bias is not None, bucket(flat.shape[0]))
         selector = _SELECTORS.get(key)
         if selector is None:
