@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from hetserve.model import cpu_linear
 from hetserve.model.cpu_linear import SAMPLES, CpuLinear, Selector, adopt, bucket
 
+MODE_AT_IMPORT = cpu_linear._PINNED  # what stages run (the fixture below switches to measuring per test)
+
 
 @pytest.fixture(autouse=True)
 def fresh_selectors(monkeypatch):
@@ -17,8 +19,33 @@ def fresh_selectors(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_PINNED", None)  # measuring; each test's changes undone after it
 
 
-def test_stages_run_one_way_by_default():
+def test_stages_run_the_rule_by_default():
+    assert MODE_AT_IMPORT == cpu_linear.RULE
     assert cpu_linear.DEFAULT_WAY == ("onednn" if torch.backends.mkldnn.is_available() else "mkl")
+
+
+@pytest.mark.parametrize("rows, k, dtype, way", [
+    (1, 576, torch.float32, "transposed"), (4, 576, torch.float32, "transposed"), (2, 1536, torch.float32, "transposed"),
+    (8, 576, torch.float32, None), (4, 1536, torch.float32, None), (1, 4096, torch.float32, None),
+    (1, 576, torch.bfloat16, None)])
+def test_the_rule_runs_small_float32_products_transposed(rows, k, dtype, way):
+    assert cpu_linear.rule_way(rows, k, dtype) == (way or cpu_linear.DEFAULT_WAY)
+
+
+def test_the_rule_serves_by_the_shape_of_x(monkeypatch):
+    calls = []
+    for name in ("transposed", cpu_linear.DEFAULT_WAY):
+        monkeypatch.setitem(cpu_linear.WAYS, name, lambda x, w, b, name=name, f=cpu_linear.WAYS[name]: (
+            calls.append((name, x.shape[0])), f(x, w, b))[1])
+    module = torch.nn.Linear(576, 8)
+    adopt([module])
+    cpu_linear.pin(cpu_linear.RULE)
+    with torch.no_grad():
+        for rows in (1, 5, 6):
+            torch.testing.assert_close(module(torch.ones(rows, 576)), F.linear(torch.ones(rows, 576), module.weight,
+                                                                              module.bias))
+    assert calls == [("transposed", 1), ("transposed", 5), (cpu_linear.DEFAULT_WAY, 6)]
+    assert not cpu_linear._SELECTORS
 
 
 def available_ways() -> list[str]:

@@ -97,14 +97,31 @@ class Selector:
 
 _SELECTORS: dict[tuple, Selector] = {}  # (out, in, dtype, bias, bucket) -> its selector, per process
 DEFAULT_WAY = "onednn" if torch.backends.mkldnn.is_available() else "mkl"
-_PINNED: str | None = DEFAULT_WAY  # the way every product takes; None: the way measured fastest
+SMALL_X = 3072  # values of x (rows x in_features) up to which a float32 product runs transposed (rule_way)
+RULE = "rule"  # pin(RULE): each product the way rule_way gives, what stages run
+_PINNED: str | None = RULE  # RULE, a way every product takes, or None: the way measured fastest
+
+
+def rule_way(rows: int, in_features: int, dtype: torch.dtype) -> str:
+    """The way a stage's product takes: transposed where x is small (float32, rows x in_features <=
+    SMALL_X: SmolLM2's products of K = 576 at 1-4 rows and K = 1536 at 1-2), oneDNN's otherwise.
+    Fixed by the shape, never by timing, so every process computes a product the same way. Where
+    SMALL_X comes from (2 threads of the development machine's AMD EPYC, benchmarks/cpu_linear.py,
+    docs/benchmarks.md): with x that small the transposed way was the fastest of the three for
+    every SmolLM2 product, 1.3-1.9x oneDNN's at 1-2 rows, and at the first row counts past it
+    (K = 1536 at 4 rows, K = 576 at 8; Llama-3-8B's K = 4096 at 1) oneDNN's was as fast or faster.
+    bf16 products stay with oneDNN (torch sends them there anyway)."""
+    if dtype == torch.float32 and rows * in_features <= SMALL_X:
+        return "transposed"
+    return DEFAULT_WAY
 
 
 def pin(way: str | None) -> None:
-    """Run every product `way` from now on, or (None) the way measured fastest: for benchmarks."""
+    """Run every product `way` from now on, RULE (rule_way, the default), or (None) the way measured
+    fastest: for benchmarks."""
     global _PINNED
-    if way is not None and way not in WAYS:
-        raise ValueError(f"unknown way {way!r}: one of {sorted(WAYS)}")
+    if way is not None and way != RULE and way not in WAYS:
+        raise ValueError(f"unknown way {way!r}: {RULE!r} or one of {sorted(WAYS)}")
     _PINNED = way
 
 
@@ -122,8 +139,9 @@ class CpuLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if _PINNED is not None:
+            way = rule_way(flat.shape[0], self.in_features, self.weight.dtype) if _PINNED == RULE else _PINNED
             try:
-                out = WAYS[_PINNED](flat, self.weight, self.bias)
+                out = WAYS[way](flat, self.weight, self.bias)
             except (RuntimeError, AttributeError, NotImplementedError):  # e.g. oneDNN without this dtype
                 out = F.linear(flat, self.weight, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
