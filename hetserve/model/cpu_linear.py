@@ -1,4 +1,4 @@
-"""Linear layers on a CPU: each product runs the fastest of three ways to compute it, as measured.
+"""Linear layers on a CPU: each product runs one of three ways to compute it, chosen by its shape.
 
 Why: torch computes `F.linear(x, W)` (x [M, K], W [N, K]) on a CPU with MKL's sgemm, and with few
 rows (a decode step) that call can be far from what the CPU can do. On the development machine
@@ -8,16 +8,17 @@ as (W @ x^T)^T took 2.9 / 3.1 / 4.5 ms and oneDNN's linear on the same weights 3
 a whole fp32 decode step with oneDNN's way was 1.47x faster at batch 1, 2.02x at batch 2 and
 1.40x at batch 8, with each product the way measured fastest 1.88x / 2.88x / 1.46x
 (docs/benchmarks.md, benchmarks/cpu_linear.py).
-Stages run oneDNN's way (DEFAULT_WAY), not the fastest measured: a choice measured in each
-process differs between processes (timing noise, and the turns taken while choosing), and the
-ways differ in fp32 rounding, which in a quantized plan was enough to change greedy tokens between
-a served pipeline and the same plan in one process (tests/test_planner.py failed so). oneDNN was
-at least as fast as torch's call for every product measured here (SmolLM2 and Llama-3-8B shapes,
-1-512 rows) and the fastest at Llama-3-8B's; for SmolLM2's small products at 1-4 rows the
-transposed way is faster still. `pin(None)` turns measuring on (benchmarks/cpu_linear.py): the
-first calls of each (shape, dtype, row bucket) try the ways in turn on the real weights (every
-layer's call is a sample) and once each has SAMPLES timings the one of lowest median serves. The
-ways:
+Stages run a rule of the shape (rule_way: transposed for a small float32 x, oneDNN's otherwise),
+not the fastest measured: a choice measured in each process differs between processes (timing
+noise, and the turns taken while choosing), and the ways differ in fp32 rounding, which in a
+quantized plan was enough to change greedy tokens between a served pipeline and the same plan in
+one process (tests/test_planner.py failed so). A rule computes a product the same way everywhere;
+on the development machine it was within 5-10 % of the measured choice at batch 1-4 (1.39x
+oneDNN-only at batch 1). oneDNN was at least as fast as torch's call for every product measured
+here (SmolLM2 and Llama-3-8B shapes, 1-512 rows) and the fastest at Llama-3-8B's. `pin(None)`
+turns measuring on (benchmarks/cpu_linear.py): the first calls of each (shape, dtype, row bucket)
+try the ways in turn on the real weights (every layer's call is a sample) and once each has
+SAMPLES timings the one of lowest median serves. The ways:
   - "mkl": torch's own F.linear (the reference; always available);
   - "onednn": oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what Inductor calls) on the
     plain weight tensor, no packed copy (packing would double the weights' memory);

@@ -187,10 +187,10 @@ class StageModel:
         self.decode_layers = DecodeLayers(self.layers, compile=self.static_steps.capture) if \
             DecodeLayers.supports(self.layers, stage_config) else None
         modules = [m for m in (self.layers, self.embed, self.norm, self.lm_head) if m is not None]
-        if self.device.type == "cpu":  # each product the fastest way measured on this CPU (cpu_linear.py)
+        if self.device.type == "cpu":  # each product a faster way than torch's call (cpu_linear.py)
             linears = [*self.layers.modules(), *(self.decode_layers.linears() if self.decode_layers else ()),
                        *((self.lm_head,) if self.lm_head is not None else ())]
-            log.debug("%d linears choose their CPU product by measurement", cpu_linear.adopt(linears))
+            log.debug("%d linears run cpu_linear's ways", cpu_linear.adopt(linears))
         for module in modules:
             # Loaded parameters keep requires_grad (load_state_dict with assign): a captured step's
             # output would then hold its autograd graph, and with it every saved activation and
