@@ -32,11 +32,20 @@ def test_the_rule_runs_small_float32_products_transposed(rows, k, dtype, way):
     assert cpu_linear.rule_way(rows, k, dtype) == (way or cpu_linear.DEFAULT_WAY)
 
 
+def counting(name: str, calls: list):
+    """WAYS[name], recording (name, rows) of each call in `calls`."""
+    way = cpu_linear.WAYS[name]
+
+    def counted(x, weight, bias):
+        calls.append((name, x.shape[0]))
+        return way(x, weight, bias)
+    return counted
+
+
 def test_the_rule_serves_by_the_shape_of_x(monkeypatch):
     calls = []
     for name in ("transposed", cpu_linear.DEFAULT_WAY):
-        monkeypatch.setitem(cpu_linear.WAYS, name, lambda x, w, b, name=name, f=cpu_linear.WAYS[name]: (
-            calls.append((name, x.shape[0])), f(x, w, b))[1])
+        monkeypatch.setitem(cpu_linear.WAYS, name, counting(name, calls))
     module = torch.nn.Linear(576, 8)
     adopt([module])
     cpu_linear.pin(cpu_linear.RULE)

@@ -13,7 +13,7 @@ not the fastest measured: a choice measured in each process differs between proc
 noise, and the turns taken while choosing), and the ways differ in fp32 rounding, which in a
 quantized plan was enough to change greedy tokens between a served pipeline and the same plan in
 one process (tests/test_planner.py failed so). A rule computes a product the same way everywhere;
-on the development machine it was within 5-10 % of the measured choice at batch 1-4 (1.39x
+on the development machine it was within 7 % of the measured choice at batch 1-4 (1.39x
 oneDNN-only at batch 1). oneDNN was at least as fast as torch's call for every product measured
 here (SmolLM2 and Llama-3-8B shapes, 1-512 rows) and the fastest at Llama-3-8B's. `pin(None)`
 turns measuring on (benchmarks/cpu_linear.py): the first calls of each (shape, dtype, row bucket)
