@@ -110,3 +110,5 @@ class HostSettings:
     insecure: bool = False  # allow plain text to a leader beyond loopback
     cuda_graphs: bool = True  # on a GPU, replay decode and prefill steps from CUDA graphs (model/static_steps.py)
     quanto_kernels: bool = False  # on a GPU, int8 / int4 layers keep quanto's matmuls (else model/weight_only.py's)
+    cpu_transposed_up_to: int | None = None  # on a CPU, float32 products of x up to this many values run
+    #                                           transposed (model/cpu_linear.py); None = its SMALL_X

@@ -20,7 +20,7 @@ def hetserve(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(hetserve_cmd() + list(args), capture_output=True, text=True, timeout=timeout)
 
 
-def test_up_generate_status(cluster_factory):
+def test_up_generate_status(cluster_factory, tmp_path):
     cluster = cluster_factory(2)
     gen = hetserve("generate", "--server", cluster.serve, "--wait", "180", "--max-tokens", "8", "Say hi.")
     assert gen.returncode == 0, gen.stderr
@@ -37,8 +37,11 @@ def test_up_generate_status(cluster_factory):
     assert "batching (" in status.stdout and info["batching"]["max_in_flight"] >= 2
     assert info["batching"]["decode_round_ms"] > 0 and info["batching"]["prefill_ms_per_token"] > 0
     # A host joining later is used: the leader re-plans over all three.
+    # It also sends every CPU product to oneDNN (--cpu-transposed-up-to 0), and says so.
+    log = tmp_path / "extra.log"
     extra = subprocess.Popen(hetserve_cmd() + ["join", "--leader", cluster.listen, "--name", "extra", "--threads", "1",
-                                               "--model", "smollm2-135m", "--log-level", "warning"])
+                                               "--model", "smollm2-135m", "--cpu-transposed-up-to", "0",
+                                               "--log-level", "info"], stderr=open(log, "w"))
     try:
         def three_stages() -> bool:
             info = json.loads(hetserve("status", "--server", cluster.serve, "--json").stdout)
@@ -52,6 +55,7 @@ def test_up_generate_status(cluster_factory):
         assert three_stages()
         gen = hetserve("generate", "--server", cluster.serve, "--max-tokens", "4", "Say hi.")
         assert gen.returncode == 0 and "4 completion tokens" in gen.stderr, gen.stderr
+        assert "CPU float32 products of x up to 0 values run transposed" in log.read_text()
     finally:
         extra.terminate()
         extra.wait(30)

@@ -32,6 +32,16 @@ def test_the_rule_runs_small_float32_products_transposed(rows, k, dtype, way):
     assert cpu_linear.rule_way(rows, k, dtype) == (way or cpu_linear.DEFAULT_WAY)
 
 
+def test_a_host_sets_where_the_rule_transposes(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "SMALL_X", cpu_linear.SMALL_X)  # restored after the test
+    cpu_linear.transpose_up_to(8192)  # hetserve join --cpu-transposed-up-to 8192
+    assert cpu_linear.rule_way(8, 1024, torch.float32) == "transposed"
+    cpu_linear.transpose_up_to(0)
+    assert cpu_linear.rule_way(1, 1, torch.float32) == cpu_linear.DEFAULT_WAY
+    with pytest.raises(ValueError):
+        cpu_linear.transpose_up_to(-1)
+
+
 def counting(name: str, calls: list):
     """WAYS[name], recording (name, rows) of each call in `calls`."""
     way = cpu_linear.WAYS[name]

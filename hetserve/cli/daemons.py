@@ -102,9 +102,13 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
               help="On a GPU, int8 and int4 layers run optimum-quanto's matmuls instead of hetserve's (on an "
                    "H200: int8 7-15x slower at decode; int4 tinygemm, faster at batch 1 but 2-6x slower from 16 "
                    "rows and ~11x slower prefill). A baseline, or a way out should ours misbehave on a GPU.")
+@click.option("--cpu-transposed-up-to", default=None, type=click.IntRange(0), metavar="VALUES",
+              help="On a CPU, float32 products whose input holds at most VALUES values (rows x in_features) run "
+                   "as (W @ x^T)^T, larger ones through oneDNN's linear. Default 3072, fitted on an AMD EPYC "
+                   "(docs/benchmarks.md); benchmarks/cpu_linear.py shows where a CPU crosses over; 0: oneDNN for all.")
 @log_options
 def join(leader, device, memory, advertise, name, threads, model, disk_limit, keys, insecure, omp_wait, cuda_graphs,
-         quanto_kernels, log_level, log_json):
+         quanto_kernels, cpu_transposed_up_to, log_level, log_json):
     """Join a cluster as a host: load the slice the leader assigns and run it."""
     if omp_wait == "active":
         # Read by libgomp when torch loads, so before the import below. A stage idles while the
@@ -115,7 +119,8 @@ def join(leader, device, memory, advertise, name, threads, model, disk_limit, ke
     settings = HostSettings(leader=leader, device=device, memory=parse_size(memory) if memory else None,
                             advertise=advertise, name=name, threads=threads, model=model,
                             disk_limit=parse_size(disk_limit) if disk_limit else None, keys=keys, insecure=insecure,
-                            cuda_graphs=cuda_graphs, quanto_kernels=quanto_kernels)
+                            cuda_graphs=cuda_graphs, quanto_kernels=quanto_kernels,
+                            cpu_transposed_up_to=cpu_transposed_up_to)
     run_daemon(run_host, settings, f"host[{name or os.getpid()}]", log_level, log_json)
 
 

@@ -117,6 +117,15 @@ def rule_way(rows: int, in_features: int, dtype: torch.dtype) -> str:
     return DEFAULT_WAY
 
 
+def transpose_up_to(values: int) -> None:
+    """Set SMALL_X for this process (`hetserve join --cpu-transposed-up-to`): a CPU whose crossover
+    lies elsewhere (benchmarks/cpu_linear.py shows it); 0 sends every product to oneDNN."""
+    global SMALL_X
+    if values < 0:
+        raise ValueError(f"values must be >= 0, not {values}")
+    SMALL_X = values
+
+
 def pin(way: str | None) -> None:
     """Run every product `way` from now on, RULE (rule_way, the default), or (None) the way measured
     fastest: for benchmarks."""

@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from ..config import HostSettings
 from ..lifecycle import run_until_signal
+from ..model import cpu_linear
 from ..model.resolve import ModelError, resolve_model
 from ..model.stage import StageModel, StageSpec, load_config, stage_tensor_names
 from ..transport.security import (KeyRing, KeysError, as_client, as_server, load_identity, load_public,
@@ -85,6 +86,9 @@ class Host:
         loop = asyncio.get_running_loop()
         if s.threads:
             await loop.run_in_executor(self.torch_thread, torch.set_num_threads, s.threads)
+        if s.cpu_transposed_up_to is not None:
+            cpu_linear.transpose_up_to(s.cpu_transposed_up_to)
+            log.info("CPU float32 products of x up to %d values run transposed", s.cpu_transposed_up_to)
         leader_host, leader_port = split_hostport(s.leader, 5555)
         leader_ip = socket.getaddrinfo(leader_host, leader_port, proto=socket.IPPROTO_TCP)[0][4][0]
         advertise = s.advertise or local_ip_towards(leader_ip)
