@@ -61,6 +61,7 @@ def transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 WAYS = {"mkl": mkl, "onednn": onednn, "transposed": transposed}
+UNAVAILABLE = (RuntimeError, AttributeError, NotImplementedError)  # a way missing from this build, or for this dtype
 
 
 def bucket(rows: int) -> int:
@@ -152,7 +153,7 @@ class CpuLinear(torch.nn.Linear):
             way = rule_way(flat.shape[0], self.in_features, self.weight.dtype) if _PINNED == RULE else _PINNED
             try:
                 out = WAYS[way](flat, self.weight, self.bias)
-            except (RuntimeError, AttributeError, NotImplementedError):  # e.g. oneDNN without this dtype
+            except UNAVAILABLE:  # e.g. oneDNN without this dtype: torch's call serves
                 out = F.linear(flat, self.weight, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         key = (self.out_features, self.in_features, self.weight.dtype, self.bias is not None, bucket(flat.shape[0]))
@@ -171,7 +172,7 @@ class CpuLinear(torch.nn.Linear):
         start = time.perf_counter()
         try:
             out = WAYS[way](flat, self.weight, self.bias)
-        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # not in this build or dtype
+        except UNAVAILABLE as exc:
             log.info("%s cannot compute a %dx%d %s product here (%s); not used for it", way, self.out_features,
                      self.in_features, self.weight.dtype, exc)
             selector.drop(way)
