@@ -1,11 +1,15 @@
-"""Profiling within a time budget (plan/profile.py)."""
+"""Profiling (plan/profile.py): timing in turns, and within a time budget."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hetserve.plan.device_profile import Grid
+from hetserve.plan import profile
 from hetserve.plan.profile import measure_profile
 
 
@@ -21,3 +25,25 @@ def test_precisions_past_the_budget_are_left_out(tmp_path):
                             budget_s=1e-9)
     assert set(short.layer_bytes) == {"native"}, "native is always measured; int8 would end past the budget"
     assert set(short.layer_ms["decode"]) == {"native"}
+
+
+def test_timed_functions_take_turns_and_the_fastest_run_counts(monkeypatch):
+    """Two functions measured together run in turn, so a busy spell of the machine slows both,
+    and each gets the minimum of its own runs (a fake clock: each run advances it by its cost)."""
+    clock = [0.0]
+    monkeypatch.setattr(profile, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    order = []
+
+    def timed(name, costs_ms):
+        costs = iter(costs_ms)
+
+        def run():
+            order.append(name)
+            clock[0] += next(costs) / 1000
+        return run
+
+    one = timed("one", [9, 9, 9, 5.0, 4.0, 6.0])  # three warm-ups, then three timed runs
+    three = timed("three", [9, 9, 9, 12.0, 13.0, 11.0])
+    fastest = profile._fastest_ms([one, three], torch.device("cpu"), repeats=3)
+    assert order == ["one", "three"] * 6
+    assert fastest == pytest.approx([4.0, 11.0])

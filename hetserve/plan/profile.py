@@ -3,7 +3,8 @@
 Per precision: time of one decoder layer for prefill over (batch, prompt length) and for decode
 over (batch, context length); the layer's weight bytes; and the fixed per-step cost of a stage
 (mask, rotary) and of the head (norm + lm_head on one row per request). A stage of n layers is
-then fixed + n x layer. Both are separated by timing stages of 1 and 3 layers: layer = (t3 - t1) / 2.
+then fixed + n x layer. Both are separated by timing stages of 1 and 3 layers, in turns so that
+the machine's busy spells slow both alike: layer = (t3 - t1) / 2.
 
 Profiles are JSON under $HETSERVE_HOME/profiles/, keyed by device, model, software versions and
 the precisions measured, and reused when present.
@@ -69,19 +70,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device: torch.device, repeats: int) -> float:
-    """Fastest of `repeats` runs after 3 warm-ups: on a shared machine the minimum is the run
-    least disturbed by others (the median moved by 2-3x between runs here)."""
+def _fastest_ms(fns, device: torch.device, repeats: int) -> list[float]:
+    """Fastest of `repeats` runs of each of `fns`, after 3 warm-ups each, run in turn (f0, f1, f0,
+    f1, ...): on a shared machine the minimum is the run least disturbed by others (the median
+    moved by 2-3x between runs here), and taking turns exposes every function to the same
+    disturbances, so that a difference of two (profile layers) is not one function's quiet spell
+    against the other's busy one (interleaved, a 2-core CPU's int8 layer at batch 1 measured
+    1.67-1.94 ms in four tries, one after the other 2.28-2.74)."""
     for _ in range(3):
-        fn()  # warm-up (and quanto's first-use kernel build)
-    samples = []
+        for fn in fns:
+            fn()  # warm-up (and quanto's first-use kernel build)
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) * 1000)
-    return min(samples)
+        for fn, times in zip(fns, samples):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1000)
+    return [min(times) for times in samples]
 
 
 def stage_for_profile(model_dir: Path, layers: int, precision: str, dtype: str, device: str, slots: int, context: int,
@@ -103,13 +110,19 @@ def stage_for_profile(model_dir: Path, layers: int, precision: str, dtype: str, 
 def step_ms(stage: StageModel, phase: str, batch: int, tokens: int, repeats: int) -> float:
     """One micro-batch by the path serving takes (StageModel.run: on a GPU, decode and prefill
     up to MAX_GRAPH_TOKENS replay CUDA graphs, captured in the warm-ups)."""
+    return _fastest_ms([_step(stage, phase, batch, tokens)], stage.device, repeats)[0]
+
+
+def _step(stage: StageModel, phase: str, batch: int, tokens: int):
+    """A function running one micro-batch of `batch` rows through `stage`: the prompts' `tokens`
+    (prefill), or one token each after `tokens` of context (decode)."""
     slots = list(range(batch))
     if phase == "prefill":
         starts, lengths, steps = [0] * batch, [tokens] * batch, tokens
     else:
         starts, lengths, steps = [tokens - 1] * batch, [1] * batch, 1
     hidden = torch.randn(batch, steps, stage.hidden_size, dtype=stage.dtype, device=stage.device)
-    return _time_ms(lambda: stage.run(slots, starts, lengths, hidden), stage.device, repeats)
+    return lambda: stage.run(slots, starts, lengths, hidden)
 
 
 def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32", precisions: list[str] | None = None,
@@ -151,7 +164,7 @@ def measure_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32"
             for b in grid.batches:
                 row, fixed_row = [], []
                 for t in grid.tokens:
-                    t1, t3 = step_ms(one, phase, b, t, repeats), step_ms(three, phase, b, t, repeats)
+                    t1, t3 = _fastest_ms([_step(one, phase, b, t), _step(three, phase, b, t)], dev, repeats)
                     layer = max((t3 - t1) / (PROFILE_LAYERS - 1), 0.5 * t1)  # noise guard: at least half a 1-layer stage
                     row.append(round(layer, 4))
                     fixed_row.append(round(max(t1 - layer, 0.0), 4))
@@ -184,7 +197,8 @@ def _head_ms(model_dir: Path, dtype: str, device: str, phases: dict[str, Grid], 
         out[phase] = []
         for b in grid.batches:
             x = torch.randn(b, head.hidden_size, dtype=head.dtype, device=head.device)
-            out[phase].append(round(_time_ms(lambda: head.lm_head(head.norm(x)).argmax(-1), head.device, repeats), 4))
+            out[phase].append(round(_fastest_ms([lambda: head.lm_head(head.norm(x)).argmax(-1)], head.device,
+                                                 repeats)[0], 4))
     return out
 
 
