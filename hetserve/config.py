@@ -11,6 +11,8 @@ DEFAULT_SERVE = "127.0.0.1:5556"  # client line protocol; loopback unless the op
 MAX_LINE_BYTES = 1 << 20  # longest client line (1 MiB), newline excluded
 MAX_REQUESTS_PER_CONNECTION = 256  # running on one client connection; more get `overloaded`
 MAX_AUTH_FAILURES = 3  # wrong tokens on one connection before it is closed
+MAX_UNSENT_REPLY_BYTES = 32 << 20  # replies queued for a client that does not read them; past this
+#                                   the connection is closed (its requests cancelled), not the leader's memory filled
 STEP_TIMEOUT_S = 120.0  # a micro-batch not back by then fails its requests (a stage lost it)
 DECODE_AHEAD = ("auto", "on", "off")  # Limits.decode_ahead
 MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: a prefill micro-batch of

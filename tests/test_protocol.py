@@ -109,6 +109,9 @@ BAD_LINES = [
     (b'\xff\xfe{"id": "b16"}', "bad_request", None),
     (json.dumps({"id": "b17", "prompt": "word " * 600}).encode(), "too_long", "b17"),  # > 512-token context
     (b'{"id": "b18", "prompt": "' + b"a" * (1 << 20) + b'"}', "too_long", None),  # line over 1 MiB
+    (b'{"id": "\\ud800", "prompt": "hi"}', "bad_request", None),  # no UTF-8 can carry the id back
+    (b'{"id": "b20", "prompt": "a\\udc00b"}', "bad_request", "b20"),
+    (b'{"id": "b21", "prompt": "hi", "top_k": 18446744073709551616}', "bad_request", "b21"),  # past msgpack's ints
 ]
 
 
@@ -166,6 +169,34 @@ async def test_disconnect_cancels_requests(shared_cluster, client):
         assert (await s.__anext__())["event"] == "token"
     assert (await client.status())["running"] == 2
     await other.close()
+    await wait_idle(client)
+
+
+async def test_a_client_that_reads_no_replies_is_closed(shared_cluster, client):
+    """Status lines sent by a client that never reads: the leader queues replies up to
+    MAX_UNSENT_REPLY_BYTES, then closes the connection (and cancels what ran on it) rather than
+    filling its memory; others are served throughout."""
+    from hetserve.config import MAX_UNSENT_REPLY_BYTES
+    from hetserve.transport.sockets import split_hostport
+
+    reply = len(json.dumps(await client.status())) + 1
+    lines = 2 * MAX_UNSENT_REPLY_BYTES // reply + 1
+    reader, writer = await asyncio.open_connection(*split_hostport(shared_cluster.serve, 0))
+    flood = b'{"id": "s", "cmd": "status"}\n' * lines
+    try:
+        writer.write(flood)
+        await writer.drain()
+    except ConnectionError:
+        pass  # closed while still sending: what the test waits for
+    await asyncio.sleep(1.0)  # leave it unread a while, then see whether the leader hung up
+    received = 0
+    try:
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 60):
+            received += len(chunk)
+    except ConnectionError:
+        pass
+    writer.close()
+    assert received < lines * reply, "every reply arrived: the connection was never closed"
     await wait_idle(client)
 
 

@@ -56,6 +56,22 @@ def test_decode_capped_by_decode_seqs():
     assert len(next_microbatch(reqs, 0, 0, limits, None).rows) == 3
 
 
+def test_more_decoding_requests_than_a_micro_batch_holds_take_turns():
+    """16 requests decode (16 KV slots) through one micro-batch of at most 8 rows in flight: each
+    batch goes to those that waited longest, so no request waits for the first 8 to finish."""
+    limits = BatchLimits(2, 100, decode_seqs=8, max_in_flight=1)
+    last_sent = dict.fromkeys(range(1, 17), 0)
+    rows = dict.fromkeys(last_sent, 0)
+    for mb in range(1, 7):
+        reqs = [RequestView(k, True, 0, False, last_sent=sent) for k, sent in last_sent.items()]
+        batch = next_microbatch(reqs, 0, 0, limits, "decode")
+        assert len(batch.rows) == 8
+        for row in batch.rows:
+            last_sent[row.key] = mb
+            rows[row.key] += 1
+    assert set(rows.values()) == {3}, rows
+
+
 AHEAD = BatchLimits(prefill_seqs=2, prefill_tokens=100, decode_seqs=8, max_in_flight=1, ahead=True)
 
 

@@ -172,3 +172,27 @@ async def test_the_leader_sends_every_micro_batch_in_order_through_a_spurious_ag
     sender.cancel()
     await asyncio.gather(sender, return_exceptions=True)
     assert [decode(frames[0], expect=(Step,)).mb for frames in leader.to_stage0.sent] == [1, 2, 3]
+
+
+async def test_a_request_tokenized_while_the_cluster_degrades_is_refused():
+    """The hosts can go while a request is tokenized (in an executor): it must be refused as
+    `unavailable` then, not queued for a pipeline that no longer exists (it would wait for a host
+    to rejoin, maybe forever)."""
+    from types import SimpleNamespace
+
+    from hetserve.config import LeaderSettings
+    from hetserve.leader.daemon import Leader
+    from hetserve.wire.client import ProtocolError, parse_line
+
+    leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
+    leader.state = "serving"
+
+    def encode(request):
+        leader.state = "degraded"  # as _assign_once does when too few hosts are left
+        return [1, 2, 3]
+
+    leader.codec = SimpleNamespace(encode=encode, max_context=64)
+    leader.engine = SimpleNamespace(new_request=lambda *args: pytest.fail("queued for a pipeline that is gone"))
+    with pytest.raises(ProtocolError) as refused:
+        await leader.admit(parse_line(b'{"id": "r1", "prompt": "Hi"}'), lambda event: None, True)
+    assert (refused.value.code, refused.value.request_id) == ("unavailable", "r1")

@@ -339,11 +339,10 @@ class Leader(PipelineLayout):
         """Tokenize a validated request and hand it to the engine (both front ends come here).
 
         Raises ProtocolError (too_long, bad_request, overloaded, unavailable) carrying the request's id."""
-        if self.state == "degraded":
-            raise ProtocolError("unavailable", "the cluster lost the hosts it needs to hold the model; "
-                                "try again when a host rejoins", req.id)
+        self._refuse_if_degraded(req)
         codec = self.codec
         ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
+        self._refuse_if_degraded(req)  # the hosts may have gone while it was tokenized: nothing would serve it
         if req.max_tokens is not None and req.max_tokens >= codec.max_context:
             raise ProtocolError("bad_request", f"'max_tokens' must be below the context ({codec.max_context})", req.id)
         try:
@@ -351,6 +350,11 @@ class Leader(PipelineLayout):
                                            req.seed, req.stop, stream)
         except Overloaded as exc:
             raise ProtocolError("overloaded", str(exc), req.id) from None
+
+    def _refuse_if_degraded(self, req: GenerateRequest) -> None:
+        if self.state == "degraded":
+            raise ProtocolError("unavailable", "the cluster lost the hosts it needs to hold the model; "
+                                "try again when a host rejoins", req.id)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -52,6 +52,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     in_flight: int = 0  # micro-batches in flight holding a row of it
     ahead: int = 0  # of those, decode rows: tokens sampled on the stage, not back yet (decode-ahead: up to 2)
+    last_sent: int = 0  # the micro-batch that last carried a row of it (scheduler: who decodes next)
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
@@ -182,8 +183,8 @@ class Engine:
         batch_limits = BatchLimits(self.limits.prefill_seqs, self.sizes.prefill_tokens, self.limits.decode_seqs,
                                    self.sizes.max_in_flight, self.decode_ahead, self.mix_tokens)
         while True:
-            views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight > 0, self._can_follow(r))
-                     for r in self.requests.values()]
+            views = [RequestView(r.key, r.slot is not None, r.prompt_left, r.in_flight > 0, self._can_follow(r),
+                                 r.last_sent) for r in self.requests.values()]
             batch = next_microbatch(views, len(self.free_slots), len(self.in_flight), batch_limits, self._last_phase)
             if batch is None:
                 return
@@ -238,6 +239,7 @@ class Engine:
         for (request, _), decode_row in zip(rows, decoding):
             request.in_flight += 1
             request.ahead += decode_row
+            request.last_sent = step.mb
         self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding)
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase

@@ -13,7 +13,7 @@ import hmac
 import logging
 from typing import TYPE_CHECKING
 
-from ..config import MAX_AUTH_FAILURES, MAX_LINE_BYTES, MAX_REQUESTS_PER_CONNECTION
+from ..config import MAX_AUTH_FAILURES, MAX_LINE_BYTES, MAX_REQUESTS_PER_CONNECTION, MAX_UNSENT_REPLY_BYTES
 from ..wire.client import (AuthCommand, CancelCommand, GenerateRequest, ProtocolError, StatusCommand, encode_event,
                            error_event, parse_line)
 from .engine import Request
@@ -75,13 +75,24 @@ class Connection:
         self.peer = writer.get_extra_info("peername")
         self.authenticated = leader.settings.token is None
         self.auth_failures = 0
+        self.unsent = 0  # bytes in the outbox
+        self.not_reading = False  # the client let MAX_UNSENT_REPLY_BYTES pile up: the connection is closing
 
     def send(self, event: dict) -> None:
         if event.get("event") in ("done", "error") and event.get("id") in self.active:
             request = self.active[event["id"]]
             if request.done:
                 del self.active[event["id"]]
-        self.outbox.put_nowait(encode_event(event))
+        if self.not_reading:
+            return
+        data = encode_event(event)
+        self.unsent += len(data)
+        if self.unsent > MAX_UNSENT_REPLY_BYTES:
+            log.warning("client %s reads none of its replies (%d bytes queued); closing it", self.peer, self.unsent)
+            self.not_reading = True
+            self.writer.transport.abort()  # the read loop ends; serve() cancels its requests
+            return
+        self.outbox.put_nowait(data)
 
     async def serve(self) -> None:
         writer_task = asyncio.create_task(self._write())
@@ -97,10 +108,11 @@ class Connection:
         except ConnectionError:
             pass
         finally:
-            for request in list(self.active.values()):
+            running = list(self.active.values())  # each cancel's `done` takes its request out of self.active
+            for request in running:
                 self.leader.engine.cancel(request.key)
-            if self.active:
-                log.info("client %s disconnected; cancelled %d requests", self.peer, len(self.active))
+            if running:
+                log.info("client %s disconnected; cancelled %d requests", self.peer, len(running))
             self.active.clear()
             self.outbox.put_nowait(None)
             try:  # let queued replies go out, but never wait on a client that stopped reading
@@ -157,6 +169,7 @@ class Connection:
 
     async def _write(self) -> None:
         while (data := await self.outbox.get()) is not None:
+            self.unsent -= len(data)
             try:
                 self.writer.write(data)
                 await self.writer.drain()

@@ -17,7 +17,10 @@ Rules, in order:
   prompts do not stall running decodes and decodes do not starve new prompts.
 - A decode micro-batch takes ceil(decoding requests / micro-batches in flight) rows (capped by
   decode_seqs), so that the decoding requests spread over the pipeline's stages and keep every
-  stage busy (LLM-PQ's rule: decode micro-batch = global batch / stages).
+  stage busy (LLM-PQ's rule: decode micro-batch = global batch / stages). Where more requests
+  decode than the micro-batches in flight can carry (more KV slots than decode_seqs x in flight),
+  the rows go to those that waited longest since their last row: oldest first would let the
+  first admitted decode to the end while the rest hold their slots and wait.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class RequestView:
     prompt_left: int  # prompt tokens not yet cached
     in_flight: bool  # in a micro-batch that has not come back
     can_follow: bool = False  # decode-ahead: its next decode row may go before that one is back
+    last_sent: int = 0  # the micro-batch that last carried a row of it (0: none yet)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ def _prefill(requests: list[RequestView], free_slots: int, limits: BatchLimits, 
 
 def _decode(requests: list[RequestView], limits: BatchLimits) -> MicroBatch | None:
     decoding = [r for r in requests if r.has_slot and r.prompt_left == 0]
-    ready = [r for r in decoding if not r.in_flight or r.can_follow]
+    ready = sorted((r for r in decoding if not r.in_flight or r.can_follow), key=lambda r: r.last_sent)
     if not ready:
         return None
     size = min(limits.decode_seqs, math.ceil(len(decoding) / limits.max_in_flight))

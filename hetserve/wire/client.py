@@ -15,6 +15,7 @@ MAX_ID_CHARS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOKEN_CHARS = 4096
+MAX_TOP_K = (1 << 31) - 1  # past any vocabulary; bounded so that it fits the wire's integers
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -80,12 +81,29 @@ def parse_object(obj) -> GenerateRequest | StatusCommand | CancelCommand | AuthC
     request_id = obj.get("id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
         raise ProtocolError("bad_request", f"'id' must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    _check_unicode(obj, request_id)
     if "cmd" in obj:
         return _parse_command(obj, request_id)
     unknown = set(obj) - GENERATE_FIELDS
     if unknown:
         raise ProtocolError("bad_request", f"unknown fields: {', '.join(sorted(unknown))}", request_id)
     return _parse_generate(obj, request_id)
+
+
+def _check_unicode(obj: dict, request_id: str) -> None:
+    """JSON can spell an unpaired surrogate (\\ud800) that no UTF-8 can carry: let one through and
+    every reply naming it (its id, a prompt's echoed text) fails to encode, taking down what shares
+    the connection or the step with it. Refused here, with the id where the id itself is sound."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        reply_id: str | None = request_id
+        try:
+            request_id.encode("utf-8")
+        except UnicodeEncodeError:
+            reply_id = None
+        raise ProtocolError("bad_request", "strings must be valid Unicode (no unpaired surrogates such as \\ud800)",
+                            reply_id) from None
 
 
 def _parse_command(obj: dict, request_id: str) -> StatusCommand | CancelCommand | AuthCommand:
@@ -118,8 +136,9 @@ def _parse_generate(obj: dict, rid: str) -> GenerateRequest:
     prompt, messages = obj.get("prompt"), obj.get("messages")
     if (prompt is None) == (messages is None):
         raise ProtocolError("bad_request", "give exactly one of 'prompt' or 'messages'", rid)
-    if prompt is not None and not isinstance(prompt, str):
-        raise ProtocolError("bad_request", "'prompt' must be a string", rid)
+    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+        # Tokenizers that add a BOS token would turn "" into a prompt of one token.
+        raise ProtocolError("bad_request", "'prompt' must be a non-empty string", rid)
     parsed_messages = None
     if messages is not None:
         if not isinstance(messages, list) or not messages:
@@ -137,7 +156,7 @@ def _parse_generate(obj: dict, rid: str) -> GenerateRequest:
     top_p = _number(obj, "top_p", 1.0, 0.0, 1.0, rid)
     if top_p <= 0.0:
         raise ProtocolError("bad_request", "'top_p' must be in (0, 1]", rid)
-    top_k = _int(obj, "top_k", 0, 0, None, rid)
+    top_k = _int(obj, "top_k", 0, 0, MAX_TOP_K, rid)
     seed = _int(obj, "seed", None, 0, (1 << 63) - 1, rid)
     stop = obj.get("stop", [])
     if isinstance(stop, str):
