@@ -7,6 +7,7 @@ import itertools
 import json
 import time
 
+from .config import MAX_LINE_BYTES
 from .transport.sockets import split_hostport
 
 _ids = itertools.count(1)
@@ -14,6 +15,19 @@ _ids = itertools.count(1)
 
 class ClientError(Exception):
     pass
+
+
+class RequestTooLong(ClientError):
+    """The request's line is past what the server reads (config.MAX_LINE_BYTES); never sent."""
+
+
+class ReplyTimeout(ClientError):
+    """The server sent nothing for the request within the timeout given."""
+
+
+def request_line(body: dict) -> bytes:
+    """One request as the line sent: JSON in UTF-8 (non-ASCII text as itself, not 6-byte escapes)."""
+    return (json.dumps(body, ensure_ascii=False) + "\n").encode()
 
 
 class LineClient:
@@ -67,17 +81,27 @@ class LineClient:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def request(self, body: dict):
-        """Send one request; yield its events up to and including the last (done/error/...)."""
+    async def request(self, body: dict, reply_timeout: float | None = None):
+        """Send one request; yield its events up to and including the last (done/error/...).
+        reply_timeout: seconds the server may go without an event for it (None: no limit) before
+        ReplyTimeout. A line the server would refuse unread (too long) raises RequestTooLong: its
+        error reply could not name the request."""
         if self.closed:
             raise ClientError("the server closed the connection")
         body = dict(body)
         body.setdefault("id", f"c{next(_ids)}")
+        line = request_line(body)
+        if len(line) - 1 > MAX_LINE_BYTES:
+            raise RequestTooLong(f"the request is {len(line) - 1} bytes of JSON; the server reads lines of up to "
+                                 f"{MAX_LINE_BYTES}")
         queue = self._queues.setdefault(body["id"], asyncio.Queue())
-        await self.send_raw((json.dumps(body) + "\n").encode())
+        await self.send_raw(line)
         try:
             while True:
-                event = await queue.get()
+                try:
+                    event = await asyncio.wait_for(queue.get(), reply_timeout)
+                except asyncio.TimeoutError:
+                    raise ReplyTimeout(f"no reply from the server in {reply_timeout:g} s") from None
                 if event is None:
                     raise ClientError("the server closed the connection")
                 yield event
@@ -86,16 +110,16 @@ class LineClient:
         finally:
             self._queues.pop(body["id"], None)
 
-    async def call(self, body: dict) -> list[dict]:
-        return [event async for event in self.request(body)]
+    async def call(self, body: dict, reply_timeout: float | None = None) -> list[dict]:
+        return [event async for event in self.request(body, reply_timeout)]
 
-    async def status(self) -> dict:
-        return (await self.call({"cmd": "status"}))[-1]
+    async def status(self, reply_timeout: float | None = None) -> dict:
+        return (await self.call({"cmd": "status"}, reply_timeout))[-1]
 
-    async def wait_serving(self, timeout: float) -> dict:
+    async def wait_serving(self, timeout: float, reply_timeout: float | None = None) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            status = await self.status()
+            status = await self.status(reply_timeout)
             if status.get("state") == "serving":
                 return status
             if time.monotonic() >= deadline:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import socketserver
 import subprocess
+import threading
 
 import pytest
 
 from conftest import free_port, hetserve_cmd
 from hetserve.bench.baseline import row_lengths
 from hetserve.bench.report import format_table
+from hetserve.bench.run import _notes, baseline_work
 from hetserve.bench.stats import RequestResult, percentile, ratios, summarize
 from hetserve.bench.workload import (SOURCE_TEXT, RequestSpec, WorkloadError, parse_prompts, synthetic_prompts,
                                      token_count)
@@ -67,6 +70,57 @@ def test_ratios_and_table():
     assert lines[1].split()[:4] == ["hetserve", "4", "1", "4.5"]
     assert lines[3].startswith("hetserve / hf") and "2.00x" in lines[3] and "1.00x" in lines[3]
     assert "-" in format_table([("none", summarize(RESULTS[3:], 1.0))]).splitlines()[1].split()
+
+
+def test_notes_give_each_error_code_its_message_and_say_why_output_ran_short():
+    failed = RequestResult(4, 0.0, None, None, 0.1, 0, None, None, "bad_request: 'max_tokens' must be below the context")
+    s = summarize(RESULTS + [failed], duration_s=4.0)
+    assert s.error_messages == {"overloaded": "4 running and 4 queued",
+                                "bad_request": "'max_tokens' must be below the context"}
+    notes = _notes("hetserve", s, asked=5.0, short={"stop": 1, "length": 1})
+    assert "hetserve: 1 request(s) failed with bad_request: 'max_tokens' must be below the context" in notes
+    assert "end-of-sequence" in notes[-1] and "filled the server's context" in notes[-1]
+    assert "end-of-sequence" not in _notes("hetserve", s, asked=5.0, short={"length": 2})[-1]
+
+
+def test_the_baseline_generates_what_hetserve_did():
+    """Each completed request up to the tokens hetserve produced (a context cut it short, or sampling
+    ended it early); max_tokens where it produced them all."""
+    spec = RequestSpec("Hello", 5)
+    completed = [(RESULTS[0], spec), (RESULTS[1], spec), (RESULTS[2], RequestSpec("Hi", 1))]
+    assert baseline_work(completed) == [(0, RequestSpec("Hello", 5)), (1, RequestSpec("Hello", 3)),
+                                        (2, RequestSpec("Hi", 1))]
+
+
+class _StalledServer(socketserver.ThreadingTCPServer):
+    """Answers status as a serving cluster and swallows every request: a leader that froze."""
+
+    daemon_threads = allow_reuse_address = True
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            for line in self.rfile:
+                body = json.loads(line)
+                if body.get("cmd") == "status":
+                    self.wfile.write((json.dumps({"id": body["id"], "event": "status", "state": "serving",
+                                                  "model": "m", "hosts": []}) + "\n").encode())
+
+
+def test_a_stalled_server_ends_the_run_with_timeouts(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello", "max_tokens": 4}\n')
+    with _StalledServer(("127.0.0.1", 0), _StalledServer.Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{server.server_address[1]}"
+        done = hetserve("bench", "--server", address, "--prompts", str(prompts), "-c", "2", "--requests", "4",
+                        "--warmup", "0", "--reply-timeout", "1", "--no-progress", timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert "2 request(s) failed with timeout: no reply from the server in 1 s" in done.stderr, done.stderr
+        assert "error: no request completed" in done.stderr and "Traceback" not in done.stderr
+        warm = hetserve("bench", "--server", address, "--prompts", str(prompts), "--reply-timeout", "1",
+                        "--no-progress", timeout=120)  # the warm-up request is the one left unanswered
+        assert warm.returncode == 1 and warm.stderr.startswith("error: no reply from the server in 1 s"), warm.stderr
+        server.shutdown()
 
 
 def test_baseline_counts_each_row_to_its_own_limit_and_first_eos():
@@ -143,10 +197,13 @@ def test_hf_baseline_quantizes_its_layers_as_a_stage_does(model_dir):
 def test_bench_bad_input_is_one_clear_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    long = tmp_path / "long.jsonl"  # past the server's 1 MiB line: it could only answer unread
+    long.write_text(json.dumps({"prompt": "é " * 400_000}) + "\n")
     cases = {
         ("--server", f"127.0.0.1:{free_port()}"): "error: cannot reach hetserve at 127.0.0.1:",
         ("--prompts", str(prompts)): f"error: {prompts} line 2: 'prompt' must be a non-empty string",
         ("--prompts", str(tmp_path / "missing.jsonl")): "error: cannot read",
+        ("--prompts", str(long)): f"error: {long} line 1: the request would be",
     }
     for args, message in cases.items():
         done = hetserve("bench", *args, timeout=120)

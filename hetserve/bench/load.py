@@ -3,7 +3,9 @@
 Each client has its own connection and sends its next request when the previous one is done
 (a closed loop), so at most N requests are in the server at once. Requests are handed out in
 workload order, cycling, until the request count is reached or the duration has passed; requests
-running at the deadline are finished, not cut, so every measured request is whole.
+running at the deadline are finished, not cut, so every measured request is whole. A request the
+server leaves without an event for `reply_timeout_s` fails as `timeout` and its client stops (its
+connection may hold the request still), so a stalled server ends the run instead of hanging it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..client import ClientError, LineClient
+from ..client import ClientError, LineClient, ReplyTimeout, RequestTooLong
 from .stats import RequestResult
 from .workload import RequestSpec
 
@@ -28,6 +30,7 @@ class LoadSpec:
     duration_s: float | None  # stop sending after this long; None = until the request count
     temperature: float = 0.0  # 0 = greedy
     token: str | None = None  # the server's client token (--token-file), never reported
+    reply_timeout_s: float | None = None  # a request failing as `timeout` after this long without an event
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,14 @@ def request_body(index: int, spec: RequestSpec, temperature: float) -> dict:
     return {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": temperature, "seed": index}
 
 
-async def timed_request(client: LineClient, index: int, body: dict, origin: float) -> RequestResult:
+async def timed_request(client: LineClient, index: int, body: dict, origin: float,
+                        reply_timeout: float | None = None) -> RequestResult:
     """Send one request; the times of its first and last token events, and how it ended."""
     sent = time.perf_counter() - origin
     first = last = None
     tokens, prompt_tokens, finish, error = 0, None, None, None
     try:
-        async for event in client.request(body):
+        async for event in client.request(body, reply_timeout):
             kind = event.get("event")
             if kind == "token":
                 last = time.perf_counter() - origin
@@ -73,6 +77,10 @@ async def timed_request(client: LineClient, index: int, body: dict, origin: floa
                 prompt_tokens, finish = event["usage"]["prompt_tokens"], event["finish_reason"]
             elif kind == "error":
                 error = f"{event['error']['code']}: {event['error']['message']}"
+    except RequestTooLong as exc:
+        error = f"too_long: {exc}"
+    except ReplyTimeout as exc:
+        error = f"timeout: {exc}"
     except ClientError as exc:
         error = f"connection: {exc}"
     return RequestResult(index, sent, first, last, time.perf_counter() - origin, tokens, prompt_tokens, finish, error)
@@ -85,21 +93,24 @@ async def _client_loop(load: LoadSpec, dispenser: _Dispenser, origin: float,
     try:
         while (item := dispenser.next()) is not None:
             index, spec = item
-            result = await timed_request(client, index, request_body(index, spec, temperature), origin)
+            result = await timed_request(client, index, request_body(index, spec, temperature), origin,
+                                         load.reply_timeout_s)
             on_result(result)
-            if result.error and result.error.startswith("connection:"):
-                return  # this connection is gone; the others report for themselves
+            if result.error and result.error.startswith(("connection:", "timeout:")):
+                return  # this connection is gone or stuck; the others report for themselves
     finally:
         await client.close()
 
 
-async def warm_up(server: str, specs: list[RequestSpec], count: int, token: str | None = None) -> None:
+async def warm_up(server: str, specs: list[RequestSpec], count: int, token: str | None = None,
+                  reply_timeout: float | None = None) -> None:
     """Untimed short requests: the first steps of a fresh cluster pay one-off costs."""
     client = await LineClient.connect(server, token=token)
     try:
         for i in range(count):
             spec = specs[i % len(specs)]
-            await client.call(request_body(i, RequestSpec(spec.prompt, min(spec.max_tokens, WARMUP_TOKENS)), 0.0))
+            await client.call(request_body(i, RequestSpec(spec.prompt, min(spec.max_tokens, WARMUP_TOKENS)), 0.0),
+                              reply_timeout)
     finally:
         await client.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class BenchConfig:
     wait_s: float = 0.0  # for the server to come up and serve
     progress: bool = True
     token: str | None = None  # the server's client token; left out of every report
+    reply_timeout_s: float = 600.0  # a request (or the server's status) silent this long fails as `timeout`
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,10 @@ class BenchReport:
     notes: list[str]  # lines to show after the table (output shorter than asked, errors)
 
 
-async def _server_status(server: str, wait_s: float, token: str | None) -> dict:
+async def _server_status(server: str, wait_s: float, token: str | None, reply_timeout_s: float) -> dict:
     client = await LineClient.connect(server, wait_s, token)
     try:
-        status = await (client.wait_serving(wait_s) if wait_s else client.status())
+        status = await (client.wait_serving(wait_s, reply_timeout_s) if wait_s else client.status(reply_timeout_s))
     finally:
         await client.close()
     if status.get("state") != "serving":
@@ -125,13 +127,22 @@ def _progress(total: int | None, desc: str, enabled: bool):
     return update, bar.close
 
 
-def _notes(name: str, summary: Summary, asked: float | None) -> list[str]:
-    """Errors by code, and output shorter than `asked` (mean max_tokens of the completed requests)."""
-    notes = [f"{name}: {count} request(s) failed with {code}" for code, count in summary.error_codes.items()]
+def _notes(name: str, summary: Summary, asked: float | None, short: dict[str, int]) -> list[str]:
+    """Errors by code with the first message of each, and output shorter than `asked` (mean
+    max_tokens of the completed requests); short: the requests ended early, by finish reason."""
+    notes = []
+    for code, count in summary.error_codes.items():
+        message = summary.error_messages.get(code)
+        notes.append(f"{name}: {count} request(s) failed with {code}" + (f": {message}" if message else ""))
     if asked is not None and summary.mean_output_tokens is not None and summary.mean_output_tokens < asked - 0.5:
+        why = []
+        if short.get("stop"):
+            why.append(f"the model ended {short['stop']} with its end-of-sequence token or a stop string (the "
+                       "protocol cannot ignore them)")
+        if short.get("length"):
+            why.append(f"{short['length']} filled the server's context (prompt + max_tokens past it)")
         notes.append(f"{name}: {summary.mean_output_tokens:.1f} output tokens per request on average, fewer than the "
-                     f"{asked:.0f} asked for: the model ended some with its end-of-sequence token "
-                     f"({summary.finish_reasons.get('stop', 0)} request(s)); the protocol cannot ignore it")
+                     f"{asked:.0f} asked for: " + "; ".join(why or ["requests were cancelled"]))
     return notes
 
 
@@ -154,6 +165,14 @@ def _run_hf(config: BenchConfig, model_dir: Path, sent: list[tuple[int, RequestS
                             "batch": config.concurrency, "threads": config.threads, "summary": asdict(summary)}
 
 
+def baseline_work(completed: list[tuple[RequestResult, RequestSpec]]) -> list[tuple[int, RequestSpec]]:
+    """What the baseline generates: the work hetserve did. The requests it completed (failed ones
+    would give the baseline work hetserve never did), each up to the tokens hetserve produced:
+    where the server's context cut a request short, or sampling drew end-of-sequence early,
+    `generate` would otherwise go on to max_tokens."""
+    return [(r.index, RequestSpec(spec.prompt, min(spec.max_tokens, max(1, r.output_tokens)))) for r, spec in completed]
+
+
 def run_bench(config: BenchConfig) -> BenchReport:
     if config.baseline is not None and config.baseline not in BASELINES:
         raise BenchError(f"unknown baseline {config.baseline!r}; known: {', '.join(BASELINES)}")
@@ -165,17 +184,18 @@ def run_bench(config: BenchConfig) -> BenchReport:
             raise BenchError(str(exc)) from None
     specs = _file_workload(config) if config.prompts_file else None
     try:
-        status = asyncio.run(_server_status(config.server, config.wait_s, config.token))
+        status = asyncio.run(_server_status(config.server, config.wait_s, config.token, config.reply_timeout_s))
     except ClientError as exc:
         raise BenchError(str(exc)) from None
     needs_model = config.prompts_file is None or config.baseline is not None
     model_dir = _model_dir(config, status) if needs_model else None
     specs = specs or _synthetic_workload(config, status, model_dir)
     limit = _request_limit(config, specs)
-    load = LoadSpec(config.server, config.concurrency, limit, config.duration_s, config.temperature, config.token)
+    load = LoadSpec(config.server, config.concurrency, limit, config.duration_s, config.temperature, config.token,
+                    config.reply_timeout_s)
     try:
         if config.warmup:
-            asyncio.run(warm_up(config.server, specs, config.warmup, config.token))
+            asyncio.run(warm_up(config.server, specs, config.warmup, config.token, config.reply_timeout_s))
         update, close = _progress(limit, "hetserve", config.progress)
         try:
             measured: LoadResult = asyncio.run(run_load(load, specs, update))
@@ -184,10 +204,11 @@ def run_bench(config: BenchConfig) -> BenchReport:
     except ClientError as exc:
         raise BenchError(str(exc)) from None
     ours = summarize(measured.results, measured.duration_s)
-    # The baseline runs what hetserve completed: failed requests would give it work hetserve never did.
-    sent = [(r.index, specs[r.index % len(specs)]) for r in measured.results if r.error is None]
-    asked = sum(spec.max_tokens for _, spec in sent) / len(sent) if sent else None
-    rows, notes = [("hetserve", ours)], _notes("hetserve", ours, asked)
+    completed = [(r, specs[r.index % len(specs)]) for r in measured.results if r.error is None]
+    asked = sum(spec.max_tokens for _, spec in completed) / len(completed) if completed else None
+    short = Counter(r.finish_reason for r, spec in completed if r.output_tokens < spec.max_tokens)
+    sent = baseline_work(completed)
+    rows, notes = [("hetserve", ours)], _notes("hetserve", ours, asked, short)
     baseline = ratio = None
     if config.baseline == "hf" and sent:
         label, theirs, baseline = _run_hf(config, model_dir, sent)

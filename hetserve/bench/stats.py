@@ -52,6 +52,7 @@ class Summary:
     latency_ms_p50: float | None  # sent -> finished
     latency_ms_p99: float | None
     finish_reasons: dict[str, int] = field(default_factory=dict)
+    error_messages: dict[str, str] = field(default_factory=dict)  # error code -> its first message
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -89,7 +90,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> Summary:
     errors = [r.error for r in results if r.error is not None]
     return Summary(
         requests=len(results), completed=len(done), errors=len(errors),
-        error_codes=dict(Counter(e.split(":", 1)[0] for e in errors)),
+        error_codes=dict(Counter(e.partition(":")[0] for e in errors)),
         duration_s=duration_s, output_tokens=output,
         mean_prompt_tokens=_mean([r.prompt_tokens for r in done if r.prompt_tokens is not None]),
         mean_output_tokens=_mean([r.output_tokens for r in done]),
@@ -99,7 +100,17 @@ def summarize(results: list[RequestResult], duration_s: float) -> Summary:
         tpot_ms_p50=_ms(percentile(tpots, 50)), tpot_ms_p99=_ms(percentile(tpots, 99)),
         latency_ms_p50=_ms(percentile(latencies, 50)), latency_ms_p99=_ms(percentile(latencies, 99)),
         finish_reasons=dict(Counter(r.finish_reason for r in done if r.finish_reason is not None)),
+        error_messages=_first_messages(errors),
     )
+
+
+def _first_messages(errors: list[str]) -> dict[str, str]:
+    """"code: message" strings -> the first message of each code."""
+    first: dict[str, str] = {}
+    for error in errors:
+        code, _, message = error.partition(":")
+        first.setdefault(code, message.strip())
+    return first
 
 
 RATIO_FIELDS = ("output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")

@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..client import request_line
+from ..config import MAX_LINE_BYTES
+
 # The same file plan/quality.py calibrates on; named here so `bench` does not import torch for it.
 SOURCE_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 WINDOW_STRIDE = 97  # tokens between the starts of consecutive synthetic prompts
@@ -52,10 +55,25 @@ def parse_prompts(text: str, source: str, default_max_tokens: int) -> list[Reque
         max_tokens = obj.get("max_tokens", default_max_tokens)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise WorkloadError(f"{where}: 'max_tokens' must be an integer of at least 1")
+        _check_sendable(prompt, where)
         specs.append(RequestSpec(prompt, max_tokens))
     if not specs:
         raise WorkloadError(f"{source} holds no prompts")
     return specs
+
+
+def _check_sendable(prompt: str, where: str) -> None:
+    """The request line fits what the server reads, and its text is valid Unicode: the server answers
+    a line past MAX_LINE_BYTES unread, so its error could not name the request."""
+    # The longest the other fields of bench's request get (load.request_body, the client's id).
+    widest = {"id": "c" + "9" * 20, "prompt": prompt, "max_tokens": 1 << 31, "temperature": 100.0, "seed": 1 << 63}
+    try:
+        size = len(request_line(widest)) - 1
+    except UnicodeEncodeError:
+        raise WorkloadError(f"{where}: 'prompt' is not valid Unicode (an unpaired surrogate such as \\ud800)") from None
+    if size > MAX_LINE_BYTES:
+        raise WorkloadError(f"{where}: the request would be {size} bytes of JSON; the server reads lines of up to "
+                            f"{MAX_LINE_BYTES}")
 
 
 def load_prompts(path: Path, default_max_tokens: int) -> list[RequestSpec]:

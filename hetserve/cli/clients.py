@@ -154,15 +154,19 @@ def status(server, as_json, token_file):
 @click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Seconds to wait for the cluster to come up and serve.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+@click.option("--reply-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request may go without a reply event before it fails as `timeout` and its client "
+                   "stops: a stalled server ends the run instead of hanging it.")
 @token_option(CLIENT_TOKEN_HELP)
 def bench(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model, temperature,
-          warmup, baseline, device, dtype, baseline_precision, threads, json_file, wait, progress, token_file):
+          warmup, baseline, device, dtype, baseline_precision, threads, json_file, wait, progress, reply_timeout,
+          token_file):
     """Load a cluster with concurrent clients; report tokens/s, requests/s, TTFT and TPOT."""
     from ..bench.run import BenchConfig, BenchError, run_bench
 
     config = BenchConfig(server, concurrency, requests, duration, prompt_tokens, output_tokens, prompts_file, model,
                          temperature, warmup, baseline, device, dtype, baseline_precision, threads, wait, progress,
-                         read_token(token_file))
+                         read_token(token_file), reply_timeout)
     try:
         report = run_bench(config)
     except BenchError as exc:
