@@ -78,8 +78,11 @@ class LineClient:
                 queue.put_nowait(None)
 
     async def send_raw(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except ConnectionError:  # reset while sending: the same for callers as a close seen by the reader
+            raise ClientError("the server closed the connection") from None
 
     async def request(self, body: dict, reply_timeout: float | None = None):
         """Send one request; yield its events up to and including the last (done/error/...).

@@ -123,6 +123,39 @@ def test_a_stalled_server_ends_the_run_with_timeouts(tmp_path):
         server.shutdown()
 
 
+def test_baseline_device_must_exist_here(monkeypatch):
+    import torch
+
+    from hetserve.bench.baseline import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        check_device("cuda:7")  # found before the whole hetserve run, not after it
+
+
+async def test_a_connection_reset_while_sending_is_a_client_error():
+    """Not a ConnectionResetError traceback out of bench or `hetserve generate`."""
+    import asyncio
+
+    from hetserve.client import ClientError, LineClient
+
+    class ResetWriter:
+        def write(self, data):
+            pass
+
+        async def drain(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    reader = asyncio.StreamReader()
+    client = LineClient(reader, ResetWriter())
+    with pytest.raises(ClientError, match="closed the connection"):
+        await client.call({"prompt": "Hi"})
+    reader.feed_eof()
+    await client._reader_task
+
+
 def test_baseline_counts_each_row_to_its_own_limit_and_first_eos():
     generated = [[5, 2, 9, 9], [5, 6, 7, 8], [2, 0, 0, 0], [6, 6, 6, 6]]
     assert row_lengths(generated, {2}, [4, 3, 4, 1]) == [(2, True), (3, False), (1, True), (1, False)]

@@ -35,11 +35,14 @@ def check_device(device: str) -> None:
     import torch
 
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a device like cpu, cuda or cuda:1") from None
+    kind = parsed.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device for the baseline")
+    if kind == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: the baseline runs on cpu or cuda")
 
