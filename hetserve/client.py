@@ -44,7 +44,10 @@ class LineClient:
     async def connect(cls, server: str, wait: float = 0.0, token: str | None = None) -> "LineClient":
         """Connect to HOST:PORT, retrying for up to `wait` seconds while nothing listens; with a
         token, authenticate first."""
-        host, port = split_hostport(server, 5556)
+        try:
+            host, port = split_hostport(server, 5556)
+        except ValueError as exc:
+            raise ClientError(f"--server: {exc}") from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -117,7 +120,11 @@ class LineClient:
         return [event async for event in self.request(body, reply_timeout)]
 
     async def status(self, reply_timeout: float | None = None) -> dict:
-        return (await self.call({"cmd": "status"}, reply_timeout))[-1]
+        """The status object; ClientError where the server answers with an error (no token, ...)."""
+        reply = (await self.call({"cmd": "status"}, reply_timeout))[-1]
+        if reply.get("event") == "error":
+            raise ClientError(f"{reply['error']['code']}: {reply['error']['message']}")
+        return reply
 
     async def wait_serving(self, timeout: float, reply_timeout: float | None = None) -> dict:
         deadline = time.monotonic() + timeout

@@ -92,6 +92,33 @@ def test_client_errors_are_one_clear_line():
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     size = hetserve("join", "--leader", "127.0.0.1:1", "--memory", "lots", timeout=30)
     assert size.returncode == 2 and "not a size" in size.stderr
+    for verb in (["generate", "hi"], ["status"]):
+        address = hetserve(*verb, "--server", "localhost:99999", timeout=30)
+        assert address.returncode == 1 and "'localhost:99999' is not HOST:PORT" in address.stderr, address.stderr
+    listen = hetserve("leader", "--device", "cpu", "--listen", "foo:bar", timeout=30)
+    assert listen.returncode == 2 and "Invalid value for --listen" in listen.stderr
+    model = hetserve("profile", "--model", "no-such-model", timeout=60)
+    assert model.returncode == 1 and "unknown model 'no-such-model'" in model.stderr
+    profile = hetserve("plan", "--host", "a=8GiB@/nonexistent/profile.json", timeout=60)
+    assert profile.returncode == 2 and "cannot read the profile /nonexistent/profile.json" in profile.stderr
+    for done in (gen, bad, address, listen, model, profile):
+        assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_keygen_never_replaces_keys_unasked(tmp_path):
+    """Replacing a key pair locks out every peer holding the old public key: only with --force."""
+    made = hetserve("keygen", str(tmp_path / "keys"), "--name", "leader", timeout=30)
+    assert made.returncode == 0, made.stderr
+    public = (tmp_path / "keys" / "leader.key").read_text()
+    assert (tmp_path / "keys" / "leader.key_secret").stat().st_mode & 0o077 == 0
+    again = hetserve("keygen", str(tmp_path / "keys"), "--name", "leader", timeout=30)
+    assert again.returncode == 1 and "exists" in again.stderr and "--force" in again.stderr
+    assert (tmp_path / "keys" / "leader.key").read_text() == public
+    forced = hetserve("keygen", str(tmp_path / "keys"), "--name", "leader", "--force", timeout=30)
+    assert forced.returncode == 0 and (tmp_path / "keys" / "leader.key").read_text() != public
+    (tmp_path / "file").write_text("")
+    blocked = hetserve("keygen", str(tmp_path / "file"), "--name", "h1", timeout=30)
+    assert blocked.returncode != 0 and "Traceback" not in blocked.stderr, blocked.stderr
 
 
 def test_unsupported_architecture_is_named():

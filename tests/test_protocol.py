@@ -112,6 +112,8 @@ BAD_LINES = [
     (b'{"id": "\\ud800", "prompt": "hi"}', "bad_request", None),  # no UTF-8 can carry the id back
     (b'{"id": "b20", "prompt": "a\\udc00b"}', "bad_request", "b20"),
     (b'{"id": "b21", "prompt": "hi", "top_k": 18446744073709551616}', "bad_request", "b21"),  # past msgpack's ints
+    (b'{"id": "b22", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "bad_request", None),  # past 4300 digits
+    (b"[" * 100_000 + b"]" * 100_000, "bad_request", None),  # nested past the parser's stack
 ]
 
 

@@ -45,6 +45,9 @@ def http_get(url: str, token: str | None = None) -> tuple[int, dict]:
 async def test_line_protocol_and_http_ask_for_the_token(guarded_leader):
     serve, http = guarded_leader
     client = await LineClient.connect(serve, wait=120)
+    status = await asyncio.to_thread(subprocess.run, hetserve_cmd() + ["status", "--server", serve], capture_output=True,
+                                     text=True, timeout=120)
+    assert status.returncode == 1 and status.stderr.startswith("error: unauthorized:"), status.stderr
     try:
         refused = await client.call({"cmd": "status"})
         assert refused[-1]["error"]["code"] == "unauthorized"

@@ -60,13 +60,18 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
     if device:
         from ..transport.sockets import local_ip_towards, split_hostport
 
-        host, port = split_hostport(listen, 5555)
+        try:
+            host, port = split_hostport(listen, 5555)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--listen") from None
         wildcard = host in ("0.0.0.0", "::")
         # Other hosts push micro-batches to this stage: advertise an address they can reach.
         reachable = advertise or (local_ip_towards("192.0.2.1") if wildcard else host)
-        local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"127.0.0.1:{port}",
+        # The leader listens on that address alone unless it is a wildcard: the stage joins it there.
+        joins = "127.0.0.1" if wildcard else f"[{host}]" if ":" in host else host
+        local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"{joins}:{port}",
                              "--device", device, "--name", "leader-stage", "--advertise", reachable,
-                             "--model", model, "--log-level", log_level,
+                             "--model", model, "--log-level", log_level, *(["--log-json"] if log_json else []),
                              *(["--keys", keys] if keys else []), *(["--insecure"] if insecure else [])])
     try:
         run_daemon(run_leader, settings, "leader", log_level, log_json)

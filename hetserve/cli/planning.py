@@ -24,11 +24,10 @@ def profile(model, device, dtype, remeasure, validate, out):
     """Measure per-layer time and memory of each precision on this device (cached)."""
     from pathlib import Path
 
-    from ..model.resolve import resolve_model
     from ..plan.profile import cached_profile
     from ..plan.validate import validate_cost_model
 
-    files = resolve_model(model)
+    files = resolve_model_or_exit(model)
     prof, path = cached_profile(files.path, device, dtype, remeasure=remeasure)
     click.echo(f"profile of {prof.device_name} for {model} ({dtype}): {path}")
     if out:
@@ -189,7 +188,14 @@ def host_plan_inputs(model, host_specs, device, link_gbps, calibration_tokens, a
     for spec in host_specs:
         name, memory, profile_path = parse_host(spec)
         if profile_path:
-            prof = DeviceProfile.load(Path(profile_path))
+            try:
+                prof = DeviceProfile.load(Path(profile_path))
+            except OSError as exc:
+                raise click.BadParameter(f"cannot read the profile {profile_path}: {exc.strerror}",
+                                         param_hint="--host") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise click.BadParameter(f"{profile_path} is not a profile (hetserve profile --out): {exc}",
+                                         param_hint="--host") from None
         else:
             local = local or cached_profile(files.path, device)[0]
             prof = local

@@ -57,7 +57,9 @@ if __name__ == "__main__":
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", required=True, help="Whose keys: `leader`, or a host's name (files NAME.key, NAME.key_secret).")
-def keygen(directory, name):
+@click.option("--force", is_flag=True, help="Replace an existing key pair of NAME (peers holding its public key "
+              "must get the new one).")
+def keygen(directory, name, force):
     """Make a CURVE key pair for --keys: NAME.key (public, to share) and NAME.key_secret (keep it here).
 
     On the leader: its leader.key_secret, and every host's public key in DIRECTORY/hosts/.
@@ -66,5 +68,14 @@ def keygen(directory, name):
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise click.BadParameter("use letters, digits, '.', '_' or '-'", param_hint="--name")
-    public, secret = make_keys(Path(directory), name)
+    existing = [p for p in (Path(directory) / f"{name}.key", Path(directory) / f"{name}.key_secret") if p.exists()]
+    if existing and not force:
+        click.echo(f"error: {existing[0]} exists; replacing it locks out every peer that holds the old public key "
+                   "(pass --force to do it anyway)", err=True)
+        sys.exit(1)
+    try:
+        public, secret = make_keys(Path(directory), name)
+    except OSError as exc:
+        click.echo(f"error: cannot write keys into {directory}: {exc.strerror}", err=True)
+        sys.exit(1)
     click.echo(f"public key: {public} (give it to the peers)\nsecret key: {secret} (keep it here, mode 0600)")

@@ -14,6 +14,7 @@ a CURVE client that pins the server's public key, so a host cannot be pointed at
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,12 @@ class Identity:
 def keygen(directory: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key and NAME.key_secret (mode 0600) into directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(directory, name)
+    umask = os.umask(0o077)  # the secret is never readable by others, not even between its write and a chmod
+    try:
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(umask)
+    Path(public).chmod(0o644)
     Path(secret).chmod(0o600)
     return Path(public), Path(secret)
 

@@ -71,6 +71,8 @@ def parse_line(line: bytes) -> GenerateRequest | StatusCommand | CancelCommand:
         raise ProtocolError("bad_request", "line is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_request", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # an integer past Python's 4300 digits, nesting past the stack
+        raise ProtocolError("bad_request", f"invalid JSON: {str(exc)[:200]}") from None
     return parse_object(obj)
 
 
