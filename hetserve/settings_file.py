@@ -16,8 +16,9 @@ such an option:
     leader = "10.0.0.1:5555"
     device = "cuda:0"
 
-Keys are option names with '_' or '-'. An unknown key or a value of the wrong type is an error
-that names the key and the file.
+Keys and environment variables are named for the option's flag (`--plan` is `plan` and
+HETSERVE_LEADER_PLAN), with '_' or '-'. An unknown key or table, or a value of the wrong type, is
+an error that names the key and the file.
 """
 
 from __future__ import annotations
@@ -40,29 +41,73 @@ def load_config_file(ctx: click.Context, param: click.Parameter, path: str | Non
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}", ctx, param) from None
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{path} is not valid TOML: {exc}", ctx, param) from None
-    command = ctx.command
-    options = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name != "config"}
+    options = _options_by_key(ctx.command)
+    commands = _commands(ctx.find_root().command)
+    for table, value in data.items():
+        if isinstance(value, dict) and table not in commands:
+            raise click.BadParameter(f"{path}: [{table}] is not a command; tables: "
+                                     f"{', '.join(sorted(commands))}", ctx, param)
+        if not isinstance(value, dict) and not any(_key(table) in _options_by_key(c) for c in commands.values()):
+            raise click.BadParameter(f"{path}: {table!r} is no command's option", ctx, param)
     section = data.get(ctx.info_name, {})
-    if not isinstance(section, dict):
-        raise click.BadParameter(f"{path}: [{ctx.info_name}] must be a table", ctx, param)
     values = {k: v for k, v in data.items() if not isinstance(v, dict)}
     values.update(section)
     defaults = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        option = options.get(name)
+        option = options.get(_key(key))
         if option is None:
             if key in section:
                 raise click.BadParameter(f"{path}: [{ctx.info_name}] has no option {key!r}; "
-                                         f"known: {', '.join(sorted(options))}", ctx, param)
+                                         f"known: {', '.join(sorted(flag_key(o) for o in options.values()))}",
+                                         ctx, param)
             continue  # a top-level key for other commands
         try:
-            defaults[name] = option.type_cast_value(ctx, value)
+            defaults[option.name] = option.type_cast_value(ctx, value)
         except click.BadParameter as exc:
             raise click.BadParameter(f"{path}: {key}: {exc.message}", ctx, param) from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["hetserve.config_file"] = path
     return path
+
+
+def _key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def flag_key(option: click.Option) -> str:
+    """The name an option goes by in files and the environment: its first long flag (`--plan-file`
+    would be plan_file), else its parameter name."""
+    flags = [o for o in option.opts if o.startswith("--")]
+    return _key(flags[0][2:]) if flags else option.name
+
+
+def _options_by_key(command: click.Command) -> dict[str, click.Option]:
+    """A command's options by flag key and by parameter name (both are accepted in files)."""
+    options = {}
+    for p in command.params:
+        if isinstance(p, click.Option) and p.name not in ("config", "help"):
+            options[p.name] = options[flag_key(p)] = p
+    return options
+
+
+def _commands(group: click.Command) -> dict[str, click.Command]:
+    """Every command under the root group by name (nested groups' too)."""
+    found = {}
+    for name, command in getattr(group, "commands", {}).items():
+        found[name] = command
+        found.update(_commands(command))
+    return found
+
+
+def name_envvars(group: click.Group, prefix: str = ENV_PREFIX) -> None:
+    """Name each option's environment variable for its flag, HETSERVE_<COMMAND>_<FLAG>: click's own
+    names come from the parameter, and `--plan` (parameter plan_file) would be
+    HETSERVE_LEADER_PLAN_FILE, which nobody reading `--help` guesses."""
+    for name, command in getattr(group, "commands", {}).items():
+        for p in command.params:
+            if isinstance(p, click.Option) and p.envvar is None and p.name not in ("config", "help"):
+                p.envvar = f"{prefix}_{name}_{flag_key(p)}".upper().replace("-", "_")
+        name_envvars(command, f"{prefix}_{name}")
 
 
 def config_option(func):
@@ -82,11 +127,11 @@ def effective_settings(ctx: click.Context) -> list[tuple[str, object, str]]:
         if source is click.core.ParameterSource.COMMANDLINE:
             where = "command line"
         elif source is click.core.ParameterSource.ENVIRONMENT:
-            where = f"env {ctx.auto_envvar_prefix}_{param.name.upper()}"
+            where = f"env {param.envvar or f'{ctx.auto_envvar_prefix}_{param.name.upper()}'}"
         elif source is click.core.ParameterSource.DEFAULT_MAP:
             where = f"file {ctx.meta.get('hetserve.config_file')}"
         else:
             where = "default"
-        rows.append((param.name, ctx.params.get(param.name), where))
+        rows.append((flag_key(param), ctx.params.get(param.name), where))
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -211,7 +212,7 @@ def test_every_option_has_help():
 def test_settings_precedence_cli_over_env_over_file(tmp_path):
     config = tmp_path / "h.toml"
     config.write_text('log_level = "debug"\n[leader]\nhosts = 2\nmax-seqs = 4\nmax_context = 1024\n')
-    env = {**__import__("os").environ, "HETSERVE_LEADER_MAX_SEQS": "16", "HETSERVE_LEADER_MAX_CONTEXT": "4096"}
+    env = {**os.environ, "HETSERVE_LEADER_MAX_SEQS": "16", "HETSERVE_LEADER_MAX_CONTEXT": "4096"}
     done = subprocess.run(hetserve_cmd() + ["config", "show", "leader", "--config", str(config), "--max-context", "512"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
@@ -228,6 +229,30 @@ def test_settings_precedence_cli_over_env_over_file(tmp_path):
     bad.write_text('[leader]\ndecode_ahead = "maybe"\n')
     refused = hetserve("leader", "--config", str(bad), timeout=60)
     assert refused.returncode == 2 and "decode_ahead: 'maybe' is not one of 'auto', 'on', 'off'" in refused.stderr
+    for text, message in (('log_levl = "debug"\n', "'log_levl' is no command's option"),
+                          ("[leadr]\nhosts = 2\n", "[leadr] is not a command")):
+        bad.write_text(text)
+        refused = hetserve("config", "show", "leader", "--config", str(bad), timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_settings_go_by_the_flag_in_files_and_the_environment(tmp_path):
+    """`--plan` (parameter plan_file) is `plan` in a file and HETSERVE_LEADER_PLAN in the environment,
+    as `--help` names it; `--json` of status is HETSERVE_STATUS_JSON."""
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    config = tmp_path / "leader.toml"
+    config.write_text(f'[leader]\nplan = "{plan}"\n')
+    shown = hetserve("config", "show", "leader", "--config", str(config), timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()}
+    assert rows["plan"] == [json.dumps(str(plan)), "file", str(config)]
+    env = {**os.environ, "HETSERVE_LEADER_PLAN": str(plan), "HETSERVE_STATUS_JSON": "1"}
+    for verb, key in (("leader", "plan"), ("status", "json")):
+        shown = subprocess.run(hetserve_cmd() + ["config", "show", verb], capture_output=True, text=True, timeout=60,
+                               env=env)
+        rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()}
+        assert rows[key][1:] == ["env", f"HETSERVE_{verb.upper()}_{key.upper()}"], shown.stdout
 
 
 def test_up_spreads_local_hosts_over_the_gpus():
