@@ -216,3 +216,20 @@ def test_one_token_rows_at_the_newest_position_need_no_mask():
     assert not layout([0], [5]).sees_all  # prompt tokens attend causally
     static = StepLayout(longs([0]), longs([7]), longs([1]), 16, steps=1, kv_len=12)
     assert not static.sees_all  # a graph's fixed kv_len holds keys past the row's own
+
+
+def test_a_dropped_stage_is_freed_at_once(model_dir):
+    """A host drops its stage before loading the next slice: no reference cycle may keep the old
+    one (weights, KV cache, graphs) alive until a full garbage collection."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        stage = StageModel(model_dir, StageSpec(0, 2, first=True, last=False, max_seqs=2, max_context=64))
+        stage.run([0], [0], [3], torch.tensor([[1, 2, 3]]))
+        dropped = weakref.ref(stage)
+        del stage
+        assert dropped() is None
+    finally:
+        gc.enable()

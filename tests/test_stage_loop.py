@@ -196,3 +196,29 @@ async def test_a_request_tokenized_while_the_cluster_degrades_is_refused():
     with pytest.raises(ProtocolError) as refused:
         await leader.admit(parse_line(b'{"id": "r1", "prompt": "Hi"}'), lambda event: None, True)
     assert (refused.value.code, refused.value.request_id) == ("unavailable", "r1")
+
+
+async def test_a_join_with_a_data_address_zeromq_cannot_connect_to_is_refused():
+    """Whoever connects to a host's data address (its upstream stage, or the leader for stage 0)
+    would raise on one ZeroMQ cannot parse and stop: such a Join is refused at the door."""
+    from hetserve.config import LeaderSettings
+    from hetserve.leader.daemon import Leader
+    from hetserve.transport.sockets import is_tcp_endpoint
+    from hetserve.wire.messages import Inventory, Join, Refused
+
+    assert is_tcp_endpoint("tcp://10.0.0.5:5600") and is_tcp_endpoint("tcp://[fe80::1]:5600")
+    assert is_tcp_endpoint("tcp://gpu-box_2.local:5600")
+    assert not any(map(is_tcp_endpoint, ("garbage", "tcp://10.0.0.5", "tcp://10.0.0.5:0", "tcp://10.0.0.5:70000",
+                                         "ipc:///tmp/x", "tcp://a b:1", "tcp://10.0.0.5:5600\n")))
+    leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
+    sent = []
+
+    class Channel:
+        async def send(self, route, msg):
+            sent.append((route, msg))
+
+    leader.channel = Channel()
+    inventory = Inventory("cpu", "cpu", "x86_64", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
+    await leader._join(b"h1", "10.0.0.5", "", Join("h1", inventory, "garbage"))
+    assert not leader.hosts and len(sent) == 1 and isinstance(sent[0][1], Refused)
+    assert "is not tcp://HOST:PORT" in sent[0][1].reason

@@ -29,7 +29,7 @@ from ..model.stage import load_config
 from ..plan.planner import Plan
 from ..transport.security import (Identity, KeyRing, KeysError, as_server, load_allowed, load_identity,
                                   start_authenticator)
-from ..transport.sockets import bind_tcp, is_loopback, make_socket, receive, send, split_hostport
+from ..transport.sockets import bind_tcp, is_loopback, is_tcp_endpoint, make_socket, receive, send, split_hostport
 from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer
 from ..wire.client import GenerateRequest, ProtocolError
@@ -231,6 +231,8 @@ class Leader(PipelineLayout):
             reason = f"protocol version {msg.version}, the leader speaks {PROTOCOL_VERSION}"
         elif self.identity is not None and msg.public_key != user_id:
             reason = "the key in its Join is not the key it connected with"
+        elif not is_tcp_endpoint(msg.data_addr):
+            reason = f"its data address {msg.data_addr[:80]!r} is not tcp://HOST:PORT"
         if reason:
             log.warning("refused host %s: %s", msg.host, reason)
             await self.channel.send(route, Refused(reason))  # where it is gone already, nothing to tell

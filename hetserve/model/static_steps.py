@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -130,7 +131,10 @@ class StaticSteps:
     """Runs a stage's micro-batches at bucketed shapes, from CUDA graphs when `capture`."""
 
     def __init__(self, model: "StageModel", capture: bool):
-        self.model = model
+        # The model owns these steps: a strong reference back would make a cycle that keeps a dropped
+        # stage (weights, KV cache, graph pools) alive until a full garbage collection, while a host
+        # loads its next slice beside it.
+        self.model = weakref.proxy(model)
         self.capture = capture
         self.buckets: dict[BucketKey, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 
 import zmq
@@ -70,6 +71,16 @@ def is_loopback(host: str) -> bool:
 
 def tcp(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+_TCP_ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+
+
+def is_tcp_endpoint(addr: str) -> bool:
+    """tcp://HOST:PORT as `tcp` writes it: what a peer may hand us to connect a socket to (ZeroMQ
+    raises on anything else, in whichever daemon connects)."""
+    match = _TCP_ENDPOINT.fullmatch(addr)
+    return match is not None and 0 < int(match.group(2)) < 65536
 
 
 def bind_tcp(sock: zmq.asyncio.Socket, host: str, port: int = 0) -> int:

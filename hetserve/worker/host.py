@@ -16,6 +16,7 @@ leader listens), telling the new leader which slice it holds so that it can be a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -52,6 +53,15 @@ HEARTBEAT_SECONDS = 1.0
 LEADER_DEAD_S = 10.0  # no message from the leader for this long: rejoin (longer than a host's 3 s:
 #                       a leader busy planning must not make every host rejoin)
 RECONNECT_MAX_MS = 10_000  # ZeroMQ's reconnect interval doubles up to this while no leader listens
+
+
+def release_memory() -> None:
+    """Give back what a dropped stage held before the next one loads: objects in reference cycles
+    (compiled functions, module hooks) wait for a full collection otherwise, and the CUDA caching
+    allocator keeps freed blocks for this process until emptied."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def same_slice(a: Assign, b: Assign) -> bool:
@@ -204,6 +214,7 @@ class Host:
             log.info("keeping the loaded slice: it is unchanged")
         else:
             self.model = self.current = None  # free the old slice before loading the new one
+            release_memory()
             spec = StageSpec(msg.start, msg.end, first=msg.stage == 0, last=msg.stage == msg.num_stages - 1,
                              dtype=msg.dtype, max_seqs=msg.max_seqs, max_context=msg.max_context,
                              precisions=tuple(msg.precisions), input_scales=tuple(msg.input_scales))
