@@ -222,3 +222,31 @@ async def test_a_join_with_a_data_address_zeromq_cannot_connect_to_is_refused():
     await leader._join(b"h1", "10.0.0.5", "", Join("h1", inventory, "garbage"))
     assert not leader.hosts and len(sent) == 1 and isinstance(sent[0][1], Refused)
     assert "is not tcp://HOST:PORT" in sent[0][1].reason
+
+
+def test_a_host_that_failed_to_load_its_slice_sits_out_longer_each_time():
+    """A host that fails to load its slice rejoins within seconds; planned in at once, it would fail again
+    and re-plan the cluster (replaying every request) about every 10 s, for ever."""
+    import time
+
+    from hetserve.config import LeaderSettings
+    from hetserve.leader.daemon import Leader
+    from hetserve.leader.hosts import FAILED_SITS_OUT_MAX_S, FAILED_SITS_OUT_S, Failures, HostRecord
+    from hetserve.wire.messages import Inventory
+
+    first = Failures().after_failure(100.0)
+    assert (first.count, first.until) == (1, 100.0 + FAILED_SITS_OUT_S)
+    assert first.after_failure(200.0).until == 200.0 + 2 * FAILED_SITS_OUT_S
+    many = Failures()
+    for _ in range(20):
+        many = many.after_failure(0.0)
+    assert many.until == FAILED_SITS_OUT_MAX_S
+
+    leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
+    inventory = Inventory("cpu", "cpu", "x86_64", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
+    for name in ("h0", "h1"):
+        leader.hosts[name] = HostRecord(name, name.encode(), "127.0.0.1", inventory, "tcp://127.0.0.1:1", 0.0, "float32")
+    leader.failures["h1"] = Failures().after_failure(time.monotonic())
+    assert [h.name for h in leader._candidates()] == ["h0"]
+    leader.failures["h1"] = Failures(1, time.monotonic() - 1)  # its time is up: planned in again
+    assert [h.name for h in leader._candidates()] == ["h0", "h1"]

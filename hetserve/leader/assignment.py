@@ -27,7 +27,7 @@ from ..transport.security import Identity, as_client
 from ..transport.sockets import local_ip_towards, tcp
 from ..weights.manifest import Manifest
 from .engine import Engine
-from .hosts import HostRecord, describe_precisions
+from .hosts import Failures, HostRecord, describe_precisions
 from .layout import Layout, adoptable, choose_layout, disk_shortfalls, plan_live, stage_assigns
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class PipelineLayout:
     plan: Plan | None
     hosts: dict[str, HostRecord]
     excluded: set[str]
+    failures: dict[str, Failures]
     stages: list[HostRecord]
     stage0_addr: str | None
     engine: Engine
@@ -83,9 +84,11 @@ class PipelineLayout:
             raise LeaderError(f"planning failed: {type(exc).__name__}: {exc}") from None
 
     def _candidates(self) -> list[HostRecord]:
-        """Joined hosts the plan may use, in name order (stable however they raced to join)."""
-        return sorted((h for h in self.hosts.values() if h.name not in self.excluded and h.state not in ("dead", "failed")),
-                      key=lambda h: h.name)
+        """Joined hosts the plan may use, in name order (stable however they raced to join); a host
+        that failed its slice lately sits out (hosts.Failures)."""
+        now = time.monotonic()
+        return sorted((h for h in self.hosts.values() if h.name not in self.excluded and h.state not in ("dead", "failed")
+                       and self.failures.get(h.name, Failures()).until <= now), key=lambda h: h.name)
 
     def _plannable(self) -> list[HostRecord]:
         """Candidates a layout can use now: with live planning, those whose profile has come

@@ -41,7 +41,7 @@ from .assignment import LeaderError, PipelineLayout
 from .control import ControlChannel
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
-from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, HostRecord
+from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, Failures, HostRecord
 from .http_api import OpenAIServer
 from .tokens import TextCodec
 
@@ -76,6 +76,7 @@ class Leader(PipelineLayout):
         self.plan = Plan.load(Path(settings.plan)) if settings.plan else None
         self.hosts: dict[str, HostRecord] = {}
         self.excluded: set[str] = set()  # joined hosts left out of the plan (no room for their slice)
+        self.failures: dict[str, Failures] = {}  # by host name: failures to load a slice in a row (hosts.Failures)
         self.stages: list[HostRecord] = []  # the pipeline, in order
         self.stage0_addr: str | None = None  # where to_stage0 is connected
         self.stage0_queue: asyncio.Queue[list] = asyncio.Queue()  # micro-batches for stage 0, in order
@@ -210,6 +211,7 @@ class Leader(PipelineLayout):
                                 msg.stage, msg.epoch)
                     continue
                 host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
+                self.failures.pop(host.name, None)
                 host.fetched_bytes, host.flat_tokens = msg.fetched_bytes, msg.flat_tokens
                 log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s "
                          "(%.1f MiB fetched from the leader)", host.name, msg.stage, msg.weight_bytes / 2**20,
@@ -219,6 +221,11 @@ class Leader(PipelineLayout):
                 if not self.served:
                     host.state = "failed"
                     raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
+                if host.state == "loading":  # a slice it cannot load: it would fail the same way at once
+                    failures = self.failures.get(host.name, Failures()).after_failure(time.monotonic())
+                    self.failures[host.name] = failures
+                    log.warning("host %s sits out of plans for %.0f s (failure %d in a row to load)", host.name,
+                                failures.until - time.monotonic(), failures.count)
                 await self._host_lost(host, f"failed: {msg.reason}", "failed")
 
     async def _join(self, route: bytes, peer_ip: str, user_id: str, msg: Join) -> None:
@@ -245,6 +252,8 @@ class Leader(PipelineLayout):
                 and previous.profile.device_name == msg.inventory.name:
             self.hosts[msg.host].profile = previous.profile  # the same device: no need to measure again
         self.excluded.discard(msg.host)
+        if (sits_out := self.failures.get(msg.host, Failures()).until - now) > 0:
+            self.hosts[msg.host].note = f"sits out {sits_out:.0f} s more: it failed its slice"
         log.info("host %s %s from %s: %s (%s), %.2f GiB usable (%d/%d)%s", msg.host,
                  "rejoined" if previous else "joined", peer_ip, msg.inventory.device, msg.inventory.name,
                  msg.inventory.usable_bytes / 2**30, len(self.hosts), self.settings.hosts,
@@ -329,6 +338,8 @@ class Leader(PipelineLayout):
                     await self._host_lost(host, f"silent for {now - host.last_seen:.1f} s")
                     continue
                 await self.channel.send(host.route, Alive())  # where its connection is gone, the silence will tell
+            if self.failures:
+                await self._maybe_assign()  # a host whose sitting out ended is planned in again
 
     # ---- clients
 

@@ -11,6 +11,21 @@ from .link import Link
 DEAD_AFTER_SECONDS = 3.0  # a serving host silent this long (it heartbeats every second) is dead
 BUSY_DEAD_AFTER_SECONDS = 30.0  # the same for a host still profiling or loading: a starved CPU
 #                                 may delay its heartbeats, and it holds no request yet
+FAILED_SITS_OUT_S = 30.0  # a host that failed to load its slice is planned in again only after this long,
+#                           doubling with each failure in a row: it rejoins within seconds, and
+#                           each try re-plans the cluster and replays every request
+FAILED_SITS_OUT_MAX_S = 900.0
+
+
+@dataclass(frozen=True)
+class Failures:
+    """A host's failures to load its slice in a row, and until when it sits out (monotonic)."""
+
+    count: int = 0
+    until: float = 0.0
+
+    def after_failure(self, now: float) -> "Failures":
+        return Failures(self.count + 1, now + min(FAILED_SITS_OUT_S * 2 ** self.count, FAILED_SITS_OUT_MAX_S))
 
 
 @dataclass
