@@ -250,3 +250,26 @@ def test_a_host_that_failed_to_load_its_slice_sits_out_longer_each_time():
     assert [h.name for h in leader._candidates()] == ["h0"]
     leader.failures["h1"] = Failures(1, time.monotonic() - 1)  # its time is up: planned in again
     assert [h.name for h in leader._candidates()] == ["h0", "h1"]
+
+
+def test_silence_counts_only_while_the_leader_listens():
+    """A layout (a live plan measures for seconds to minutes) runs inside the control loop, which
+    reads no heartbeat meanwhile: hosts must not be buried for the leader's own deafness."""
+    import time
+
+    from hetserve.config import LeaderSettings
+    from hetserve.leader.daemon import Leader
+    from hetserve.leader.hosts import BUSY_DEAD_AFTER_SECONDS, HostRecord
+    from hetserve.wire.messages import Inventory
+
+    leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
+    inventory = Inventory("cpu", "cpu", "x86_64", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
+    now = time.monotonic()
+    host = HostRecord("h0", b"h0", "127.0.0.1", inventory, "tcp://127.0.0.1:1", 0.0, "float32",
+                      last_seen=now - 2 * BUSY_DEAD_AFTER_SECONDS)  # its last heartbeat read before the layout
+    leader.assigning = True
+    assert leader._silent_for(host, now) == 0.0
+    leader.assigning, leader.listening_since = False, now - 1.0  # the layout just ended
+    assert leader._silent_for(host, now) == pytest.approx(1.0)
+    leader.listening_since = 0.0  # listening all along: it is as silent as it looks
+    assert leader._silent_for(host, now) == pytest.approx(2 * BUSY_DEAD_AFTER_SECONDS)

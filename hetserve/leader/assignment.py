@@ -53,6 +53,7 @@ class PipelineLayout:
     lost_at: float | None
     assigning: bool
     layout_stale: bool
+    listening_since: float
     started: float
     model_dir: Path
     num_layers: int
@@ -119,6 +120,7 @@ class PipelineLayout:
                 log.info("hosts changed while laying out: laying out again")
         finally:
             self.assigning = False
+            self.listening_since = time.monotonic()
 
     async def _assign_once(self) -> None:
         s = self.settings

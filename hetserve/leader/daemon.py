@@ -84,6 +84,7 @@ class Leader(PipelineLayout):
         self.lost_at: float | None = None  # when the pipeline was lost, for the recovery time
         self.assigning = False  # a layout is being made (_assign)
         self.layout_stale = False  # hosts changed meanwhile: make it again
+        self.listening_since = 0.0  # when the last layout ended: the control loop reads heartbeats again
         self.state = "starting"
         self.started = time.monotonic()
         self.connections: set[asyncio.Task] = set()
@@ -334,12 +335,21 @@ class Leader(PipelineLayout):
                 if host.state in ("dead", "failed"):
                     continue
                 serving = host.state == "ready" and self.state == "serving"
-                if now - host.last_seen > (DEAD_AFTER_SECONDS if serving else BUSY_DEAD_AFTER_SECONDS):
-                    await self._host_lost(host, f"silent for {now - host.last_seen:.1f} s")
+                silent = self._silent_for(host, now)
+                if silent > (DEAD_AFTER_SECONDS if serving else BUSY_DEAD_AFTER_SECONDS):
+                    await self._host_lost(host, f"silent for {silent:.1f} s")
                     continue
                 await self.channel.send(host.route, Alive())  # where its connection is gone, the silence will tell
             if self.failures:
                 await self._maybe_assign()  # a host whose sitting out ended is planned in again
+
+    def _silent_for(self, host: HostRecord, now: float) -> float:
+        """How long a host has been silent while the leader listened. A layout runs inside the
+        control loop (a live plan measures for seconds to minutes), which reads no heartbeat
+        meanwhile: silence counts from when it ends, not from a heartbeat still unread."""
+        if self.assigning:
+            return 0.0
+        return now - max(host.last_seen, self.listening_since)
 
     # ---- clients
 
