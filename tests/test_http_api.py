@@ -121,8 +121,26 @@ async def test_bad_json_body_is_400(http_cluster):
     async with aiohttp.ClientSession() as session:
         async with session.post(f"http://{http_cluster.http}/v1/chat/completions", data=b"{oops") as resp:
             assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
-        async with session.get(f"http://{http_cluster.http}/v2/nothing") as resp:
-            assert resp.status == 404
+        huge = b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"  # past Python's 4300 digits
+        async with session.post(f"http://{http_cluster.http}/v1/completions", data=huge) as resp:
+            assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
+        # aiohttp's own refusals come in the OpenAI error shape too
+        for method, path, data, status in (("GET", "/v2/nothing", None, 404), ("GET", "/v1/completions", None, 405),
+                                           ("POST", "/v1/completions", b"x" * ((1 << 20) + 1), 413)):
+            async with session.request(method, f"http://{http_cluster.http}{path}", data=data) as resp:
+                assert resp.status == status
+                assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_explicit_nulls_mean_not_given(http_cluster):
+    """OpenAI clients send null for what they leave unset: a null max_completion_tokens leaves
+    max_tokens in force, and a null stream is no stream."""
+    body = {"model": MODEL, "prompt": "1, 2, 3,", "max_completion_tokens": None, "max_tokens": 3, "stream": None,
+            "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://{http_cluster.http}/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["usage"]["completion_tokens"] <= 3
 
 
 async def test_client_disconnect_cancels(http_cluster, line):

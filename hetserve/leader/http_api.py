@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 STATUS_OF = {"bad_request": 400, "too_long": 400, "unauthorized": 401, "not_found": 404, "overloaded": 429,
              "unavailable": 503, "internal": 500}
 TYPE_OF = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-           429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error",
+           500: "server_error"}
 OPEN_PATHS = {"/health"}  # answered without a token (load balancers' probes)
 # Accepted and ignored when at their neutral value; anything else is refused as unsupported.
 NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "frequency_penalty": 0,
@@ -62,7 +63,7 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
         value = body.get(name)
         if not (value is None or value == neutral or (neutral is None and not value)):
             raise ProtocolError("bad_request", f"'{name}' is not supported by this server")
-    if not isinstance(body.get("stream", False), bool):
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise ProtocolError("bad_request", "'stream' must be true or false")
     if not isinstance(body.get("stream_options") or {}, dict):
         raise ProtocolError("bad_request", "'stream_options' must be an object")
@@ -79,7 +80,9 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         obj["prompt"] = prompt
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")  # the newer name wins; a null one leaves max_tokens
+    if limit is None:
+        limit = body.get("max_tokens")
     if limit is not None:
         obj["max_tokens"] = limit
     obj["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's default
@@ -108,13 +111,25 @@ class OpenAIServer:
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_LINE_BYTES, middlewares=[self._authenticate])
+        app = web.Application(client_max_size=MAX_LINE_BYTES, middlewares=[self._openai_errors, self._authenticate])
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
         return app
+
+    @web.middleware
+    async def _openai_errors(self, request: web.Request, handler):
+        """aiohttp's own refusals (no such path, wrong method, a body past MAX_LINE_BYTES) in the
+        OpenAI error shape clients parse, like every other error here."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                                  exc.reason.lower().replace(" ", "_"))
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
@@ -149,7 +164,7 @@ class OpenAIServer:
         try:
             try:
                 body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # bad JSON or UTF-8, an integer past 4300 digits, deep nesting
                 raise ProtocolError("bad_request", "the request body is not valid JSON") from None
             req = translate(body, chat, self.model_name, request_id)
             if not self.leader.accepting:
