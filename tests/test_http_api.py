@@ -117,7 +117,7 @@ async def test_overload_is_429_and_accepted_requests_complete(http_cluster):
             assert body["usage"]["completion_tokens"] >= 1
 
 
-async def test_bad_json_body_is_400(http_cluster):
+async def test_bad_json_body_is_400(http_cluster, line):
     async with aiohttp.ClientSession() as session:
         async with session.post(f"http://{http_cluster.http}/v1/chat/completions", data=b"{oops") as resp:
             assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
@@ -132,7 +132,7 @@ async def test_bad_json_body_is_400(http_cluster):
                 assert (await resp.json())["error"]["type"] == "invalid_request_error"
 
 
-async def test_explicit_nulls_mean_not_given(http_cluster):
+async def test_explicit_nulls_mean_not_given(http_cluster, line):
     """OpenAI clients send null for what they leave unset: a null max_completion_tokens leaves
     max_tokens in force, and a null stream is no stream."""
     body = {"model": MODEL, "prompt": "1, 2, 3,", "max_completion_tokens": None, "max_tokens": 3, "stream": None,
