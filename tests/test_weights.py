@@ -115,6 +115,43 @@ def test_hosts_sharing_a_cache_fetch_one_tensor_at_once(tmp_path, monkeypatch):
     assert not list(gpu0.root.glob("*.part"))
 
 
+def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
+    """Under --disk-limit a cache that kept every model it held would leave a host without room
+    after a model update or two: other models' weights go, least recently written first."""
+    import os
+
+    from hetserve.leader.hosts import HostRecord
+    from hetserve.leader.layout import disk_shortfalls
+    from hetserve.weights.store import disk_room, make_room, weights_root
+    from hetserve.wire.messages import Inventory
+
+    monkeypatch.setenv("HETSERVE_HOME", str(tmp_path))
+    mib = 1 << 20
+    for model, size, age in (("old", mib, 200), ("newer", mib, 100), ("served", mib // 2, 0)):
+        (weights_root() / model).mkdir(parents=True)
+        (weights_root() / model / "w.safetensors").write_bytes(b"\0" * size)
+        os.utime(weights_root() / model, (os.path.getmtime(tmp_path) - age,) * 2)
+    limit = 3 * mib
+    assert disk_room(limit) == mib // 2
+    assert make_room(mib, limit, keep="served") == 3 * mib // 2
+    assert sorted(d.name for d in weights_root().iterdir()) == ["newer", "served"]
+    assert make_room(mib, limit, keep="served") == 3 * mib // 2, "room enough: nothing more goes"
+
+    # The leader counts what a host caches of other models as room it can make.
+    config = AutoConfig.for_model("llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=16, tie_word_embeddings=True)
+    sizes = {"model.embed_tokens.weight": 2 * mib, "model.layers.0.input_layernorm.weight": mib, "model.norm.weight": 0}
+    entries = [ManifestEntry(n, "tensor", size, "0" * 64, "F32", [1]) for n, size in sizes.items()]
+    manifest = Manifest("this", entries)
+    inventory = Inventory("cpu", "cpu", "x86", 8 << 30, 4 << 30, 4 << 30, 50.0, 2, disk_free_bytes=mib,
+                          cached_weights={"this": mib, "other": 2 * mib})
+    host = HostRecord("h0", b"h0", "127.0.0.1", inventory, "tcp://127.0.0.1:1", 0.0, "float32")
+    assert disk_shortfalls([host], [(0, 1)], manifest, config) == {}  # 2 MiB more: 1 free + 2 of "other"
+    host.inventory = Inventory("cpu", "cpu", "x86", 8 << 30, 4 << 30, 4 << 30, 50.0, 2, disk_free_bytes=mib,
+                               cached_weights={"this": mib})
+    assert "needs 2.0 MiB" in disk_shortfalls([host], [(0, 1)], manifest, config)["h0"]
+
+
 async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch):
     monkeypatch.setenv("HETSERVE_HOME", str(tmp_path / "home"))
     manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)

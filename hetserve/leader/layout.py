@@ -26,13 +26,15 @@ def disk_shortfalls(order: list[HostRecord], ranges: list[tuple[int, int]], mani
     """Hosts whose cache cannot take the weights of their slice: name -> why.
 
     A host with its own copy (--model) needs no room. For the others the slice's stored bytes,
-    less what the host already caches of this model, must fit the room it reported."""
+    less what the host already caches of this model, must fit the room it reported plus what it
+    caches of other models (it removes those to make room: weights.store.make_room)."""
     tensors = {e.name: e.size for e in manifest.entries if e.kind == "tensor"}
     out = {}
     for i, (host, (start, end)) in enumerate(zip(order, ranges)):
-        room = host.inventory.disk_free_bytes
-        if room < 0:
+        if host.inventory.disk_free_bytes < 0:
             continue
+        room = host.inventory.disk_free_bytes + sum(size for model, size in host.inventory.cached_weights.items()
+                                                    if model != manifest.model_hash)
         spec = StageSpec(start, end, first=i == 0, last=i == len(order) - 1)
         need = sum(tensors[n] for n in set(stage_tensor_names(config, tensors, spec).values()))
         need -= host.inventory.cached_weights.get(manifest.model_hash, 0)

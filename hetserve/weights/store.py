@@ -7,6 +7,9 @@ so after a crash the part's length says where to resume. A part becomes the real
 its data hashed to the manifest's digest, by an atomic rename: a host never loads a half-written
 or corrupted tensor, and a complete file that fails its hash later is deleted and fetched again.
 
+The cache holds one folder per model hash; other models' folders are removed, least recently
+written first, where a slice needs their room (`make_room`).
+
 Parts are named per host because hosts of one machine share the cache (a GPU box runs one
 `hetserve-worker@N` per GPU, all in /var/lib/hetserve): with one part name, two hosts fetching a
 tensor at once appended into and renamed away each other's part. Two hosts may now both fetch a
@@ -56,6 +59,24 @@ def disk_room(limit: int | None) -> int:
     if limit is not None:
         room = min(room, limit - sum(cached_weights().values()))
     return max(0, room)
+
+
+def make_room(need: int, limit: int | None, keep: str) -> int:
+    """Room for `need` more bytes of model `keep`'s weights: other models' cached weights are
+    removed, least recently written first, until it fits or none is left (a cache kept every model
+    it ever held, and under --disk-limit a model update or two left a host without room for good).
+    Returns the room then."""
+    room = disk_room(limit)
+    others = [d for d in weights_root().iterdir() if d.is_dir() and d.name != keep]
+    for directory in sorted(others, key=lambda d: d.stat().st_mtime):
+        if room >= need:
+            break
+        size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+        shutil.rmtree(directory, ignore_errors=True)
+        log.warning("removed the cached weights of model %s (%.1f MiB) to make room for model %s", directory.name,
+                    size / 2**20, keep)
+        room = disk_room(limit)
+    return room
 
 
 def tensor_header(entry: ManifestEntry) -> bytes:

@@ -43,7 +43,7 @@ from ..wire.messages import (Alive, Assign, Failed, Heartbeat, Join, Probe, Prob
                              Ready, Refused, Shutdown)
 from ..weights.fetch import WeightFetcher
 from ..weights.manifest import describe_mismatch, load_manifest
-from ..weights.store import WeightStore, cached_weights, disk_room
+from ..weights.store import WeightStore, cached_weights, disk_room, make_room
 from .inventory import take_inventory
 from .stage_loop import StageLoop
 
@@ -296,7 +296,7 @@ class Host:
             needed = [entries[n] for n in dict.fromkeys(stage_tensor_names(config, tensors, spec).values())]
             missing = await self._offload(store.missing, needed)  # hashes every cached tensor it needs
             need = sum(m.entry.size - m.offset for m in missing)
-            room = await self._offload(disk_room, self.settings.disk_limit)
+            room = await self._offload(make_room, need, self.settings.disk_limit, manifest.model_hash)
             if need > room:
                 raise ModelError(f"the slice needs {need / 2**20:.1f} MiB more of weights on disk, but this host's "
                                  f"cache ({store.root.parent}) has room for {room / 2**20:.1f} MiB")
