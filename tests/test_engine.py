@@ -198,3 +198,24 @@ def test_decode_rows_ride_in_a_prompts_micro_batch_where_stages_run_rows_flat(st
 def test_no_mixing_where_a_stage_pads_rows_or_when_off():
     for engine, _ in (make_engine(flat_tokens=0), make_engine(flat_tokens=2048, mixed_batches=False)):
         assert engine.snapshot()["batching"]["mix_tokens"] == 0
+
+
+def test_a_micro_batch_that_cannot_be_sent_fails_its_rows_and_holds_nothing():
+    """Counted in flight before a failed send, it held a pipeline place and its requests' slots
+    until the step timeout (120 s), stalling everything behind it on one stage."""
+    calls = []
+
+    def send(step, ids):
+        calls.append(step)
+        if len(calls) == 1:
+            raise OverflowError("int too big to convert")
+
+    engine = Engine(Limits(max_seqs=2, max_context=64), {2}, lambda ids: "x", send, vocab_size=100)
+    engine.pipeline_ready(1, 0, True)
+    broken, fine = [], []
+    start(engine, broken, request_id="broken")
+    assert broken[-1]["event"] == "error" and "could not be sent" in broken[-1]["error"]["message"]
+    assert not engine.in_flight and len(engine.free_slots) == 2
+    start(engine, fine, request_id="fine")
+    answer(engine, 11)
+    assert fine[0]["event"] == "token" and len(calls) >= 2

@@ -236,6 +236,13 @@ class Engine:
             ),
             tensor=TensorMeta("int64", list(ids.shape)), epoch=self.epoch, feeds=feeds,
         )
+        try:
+            self._send(step, ids)
+        except Exception as exc:  # it cannot be encoded: fail its rows, never count it in flight (a stall)
+            log.exception("micro-batch %d could not be sent", step.mb)
+            for request, _ in rows:
+                self._fail(request, f"the micro-batch could not be sent: {type(exc).__name__}")
+            return
         for (request, _), decode_row in zip(rows, decoding):
             request.in_flight += 1
             request.ahead += decode_row
@@ -243,7 +250,6 @@ class Engine:
         self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding)
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase
-        self._send(step, ids)
 
     def on_result(self, result: StepResult) -> None:
         flight = self.in_flight.get(result.mb)
