@@ -34,12 +34,26 @@ def setup_logging(level: str, role: str, as_json: bool = False) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+STOP_AGAIN_S = 5.0  # after a signal, cancel again this often while `main` still runs
+
+
 async def run_until_signal(main) -> None:
-    """Await `main`; SIGINT/SIGTERM cancel it so its `finally` blocks close sockets cleanly."""
+    """Await `main`; SIGINT/SIGTERM cancel it so its `finally` blocks close sockets cleanly.
+
+    A cancellation can be lost: Python 3.11's asyncio.wait_for drops one that lands just as the
+    awaitable it waits on completes (a host's control loop waits so on every leader message), and
+    the daemon then ran on after SIGTERM (seen in tests/test_security.py). So while `main` runs
+    after a signal it is cancelled again every STOP_AGAIN_S: time enough for a clean stop first."""
     task = asyncio.ensure_future(main)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(STOP_AGAIN_S, stop)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, stop)
     try:
         await task
     except asyncio.CancelledError:

@@ -137,6 +137,35 @@ def test_up_stops_cleanly_on_sigterm(model_dir):
     assert cluster.stop() == 0
 
 
+def test_a_lost_cancellation_does_not_keep_a_daemon_running_after_sigterm():
+    """Python 3.11's asyncio.wait_for can drop a cancellation that lands as its awaitable completes;
+    a host then ran on after SIGTERM (test_security timed out waiting for it). The daemons' signal
+    handling cancels again until the main task ends."""
+    import sys
+
+    from hetserve.lifecycle import STOP_AGAIN_S
+
+    script = (
+        "import asyncio\n"
+        "from hetserve.lifecycle import run_until_signal\n"
+        "async def main():\n"
+        "    print('ready', flush=True)\n"
+        "    try:\n"
+        "        await asyncio.sleep(3600)\n"
+        "    except asyncio.CancelledError:\n"
+        "        pass  # lost, as wait_for can lose one\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(run_until_signal(main()))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(3 * STOP_AGAIN_S) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_convert_gguf_matches_the_cached_default(tmp_path, model_dir):
     from safetensors.torch import load_file
 
