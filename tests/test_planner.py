@@ -66,6 +66,47 @@ def test_identical_hosts_are_ordered_once():
     assert len(host_orders(hosts)) == 5 + (4 + 1) + (3 + 1) + (2 + 1) + (1 + 1)
 
 
+def test_hosts_of_one_device_name_but_other_speeds_are_both_tried_in_each_place():
+    """Every 2-thread x86 CPU is named alike: hosts are interchangeable only where all the planner
+    reads of them is, so the plan must not depend on the order they are listed in."""
+    slow = HostInput("slow", 200 * MiB, synthetic_profile("cpu-x86_64-2t", 2.0))
+    fast = HostInput("fast", 200 * MiB, synthetic_profile("cpu-x86_64-2t", 0.1))
+    far = HostInput("far", 200 * MiB, synthetic_profile("cpu-x86_64-2t", 0.1), link_ms=500.0)
+    assert len(host_orders([slow, fast])) == 4  # both, each way, and each alone
+    for hosts in ([slow, fast], [far, fast], [far, fast, slow]):
+        one, other = (make_plan("m", h, SENS, Workload(64, 32, 4), 0.02) for h in (hosts, hosts[::-1]))
+        assert one.predicted_tokens_per_s == pytest.approx(other.predicted_tokens_per_s), hosts
+    assert [s.host for s in make_plan("m", [slow, fast], SENS, Workload(64, 32, 4), 0.02).stages] == ["fast"]
+
+
+def test_layer_groups_count_negative_noise_as_zero():
+    """Summed with their signs, one layer's negative (noise) delta hid its neighbour's cost and a
+    grouped plan passed a target that its layers break."""
+    from hetserve.plan.grouping import make_grouped_plan
+
+    noisy = Sensitivity("m", 256, math.log(20.0), {"int8": [0.01, -0.01] * (LAYERS // 2), "int4": [1.0] * LAYERS})
+    hosts = [HostInput("a", 200 * MiB, synthetic_profile("a", 1.0, int8_speedup=3.0))]
+    plan = make_grouped_plan("m", hosts, noisy, Workload(64, 32, 4), 0.01, group=2)
+    chosen = [p for stage in plan.stages for p in stage.precisions]
+    assert noisy.predicted_ppl(chosen) <= noisy.base_ppl * 1.01 + 1e-9, chosen
+
+
+def test_a_plan_of_native_layers_alone_needs_no_quantized_precision(model_dir, tmp_path, monkeypatch):
+    """`hetserve plan --precisions native` (or profiles that left every quantized precision out):
+    the sensitivity still says how many layers there are."""
+    from hetserve.plan.grouping import make_grouped_plan
+    from hetserve.plan.prior import depth_prior
+    from hetserve.plan.quality import measure_sensitivity
+
+    monkeypatch.setenv("HETSERVE_HOME", str(tmp_path))
+    measured = measure_sensitivity(model_dir, [], tokens=16, progress=False)
+    assert measured.delta == {"native": [0.0] * 30}
+    assert depth_prior(SENS, 6, ["native"]).delta == {"native": [0.0] * 6}
+    hosts = [HostInput("a", 400 * MiB, synthetic_profile("a", 1.0))]
+    plan = make_grouped_plan("m", hosts, depth_prior(SENS, LAYERS, ["native"]), Workload(64, 32, 4), 0.02, ["native"])
+    assert {p for stage in plan.stages for p in stage.precisions} == {"native"}
+
+
 def test_a_host_that_does_not_pay_is_left_out():
     """A host 20x slower than the other, which fits the model alone, gets no layers."""
     hosts = [HostInput("fast", 200 * MiB, synthetic_profile("fast", 0.1)),

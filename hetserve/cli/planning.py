@@ -179,6 +179,7 @@ def host_plan_inputs(model, host_specs, device, link_gbps, calibration_tokens, a
     """--host: profiles measured (this device's) or given; sensitivity measured on the model's weights."""
     from pathlib import Path
 
+    from ..model.precision import GPU_ONLY
     from ..plan.planner import HostInput
     from ..plan.profile import DeviceProfile, cached_profile
     from ..plan.quality import sensitivity
@@ -200,8 +201,10 @@ def host_plan_inputs(model, host_specs, device, link_gbps, calibration_tokens, a
             local = local or cached_profile(files.path, device)[0]
             prof = local
         hosts.append(HostInput(name, memory, prof, link_gbps))
-    quantized = sorted({p for h in hosts for p in h.profile.layer_bytes if p != "native" and p in (allowed or [p])})
-    sens = sensitivity(files.path, quantized, calibration_tokens, device if device == "cpu" else "cpu")
+    # Sensitivity is measured on this CPU, where quanto's fp8 cannot run: GPU-only precisions are left out.
+    quantized = sorted({p for h in hosts for p in h.profile.layer_bytes
+                        if p != "native" and p not in GPU_ONLY and p in (allowed or [p])})
+    sens = sensitivity(files.path, quantized, calibration_tokens, "cpu")
     return model, hosts, sens, workload, allowed, [], False
 
 

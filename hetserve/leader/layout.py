@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from ..config import LeaderSettings, Limits
-from ..model.precision import ACTIVATIONS_QUANTIZED
+from ..model.precision import ACTIVATIONS_QUANTIZED, GPU_ONLY
 from ..model.stage import StageSpec, stage_tensor_names
 from ..plan.planner import HostInput, Plan, Workload, make_plan
 from ..plan.quality import sensitivity
@@ -98,7 +98,9 @@ def plan_live(settings: LeaderSettings, hosts: list[HostRecord], model_dir: Path
     p = settings.planner
     inputs = [HostInput(h.name, h.inventory.usable_bytes, h.profile, h.link.gbps, h.link.latency_ms) if h.link
               else HostInput(h.name, h.inventory.usable_bytes, h.profile, p.link_gbps) for h in hosts]
-    quantized = sorted({q for h in inputs for q in h.profile.layer_bytes if q != "native"})
+    # Sensitivity is measured on this CPU, where quanto's fp8 cannot run: GPU-only precisions are
+    # left out (no measured quality cost, so the planner never picks them), as `hetserve plan` does.
+    quantized = sorted({q for h in inputs for q in h.profile.layer_bytes if q != "native" and q not in GPU_ONLY})
     log.info("planning for +%.1f%% perplexity: measuring layer sensitivity (cached after the first time)",
              p.max_ppl_increase * 100)
     limits = settings.limits

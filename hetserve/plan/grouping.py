@@ -25,7 +25,11 @@ def grouped_profile(profile: DeviceProfile, group: int) -> DeviceProfile:
 
 
 def grouped_sensitivity(sens: Sensitivity, group: int) -> Sensitivity:
-    return replace(sens, delta={p: [sum(d[i:i + group]) for i in range(0, len(d), group)] for p, d in sens.delta.items()})
+    """A group's loss increase is its layers' summed as the plan's perplexity is predicted, negative
+    (noise) ones counted as 0: summed with their signs, one layer's noise would hide another's cost
+    and a grouped plan could pass the target its layers break."""
+    return replace(sens, delta={p: [sum(max(0.0, x) for x in d[i:i + group]) for i in range(0, len(d), group)]
+                                for p, d in sens.delta.items()})
 
 
 def expanded(stage: PlannedStage, group: int) -> PlannedStage:

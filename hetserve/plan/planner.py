@@ -159,8 +159,14 @@ def host_orders(hosts: list[HostInput], max_orders: int | None = None) -> list[l
 def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple[list[list[HostInput]], bool]:
     """(host_orders, whether they are every distinct order of every subset)."""
     max_orders = MAX_EXACT_ORDERS if max_orders is None else max_orders
+    # Hosts alike in all the planner reads are interchangeable: one order of them stands for all.
+    # The profile by content, not by device name (every 2-thread x86 CPU is named alike).
+    profiles: dict[int, str] = {}
+    for h in hosts:
+        profiles.setdefault(id(h.profile), json.dumps(asdict(h.profile), sort_keys=True))
+
     def signature(h: HostInput):
-        return (h.profile.device_name, h.memory_bytes, h.link_gbps)
+        return (profiles[id(h.profile)], h.memory_bytes, h.link_gbps, h.link_ms)
 
     orders, seen, examined = [], set(), 0
     for size in range(len(hosts), 0, -1):

@@ -44,7 +44,7 @@ def _at_depth(values: list[float], x: float) -> float:
 def depth_prior(source: Sensitivity, layers: int, precisions: list[str]) -> Sensitivity:
     """Per-layer loss increases for an L-layer model. base_loss is 0: without weights there is no
     base perplexity, so predicted_ppl() is the factor by which perplexity grows."""
-    delta = {}
+    delta = {"native": [0.0] * layers}  # as measure_sensitivity: the layer count, native alone included
     for p in precisions:
         if p == "native":
             continue

@@ -118,8 +118,10 @@ def measure_sensitivity(model_dir: Path, precisions: list[str], tokens: int = 51
     ids = calibration_ids(model_dir, tokens)
     base = mean_loss(model, ids)
     scales = activation_scales(model_dir) if set(precisions) & ACTIVATIONS_QUANTIZED else []
-    delta = {p: [] for p in precisions}
-    work = [(p, i) for p in precisions for i in range(len(model.layers))]
+    # native's increase is 0 by definition; it is there so that every Sensitivity says how many
+    # layers it covers, a plan of native layers alone included
+    delta = {"native": [0.0] * len(model.layers), **{p: [] for p in precisions if p != "native"}}
+    work = [(p, i) for p in precisions if p != "native" for i in range(len(model.layers))]
     for precision, i in tqdm(work, desc="layer sensitivity", unit="layer", disable=not progress):
         original = model.layers[i]
         quantized = torch.nn.ModuleList([copy.deepcopy(original)])
@@ -135,7 +137,9 @@ def sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, devic
     """Cached under $HETSERVE_HOME/quality/; measured once per model, precision set and length."""
     path = hetserve_home() / "quality" / f"{model_key(model_dir)}-{tokens}-{'-'.join(sorted(precisions))}.json"
     if path.is_file():
-        return Sensitivity(**json.loads(path.read_text()))
+        cached = Sensitivity(**json.loads(path.read_text()))
+        if "native" in cached.delta:  # older ones lack it (and, for no precision, the layer count)
+            return cached
     result = measure_sensitivity(model_dir, precisions, tokens, device, progress)
     write_atomic(path, json.dumps(asdict(result)))
     return result
