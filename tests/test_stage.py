@@ -143,6 +143,21 @@ def test_sampling_rules():
     assert torch.isfinite(nucleus).tolist() == [True, True, False, False]
 
 
+def test_a_row_with_non_finite_logits_falls_back_to_greedy_and_spares_the_others():
+    """An inf logit (a float16 overflow) made NaN probabilities: multinomial failed the whole
+    micro-batch (on a GPU, a device-side assert that leaves the CUDA context unusable)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    rows = SamplingRows([1.0] * 3, [0] * 3, [1.0] * 3, [1, 2, 3], [0] * 3)
+    fine = sample(logits.clone(), rows)
+    broken = logits.clone()
+    broken[1, 42] = float("inf")
+    broken[2, :] = float("nan")
+    ids = sample(broken, rows)
+    assert ids[0] == fine[0] and ids[1] == 42  # the other rows draw exactly as before
+    assert 0 <= ids[2] < 100
+
+
 def test_w8a8_quantizes_the_requested_layers_only(model_dir):
     """Layers 10-13 as native, int8, w8a8, w8a8 on real hidden states: only the w8a8 layers
     quantize activations (with the shipped scales, outputs in float), int8 and w8a8 weights take

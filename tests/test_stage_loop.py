@@ -41,6 +41,19 @@ def test_token_ids_outside_the_vocabulary_are_refused(loop, bad):
         loop.launch(*step_of(ids))
 
 
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", -1.0), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -1), ("seed", -3)])
+def test_sampling_values_a_stage_cannot_sample_with_are_refused(loop, field, value):
+    """The leader never sends them; a faulty or hostile peer could, and one bad row failed the
+    whole micro-batch in multinomial."""
+    from dataclasses import replace
+
+    step, frames = step_of(torch.tensor([[5, 7, 9]]))
+    step = replace(step, sampling=replace(step.sampling, **{field: [value]}))
+    with pytest.raises(WireError, match="sampling needs"):
+        loop.launch(step, frames)
+
+
 def test_a_good_micro_batch_goes_downstream(loop):
     header, frame = loop.finish(loop.launch(*step_of(torch.tensor([[5, 7, 9], [11, 13, 17]]))))
     step = decode(header, expect=(Step,))

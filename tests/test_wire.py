@@ -80,3 +80,18 @@ def test_tensor_frame_round_trip_and_checks():
         from_frame(meta, bytes(frame)[:-4], (2, 3, 4), ("float32",), torch.device("cpu"))
     with pytest.raises(WireError, match="shape"):
         from_frame(TensorMeta("float32", [-1, 3, 4]), b"", (None, 3, 4), ("float32",), torch.device("cpu"))
+
+
+def test_a_small_frame_of_many_tiny_containers_is_refused_early():
+    """Per-container limits bound nothing in all: 16 arrays of 2^20 empty arrays is a 16 MiB frame
+    that decoded to ~1.1 GB of lists (and seconds of the leader's event loop) before failing."""
+    import tracemalloc
+
+    bomb = b"\xdc\x00\x10" + (b"\xdd\x00\x10\x00\x00" + b"\x90" * (1 << 20)) * 16
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="list items and map entries"):
+            decode(bomb, expect=(Step,))
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()

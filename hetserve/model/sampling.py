@@ -44,7 +44,13 @@ def sample(logits: torch.Tensor, rows: SamplingRows | None) -> torch.Tensor:
         if temperature < GREEDY_BELOW:
             continue
         row = filter_logits(logits[b] / temperature, rows.top_k[b], rows.top_p[b])
-        probs = torch.softmax(row, dim=-1)
+        # An inf or NaN logit (a float16 overflow, say) makes NaN probabilities, on which
+        # multinomial fails the whole micro-batch, and on a GPU asserts on the device, which leaves
+        # the process's CUDA context unusable. Non-finite probabilities count as 0 and the greedy
+        # token gets a mass too small to move any other draw (~1e-30 against at least 1/V), so such
+        # a row falls back to the greedy token, with no host sync to check for it.
+        probs = torch.nan_to_num(torch.softmax(row, dim=-1), nan=0.0, posinf=0.0, neginf=0.0)
+        probs[ids[b]] += 1e-30
         generator = row_generator(rows.seed[b], rows.step[b], logits.device)
         ids[b] = torch.multinomial(probs, 1, generator=generator)[0]
     return ids

@@ -16,6 +16,8 @@ import typing
 import msgpack
 
 MAX_CONTAINER = 1 << 20  # most items in one list/map we accept from a peer
+MAX_ITEMS = 1 << 19  # most list items and map entries in one message, all containers together: a
+#                      16 MiB frame of empty lists decodes to ~1 GB of Python objects otherwise
 
 
 class WireError(ValueError):
@@ -44,9 +46,19 @@ def encode(msg) -> bytes:
 
 
 def decode(data: bytes, expect: tuple[type, ...] | None = None):
+    items = 0
+
+    def counted(container):  # msgpack calls it as each list or map is complete, inner ones first
+        nonlocal items
+        items += len(container) + 1
+        if items > MAX_ITEMS:
+            raise ValueError(f"more than {MAX_ITEMS} list items and map entries")
+        return container
+
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=len(data),
-                               max_str_len=len(data), max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER)
+                               max_str_len=len(data), max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER,
+                               list_hook=counted, object_hook=counted)
     except Exception as exc:
         raise WireError(f"not msgpack: {exc}") from None
     if not isinstance(body, dict):

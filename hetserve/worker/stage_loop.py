@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ def check_step(step: Step, model: StageModel) -> None:
         raise WireError(f"rows must hold 1..{spec.max_context} tokens in all")
     if len(step.stage_ms) > 4096:
         raise WireError("stage_ms is too long")
+    sampling = step.sampling
+    if not all(math.isfinite(t) and t >= 0 for t in sampling.temperature) or \
+            not all(0 < p <= 1 for p in sampling.top_p) or min(sampling.top_k) < 0 or min(sampling.seed) < 0:
+        raise WireError("sampling needs finite temperatures >= 0, top_p in (0, 1], top_k and seeds >= 0")
     if step.feeds:
         if model.sampled is None:
             raise WireError("only a stage that is both first and last can feed rows the token they sampled")
