@@ -3,6 +3,8 @@ layout chosen, and the Assign each stage gets."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hetserve.config import LeaderSettings, Limits
@@ -52,6 +54,20 @@ def plan(bounds, precisions=()):
         plan_layout(plan([(0, 10), (11, 30)]), hosts, 30)
     with pytest.raises(PlanError, match="joined"):
         plan_layout(plan([(0, 10), (10, 20), (20, 30)]), hosts, 30)
+
+
+def test_a_plan_that_its_hosts_cannot_load_is_refused_before_any_load():
+    hosts = {"h0": host("h0", None), "h1": host("h1", None)}
+    with pytest.raises(PlanError, match="for each of its 10 layers"):
+        plan_layout(plan([(0, 10), (10, 30)], ["int8"] * 3), hosts, 30)
+    with pytest.raises(PlanError, match="for each of its"):
+        plan_layout(plan([(0, 15), (15, 30)], ["int3"] * 15), hosts, 30)
+    big = replace(plan([(0, 10), (10, 30)]), stages=[replace(st, memory_bytes=5 << 30)
+                                                    for st in plan([(0, 10), (10, 30)]).stages])
+    with pytest.raises(PlanError, match="needs 5.00 GiB, the host offers 4.00 GiB"):
+        plan_layout(big, hosts, 30)
+    with pytest.raises(PlanError, match="no stages"):
+        plan_layout(replace(big, stages=[]), hosts, 30)
 
 
 def test_the_layout_is_the_plans_until_its_hosts_are_gone_after_serving():

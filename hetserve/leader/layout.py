@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from ..config import LeaderSettings, Limits
-from ..model.precision import ACTIVATIONS_QUANTIZED, GPU_ONLY
+from ..model.precision import ACTIVATIONS_QUANTIZED, GPU_ONLY, PRECISIONS
 from ..model.stage import StageSpec, stage_tensor_names
 from ..plan.planner import HostInput, Plan, Workload, make_plan
 from ..plan.quality import sensitivity
@@ -64,8 +64,12 @@ def adoptable(hosts: list[HostRecord], model_hash: str, num_layers: int, setting
 
 
 def plan_layout(plan: Plan, hosts: dict[str, HostRecord], num_layers: int) -> Layout:
-    """The plan's host order, ranges and precisions; PlanError when its hosts did not join or its
-    ranges do not cover the model."""
+    """The plan's host order, ranges and precisions; PlanError when its hosts did not join, its
+    ranges do not cover the model, a stage's precisions are not one known precision a layer (or
+    none: native), or a stage needs more memory than its host offers (it would fail or run out of
+    memory loading)."""
+    if not plan.stages:
+        raise PlanError("the plan has no stages")
     missing = [st.host for st in plan.stages if st.host not in hosts]
     if missing:
         raise PlanError(f"the plan is for hosts {[st.host for st in plan.stages]}, but {sorted(hosts)} joined")
@@ -73,6 +77,14 @@ def plan_layout(plan: Plan, hosts: dict[str, HostRecord], num_layers: int) -> La
     if bounds[0][0] != 0 or bounds[-1][1] != num_layers or any(
             a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(num_layers, 0)])):
         raise PlanError(f"the plan's layer ranges {bounds} do not cover layers 0-{num_layers - 1} contiguously")
+    for st in plan.stages:
+        if len(st.precisions) not in (0, st.end - st.start) or not set(st.precisions) <= set(PRECISIONS):
+            raise PlanError(f"the plan's stage on {st.host} needs one of {', '.join(PRECISIONS)} for each of its "
+                            f"{st.end - st.start} layers (or none: all native), not {st.precisions}")
+        usable = hosts[st.host].inventory.usable_bytes
+        if st.memory_bytes > usable:
+            raise PlanError(f"the plan's stage on {st.host} needs {st.memory_bytes / 2**30:.2f} GiB, the host offers "
+                            f"{usable / 2**30:.2f} GiB")
     return [hosts[st.host] for st in plan.stages], bounds, [st.precisions for st in plan.stages]
 
 
