@@ -259,8 +259,8 @@ def test_a_host_that_failed_to_load_its_slice_sits_out_longer_each_time():
     inventory = Inventory("cpu", "cpu", "x86_64", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
     for name in ("h0", "h1"):
         leader.hosts[name] = HostRecord(name, name.encode(), "127.0.0.1", inventory, "tcp://127.0.0.1:1", 0.0, "float32")
-    leader.failures["h1"] = Failures().after_failure(time.monotonic())
-    assert [h.name for h in leader._candidates()] == ["h0"]
+    leader._sit_out(leader.hosts["h1"])  # what a Failed while loading does
+    assert leader.failures["h1"].count == 1 and [h.name for h in leader._candidates()] == ["h0"]
     leader.failures["h1"] = Failures(1, time.monotonic() - 1)  # its time is up: planned in again
     assert [h.name for h in leader._candidates()] == ["h0", "h1"]
 

@@ -91,6 +91,21 @@ class PipelineLayout:
         return sorted((h for h in self.hosts.values() if h.name not in self.excluded and h.state not in ("dead", "failed")
                        and self.failures.get(h.name, Failures()).until <= now), key=lambda h: h.name)
 
+    def _sit_out(self, host: HostRecord) -> None:
+        """The host failed to load its slice: keep it out of plans a while (hosts.Failures)."""
+        failures = self.failures.get(host.name, Failures()).after_failure(time.monotonic())
+        self.failures[host.name] = failures
+        log.warning("host %s sits out of plans for %.0f s (failure %d in a row to load)", host.name,
+                    failures.until - time.monotonic(), failures.count)
+
+    def _silent_for(self, host: HostRecord, now: float) -> float:
+        """How long a host has been silent while the leader listened. A layout runs inside the
+        control loop (a live plan measures for seconds to minutes), which reads no heartbeat
+        meanwhile: silence counts from when it ends, not from a heartbeat still unread."""
+        if self.assigning:
+            return 0.0
+        return now - max(host.last_seen, self.listening_since)
+
     def _plannable(self) -> list[HostRecord]:
         """Candidates a layout can use now: with live planning, those whose profile has come
         (one still profiling is planned in when its profile arrives)."""

@@ -223,10 +223,7 @@ class Leader(PipelineLayout):
                     host.state = "failed"
                     raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
                 if host.state == "loading":  # a slice it cannot load: it would fail the same way at once
-                    failures = self.failures.get(host.name, Failures()).after_failure(time.monotonic())
-                    self.failures[host.name] = failures
-                    log.warning("host %s sits out of plans for %.0f s (failure %d in a row to load)", host.name,
-                                failures.until - time.monotonic(), failures.count)
+                    self._sit_out(host)
                 await self._host_lost(host, f"failed: {msg.reason}", "failed")
 
     async def _join(self, route: bytes, peer_ip: str, user_id: str, msg: Join) -> None:
@@ -342,14 +339,6 @@ class Leader(PipelineLayout):
                 await self.channel.send(host.route, Alive())  # where its connection is gone, the silence will tell
             if self.failures:
                 await self._maybe_assign()  # a host whose sitting out ended is planned in again
-
-    def _silent_for(self, host: HostRecord, now: float) -> float:
-        """How long a host has been silent while the leader listened. A layout runs inside the
-        control loop (a live plan measures for seconds to minutes), which reads no heartbeat
-        meanwhile: silence counts from when it ends, not from a heartbeat still unread."""
-        if self.assigning:
-            return 0.0
-        return now - max(host.last_seen, self.listening_since)
 
     # ---- clients
 
