@@ -185,6 +185,14 @@ def test_heuristic_orders_state_a_gap_that_bounds_the_exact_optimum():
     assert t_heuristic / (1 + heuristic.optimality_gap) <= t_exact * (1 + 1e-3)  # the gap is rounded
 
 
+def test_the_heuristic_search_can_leave_hosts_out():
+    """Past the exact search's limit only orders of every host were tried: more hosts than layers
+    (or hosts too small to pay) made a plan that exists be refused as not fitting."""
+    hosts = [HostInput(f"h{i}", 200 * MiB, synthetic_profile("a", 1.0)) for i in range(LAYERS + 1)]
+    plan = make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.02)  # 9! orders examined: past the limit
+    assert 1 <= len(plan.stages) <= LAYERS and any("heuristic" in n for n in plan.notes)
+
+
 def test_cost_model_reads_the_profile():
     cost = CostModel(synthetic_profile("a", 1.0))
     assert cost.layer_ms("native", "decode", 1, 64) == pytest.approx(0.3)

@@ -71,8 +71,8 @@ def profile(model, device, dtype, remeasure, validate, out):
               help="Comma-separated precisions the plan may use, e.g. native,int8 (default: all the hosts run).")
 @click.option("--max-orders", default=None, type=click.IntRange(0),
               help="Most distinct host orders (of every subset of the hosts) searched exactly (default 120); past "
-                   "it, only all hosts by memory, largest first, and the reverse, and the plan states its gap to "
-                   "an order-free lower bound.")
+                   "it, only the k hosts of most memory for every k, largest first and the reverse, and the plan "
+                   "states its gap to an order-free lower bound.")
 @click.option("--layer-group", default=1, show_default=True, type=click.IntRange(1),
               help="Plan in groups of this many consecutive layers (one host and precision each): a smaller, "
                    "coarser search.")
@@ -115,8 +115,8 @@ def plan(ctx, model, model_config, host_specs, cluster_file, device, link_gbps, 
     if layer_group > 1:
         notes = notes + [f"search: layers planned in groups of {layer_group} (--layer-group)"]
     if max_orders is not None:
-        notes = notes + [f"search: at most {max_orders} host orders searched exactly, else all hosts by memory "
-                         "and the reverse (--max-orders)"]
+        notes = notes + [f"search: at most {max_orders} host orders searched exactly, else the hosts of most "
+                         "memory, each way round (--max-orders)"]
     workload = Workload(workload["prompt"], workload["output"], workload["batch"])
     try:
         result = make_grouped_plan(name, hosts, sens, workload, target, allowed, layer_group, max_orders)

@@ -14,9 +14,9 @@ bound reaches that T. The result is the exact optimum over the pairs, usually af
 few of them.
 
 Exact for small device counts, a stated heuristic with a bound for large: past
-MAX_EXACT_ORDERS distinct orders (or --max-orders), only all hosts by memory, largest first, and
-its reverse are tried (each solved exactly). The plan then states its optimality gap: its T over
-an order-free lower bound (order_bound.py, a relaxation that forgets order and contiguity), in
+MAX_EXACT_ORDERS distinct orders (or --max-orders), only the k hosts of most memory for each k,
+largest first and the reverse, are tried (each solved exactly). The plan then states its
+optimality gap: its T over an order-free lower bound (order_bound.py, a relaxation that forgets order and contiguity), in
 Plan.optimality_gap and in its notes. With every order searched the gap is 0.
 """
 
@@ -152,7 +152,7 @@ def quality_units(sens: Sensitivity, precisions: list[str], max_increase: float)
 def host_orders(hosts: list[HostInput], max_orders: int | None = None) -> list[list[HostInput]]:
     """Pipeline orders to try: every distinct order of every non-empty subset of the hosts (a host
     is used only where it pays), when there are at most max_orders (MAX_EXACT_ORDERS) of them;
-    otherwise the heuristic, all hosts by memory largest first and its reverse."""
+    otherwise the heuristic, the k hosts of most memory for every k, largest first and the reverse."""
     return order_search(hosts, max_orders)[0]
 
 
@@ -178,8 +178,10 @@ def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple
                     seen.add(key)
                     orders.append(list(perm))
                 if len(orders) > max_orders or examined > MAX_PERMUTATIONS:
+                    # The k largest hosts for every k, each way round: a plan on fewer hosts than
+                    # there are (more hosts than layers, hosts too small to pay) stays in reach.
                     by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
-                    return [by_memory, by_memory[::-1]], False
+                    return [o for k in range(len(hosts), 0, -1) for o in (by_memory[:k], by_memory[:k][::-1])], False
     return orders, True
 
 
@@ -281,7 +283,8 @@ def make_plan(model: str, hosts: list[HostInput], sens: Sensitivity, workload: W
                            f"{candidates - tried} ruled out by a lower bound)"]
     else:
         gap = order_gap(hosts, precisions, quality, budget, workload, best[0])
-        notes = [f"search: heuristic host orders (all {len(hosts)} hosts by memory, largest first, and the reverse: "
+        notes = [f"search: heuristic host orders (the k of {len(hosts)} hosts with most memory for every k, largest "
+                 "first and the reverse: "
                  f"more than {MAX_EXACT_ORDERS if max_orders is None else max_orders} distinct orders), each solved "
                  f"exactly; an order-free lower bound puts the plan within {gap:.1%} of the best over every order "
                  "and subset"]
