@@ -221,6 +221,32 @@ def test_json_logs_record_the_events_that_matter(model_dir, tmp_path):
         assert event in messages, event
 
 
+def test_a_live_plan_keeps_the_kv_cache_it_was_planned_for(tmp_path):
+    """A plan saved by --plan-out budgeted each host's memory for that leader's --max-seqs x
+    (--max-context + 1) KV tokens; re-used with --plan it was given the workload's batch and
+    lengths instead, up to several times the KV cache the hosts had room for."""
+    import click
+
+    from hetserve.cli.options import apply_plan
+    from hetserve.config import Limits
+    from hetserve.plan.planner import Plan, PlannedStage, Workload
+
+    def saved(workload: Workload):
+        plan = Plan(model="smollm2-135m", dtype="float32", workload=workload, max_ppl_increase=0.05, base_ppl=1.0,
+                    predicted_ppl=1.0, prefill_microbatch=2, decode_microbatch=4, predicted_tokens_per_s=1.0,
+                    stages=[PlannedStage("worker-0", 0, 30, [], 0.0, 0.0, 0, 0)])
+        plan.save(tmp_path / "plan.json")
+        return str(tmp_path / "plan.json")
+
+    live = saved(Workload(256, 128, 8, kv_tokens=2 * 257))
+    with pytest.raises(click.UsageError, match="514 KV-cache tokens"):
+        apply_plan(live, "smollm2-135m", Limits())  # 8 x 2049 by default
+    _, _, _, limits = apply_plan(live, "smollm2-135m", Limits(max_seqs=2, max_context=256))
+    assert (limits.max_seqs, limits.max_context, limits.prefill_seqs, limits.decode_seqs) == (2, 256, 2, 4)
+    _, _, _, limits = apply_plan(saved(Workload(256, 128, 8)), "smollm2-135m", Limits())
+    assert (limits.max_seqs, limits.max_context) == (8, 384)  # planned for its workload: exactly that
+
+
 def test_every_option_has_help():
     import click
 

@@ -148,11 +148,19 @@ def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, st
     plan = Plan.load(Path(plan_file))
     if model != DEFAULT_MODEL and model != plan.model:
         raise click.UsageError(f"--model {model} but the plan is for {plan.model}")
-    # The plan budgeted each host's memory for this KV cache: allocate exactly that.
-    limits = dataclasses.replace(limits, prefill_seqs=plan.prefill_microbatch, decode_seqs=plan.decode_microbatch,
-                                 max_seqs=plan.workload.batch,
-                                 max_context=plan.workload.prompt_tokens + plan.workload.output_tokens,
-                                 default_max_tokens=min(limits.default_max_tokens, plan.workload.output_tokens))
+    batching = dict(prefill_seqs=plan.prefill_microbatch, decode_seqs=plan.decode_microbatch,
+                    default_max_tokens=min(limits.default_max_tokens, plan.workload.output_tokens))
+    kv = plan.workload.kv_tokens
+    if kv:  # planned live (--plan-out), for the KV cache of that leader's --max-seqs and --max-context
+        if limits.max_seqs * (limits.max_context + 1) > kv:
+            raise click.UsageError(
+                f"the plan budgeted each host's memory for {kv} KV-cache tokens a layer; --max-seqs {limits.max_seqs} "
+                f"and --max-context {limits.max_context} need {limits.max_seqs * (limits.max_context + 1)}: give "
+                "the limits it was planned with (max-seqs x (max-context + 1) within the budget)")
+        return plan.model, len(plan.stages), plan.dtype, dataclasses.replace(limits, **batching)
+    # Planned for its workload: the plan budgeted each host's memory for this KV cache; allocate exactly that.
+    limits = dataclasses.replace(limits, max_seqs=plan.workload.batch,
+                                 max_context=plan.workload.prompt_tokens + plan.workload.output_tokens, **batching)
     return plan.model, len(plan.stages), plan.dtype, limits
 
 
