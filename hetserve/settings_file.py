@@ -43,13 +43,16 @@ def load_config_file(ctx: click.Context, param: click.Parameter, path: str | Non
         raise click.BadParameter(f"{path} is not valid TOML: {exc}", ctx, param) from None
     options = _options_by_key(ctx.command)
     commands = _commands(ctx.find_root().command)
+    known = {key for command in commands.values() for key in _options_by_key(command)}
     for table, value in data.items():
         if isinstance(value, dict) and table not in commands:
             raise click.BadParameter(f"{path}: [{table}] is not a command; tables: "
                                      f"{', '.join(sorted(commands))}", ctx, param)
-        if not isinstance(value, dict) and not any(_key(table) in _options_by_key(c) for c in commands.values()):
+        if not isinstance(value, dict) and _key(table) not in known:
             raise click.BadParameter(f"{path}: {table!r} is no command's option", ctx, param)
     section = data.get(ctx.info_name, {})
+    if not isinstance(section, dict):
+        raise click.BadParameter(f"{path}: [{ctx.info_name}] must be a table", ctx, param)
     values = {k: v for k, v in data.items() if not isinstance(v, dict)}
     values.update(section)
     defaults = {}

@@ -285,7 +285,8 @@ def test_settings_precedence_cli_over_env_over_file(tmp_path):
     refused = hetserve("leader", "--config", str(bad), timeout=60)
     assert refused.returncode == 2 and "decode_ahead: 'maybe' is not one of 'auto', 'on', 'off'" in refused.stderr
     for text, message in (('log_levl = "debug"\n', "'log_levl' is no command's option"),
-                          ("[leadr]\nhosts = 2\n", "[leadr] is not a command")):
+                          ("[leadr]\nhosts = 2\n", "[leadr] is not a command"),
+                          ('leader = "10.0.0.1:5555"\n', "[leader] must be a table")):  # join's option, leader's table
         bad.write_text(text)
         refused = hetserve("config", "show", "leader", "--config", str(bad), timeout=60)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
