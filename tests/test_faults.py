@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import PROMPTS, free_port, hetserve_cmd
+from conftest import PROMPTS, free_port, hetserve_cmd, wait_for
 from hetserve.client import LineClient
 
 MAX_NEW = 40
@@ -113,6 +113,39 @@ async def test_without_capacity_requests_fail_clearly_until_a_host_returns(daemo
         d.join("h0", tmp_path / "home", "--model", str(model_dir))
         assert (await wait_status(client, lambda s: s["state"] == "serving", 120))["state"] == "serving"
         prompt = PROMPTS[0]
+        assert await generate(client, prompt, 8) == reference(reference.tokenizer(prompt)["input_ids"], 8)
+    finally:
+        await client.close()
+
+
+async def test_a_host_the_layout_leaves_out_drops_its_slice(daemons, model_dir, reference, tmp_path):
+    """--plan over h0 and h1 with h2 spare: h2 takes h1's place while h1 is gone, and when h1 is
+    back and the plan applies again, h2 is told to drop the slice it no longer serves."""
+    from hetserve.plan.planner import Plan, PlannedStage, Workload
+
+    stages = [PlannedStage("h0", 0, 15, [], 0.0, 0.0, 0, 0), PlannedStage("h1", 15, 30, [], 0.0, 0.0, 0, 0)]
+    Plan(str(model_dir), "float32", Workload(), 1.0, 0.0, 0.0, stages, 1, 1, 0.0).save(tmp_path / "plan.json")
+    d = daemons(model_dir, 2, "--plan", str(tmp_path / "plan.json"))
+    spare_log = tmp_path / "h2.log"
+    hosts = started_hosts(d, ["h0", "h1"], tmp_path / "home", tmp_path / "hosts.log")
+    client = await d.client()
+    try:
+        def states(status):
+            return {h["name"]: h["state"] for h in status["hosts"]}
+
+        started_hosts(d, ["h2"], tmp_path / "home", spare_log)
+        status = await wait_status(client, lambda s: len(s["hosts"]) == 3 and s["state"] == "serving", 60)
+        assert states(status) == {"h0": "ready", "h1": "ready", "h2": "unused"}
+        hosts["h1"].send_signal(signal.SIGKILL)
+        status = await wait_status(client, lambda s: s["state"] == "serving" and states(s)["h2"] == "ready", 120)
+        assert states(status) == {"h0": "ready", "h1": "dead", "h2": "ready"}
+        assert "released" not in spare_log.read_text()
+
+        d.join("h1", tmp_path / "home", "--model", str(model_dir))
+        status = await wait_status(client, lambda s: s["state"] == "serving" and states(s)["h1"] == "ready", 120)
+        assert states(status) == {"h0": "ready", "h1": "ready", "h2": "unused"}
+        assert wait_for(lambda: "released layers" in spare_log.read_text(), 30), spare_log.read_text()[-2000:]
+        prompt = PROMPTS[1]
         assert await generate(client, prompt, 8) == reference(reference.tokenizer(prompt)["input_ids"], 8)
     finally:
         await client.close()

@@ -25,6 +25,7 @@ from ..plan.quality import activation_scales
 from ..plan.split import ModelShape, PlanError
 from ..transport.security import Identity, as_client
 from ..transport.sockets import local_ip_towards, tcp
+from ..wire.messages import Release
 from ..weights.manifest import Manifest
 from .engine import Engine
 from .hosts import Failures, HostRecord, describe_precisions
@@ -177,13 +178,19 @@ class PipelineLayout:
         # Last stage first: each host admits its upstream's key as soon as its Assign arrives, so
         # by the time an upstream host has loaded and connects, its downstream expects it.
         for host, assign in reversed(list(zip(order, assigns))):
+            host.holds_slice = True
             await self._send_host(host, assign)
         self.stages = order
         for host in self.hosts.values():
-            if host not in order and host.state not in ("dead", "failed"):
+            if host in order:
+                continue
+            if host.state not in ("dead", "failed"):
                 host.state = "unused"  # no room for a slice, or the plan found no layers that pay here
                 host.stage = host.layers = None
                 log.info("plan: host %s stays unused", host.name)
+            if host.holds_slice and host.state != "dead":  # its memory is idle: free it for later layouts
+                host.holds_slice = False
+                await self._send_host(host, Release(f"the layout of epoch {epoch} leaves this host out"))
 
     async def _fitting_layout(self) -> Layout:
         """A layout whose every host has disk room for its slice (hosts without are left out)."""

@@ -1,7 +1,7 @@
 """Every message that crosses a ZeroMQ socket between hosts, as frozen typed dataclasses.
 
 Control channel (leader ROUTER <-> host DEALER): Join, Refused, Probe, ProbeReply, ProfileRequest,
-ProfileReport, Assign, Ready, Failed, Heartbeat, Shutdown.
+ProfileReport, Assign, Ready, Failed, Heartbeat, Release, Shutdown.
 Weights channel (leader ROUTER <-> host DEALER, hetserve/weights/): GetManifest -> Manifest;
 FetchStart; GetChunk -> a `Chunk` header frame followed by one raw bytes frame. Data path (PUSH -> PULL, leader -> stage 0 -> ... -> last stage -> leader):
 a `Step` header frame followed by one raw tensor frame; `StepResult` from the last stage; a
@@ -140,6 +140,15 @@ class Assign:
     upstream_key: str = ""  # CURVE: the only key allowed to push into this host's data socket
     downstream_key: str = ""  # CURVE: the key the next stage (or the leader's results socket) must hold
     input_scales: list[dict[str, float]] = field(default_factory=list)  # per layer: w8a8 activation scales, else {}
+
+
+@message("release")
+class Release:
+    """Drop the slice held (weights, KV cache, stage loop): a new layout left this host out. Its
+    memory is free for the next Assign, and a leader that restarts is not offered the old slice.
+    (A host of before this message logs it as malformed and keeps its slice, as it used to.)"""
+
+    reason: str
 
 
 @message("shutdown")

@@ -40,7 +40,7 @@ from ..transport.sockets import bind_tcp, is_loopback, local_ip_towards, make_so
 from ..wire.codec import WireError, decode, encode
 from ..plan.profile import PROFILE_LAYERS, cached_profile
 from ..wire.messages import (Alive, Assign, Failed, Heartbeat, Join, Probe, ProbeReply, ProfileReport, ProfileRequest,
-                             Ready, Refused, Shutdown)
+                             Ready, Refused, Release, Shutdown)
 from ..weights.fetch import WeightFetcher
 from ..weights.manifest import describe_mismatch, load_manifest
 from ..weights.store import WeightStore, cached_weights, disk_room, make_room
@@ -168,7 +168,7 @@ class Host:
                 return True
             heard = True
             try:
-                msg = decode(raw, expect=(Alive, Assign, Probe, ProfileRequest, Refused, Shutdown))
+                msg = decode(raw, expect=(Alive, Assign, Probe, ProfileRequest, Refused, Release, Shutdown))
             except WireError as exc:
                 log.warning("ignored a malformed control message: %s", exc)
                 continue
@@ -184,6 +184,9 @@ class Host:
                 continue
             if isinstance(msg, ProfileRequest):
                 await self._profile(msg)
+                continue
+            if isinstance(msg, Release):
+                await self._release(msg.reason)
                 continue
             await self._assign(msg)
 
@@ -241,6 +244,21 @@ class Host:
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)
         await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3),
                                fetched, msg.epoch, model.static_steps.flat_tokens))
+
+    async def _release(self, reason: str) -> None:
+        """Stop the stage and free its weights and KV cache; nobody may push micro-batches here
+        until the next Assign names an upstream."""
+        held = self.current
+        await self._stop_stage()
+        self.model = self.current = None
+        release_memory()
+        if self.identity:
+            self.keyring.allowed = set()
+        if self.downstream is not None:
+            self.data_out.disconnect(self.downstream)
+            self.downstream = None
+        if held is not None:
+            log.info("released layers %d-%d: %s", held.start, held.end - 1, reason)
 
     def _stage_ended(self, task: asyncio.Task) -> None:
         """A stage loop ends only when cancelled: anything else means this stage no longer serves.
