@@ -22,7 +22,7 @@ from hetserve.client import LineClient
 from hetserve.model.resolve import ModelError
 from hetserve.weights.fetch import WeightFetcher
 from hetserve.weights.manifest import build_manifest, check_manifest, describe_mismatch, load_manifest
-from hetserve.weights.server import WeightServer
+from hetserve.weights.server import WeightServer, weights_socket
 from hetserve.weights.store import WeightStore, tensor_header
 from hetserve.wire.codec import decode, encode
 from hetserve.wire.messages import Chunk, GetChunk, Manifest, ManifestEntry
@@ -156,13 +156,23 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
     monkeypatch.setenv("HETSERVE_HOME", str(tmp_path / "home"))
     manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
     ctx = zmq.asyncio.Context()
-    router = ctx.socket(zmq.ROUTER)
+    router = weights_socket(ctx)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     server = asyncio.create_task(WeightServer(router, manifest, sources, 0).run())
     fetcher = WeightFetcher(ctx.socket(zmq.DEALER), f"tcp://127.0.0.1:{port}", "h",
                             lambda fn, *a: asyncio.to_thread(fn, *a))
+
+    async def refused(request: GetChunk) -> str:
+        await fetcher.sock.send(encode(request))
+        head, body = await fetcher.sock.recv_multipart()
+        assert body == b""
+        return decode(head, expect=(Chunk,)).error
+
     try:
         got = await fetcher.manifest(manifest.model_hash)
+        (tmp_path / "m" / "config.json").rename(tmp_path / "config.json")  # gone before it was read
+        assert "No such file" in await refused(GetChunk("h", "config.json", 0, 2))
+        (tmp_path / "config.json").rename(tmp_path / "m" / "config.json")
         store = WeightStore(got.model_hash, "h")
         total = sum(e.size for e in got.entries)
         assert await fetcher.fetch(store, store.missing(got.entries)) == total
@@ -170,13 +180,18 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
 
         for bad in (GetChunk("h", "nope", 0, 1), GetChunk("h", "config.json", 0, 10**9),
                     GetChunk("h", "config.json", -1, 1)):
-            await fetcher.sock.send(encode(bad))
-            head, body = await fetcher.sock.recv_multipart()
-            assert decode(head, expect=(Chunk,)).error and body == b""
+            assert await refused(bad)
         await fetcher.sock.send(b"\x93garbage")  # ignored, and the server keeps answering
         await fetcher.sock.send(encode(GetChunk("h", "config.json", 0, 2)))
         head, body = await fetcher.sock.recv_multipart()
         assert decode(head).length == 2 and body == (tmp_path / "m" / "config.json").read_bytes()[:2]
+
+        # A source file truncated under the leader: that request fails with why, the server goes on.
+        weights = tmp_path / "m" / "model.safetensors"
+        tensor = next(e for e in got.entries if e.kind == "tensor" and sources[e.name].path == weights)
+        weights.write_bytes(weights.read_bytes()[:sources[tensor.name].offset + 1])
+        assert "ends early" in await refused(GetChunk("h", tensor.name, 0, 2))
+        assert not server.done()
     finally:
         fetcher.close()
         server.cancel()

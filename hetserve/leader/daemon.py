@@ -31,7 +31,7 @@ from ..transport.security import (Identity, KeyRing, KeysError, as_server, load_
                                   start_authenticator)
 from ..transport.sockets import bind_tcp, is_loopback, is_tcp_endpoint, make_socket, receive, send, split_hostport
 from ..weights.manifest import load_manifest
-from ..weights.server import WeightServer
+from ..weights.server import WeightServer, weights_socket
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import (PROTOCOL_VERSION, Alive, Failed, Heartbeat, Join, ProbeReply, ProfileReport,
@@ -113,7 +113,7 @@ class Leader(PipelineLayout):
         self.control = make_socket(ctx, zmq.ROUTER)
         self.results = make_socket(ctx, zmq.PULL)
         self.to_stage0 = make_socket(ctx, zmq.PUSH)
-        self.weights = make_socket(ctx, zmq.ROUTER)
+        self.weights = weights_socket(ctx)
         if self.identity:
             for sock in (self.control, self.results, self.weights):
                 as_server(sock, self.identity)

@@ -3,8 +3,11 @@
 A host pulls: it asks for one chunk at a time with a few requests outstanding (credit-based flow
 control, as in the ZeroMQ guide's file-transfer pattern), so the leader never queues more than
 that window per host however large the model, and `--weights-rate` paces all transfers together
-so a joining host cannot starve the serving pipeline's links. Only entries of the manifest can be
-read, at offsets inside them: a request names a tensor, never a path.
+so a joining host cannot starve the serving pipeline's links. A peer that asks without reading
+the answers (not a hetserve host) finds replies past SEND_HWM dropped rather than queued. Only
+entries of the manifest can be read, at offsets inside them: a request names a tensor, never a
+path. A source file that cannot be read (moved, truncated, an I/O error) fails that request with
+the reason, never the leader.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import logging
 import os
 import time
 
+import zmq
 import zmq.asyncio
 from tqdm import tqdm
 
-from ..transport.sockets import receive
+from ..transport.sockets import make_socket, receive
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
 from .manifest import Source
@@ -25,6 +29,15 @@ from .manifest import Source
 log = logging.getLogger(__name__)
 
 MAX_CHUNK = 8 << 20  # largest chunk a host may ask for
+SEND_HWM = 16  # replies queued per connection at most (a host keeps fetch.WINDOW = 4 outstanding):
+#                past it the ROUTER drops them, so one peer cannot queue gigabytes of chunks here
+
+
+def weights_socket(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+    """The ROUTER the server answers on (the limit must be set before it binds)."""
+    sock = make_socket(ctx, zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+    return sock
 
 
 class Pacer:
@@ -91,6 +104,8 @@ class WeightServer:
                 if isinstance(msg, GetManifest):
                     await self.sock.send_multipart([route, self.manifest])
                 elif isinstance(msg, FetchStart):
+                    if msg.host in self.transfers:  # it gave up on that fetch and started again
+                        self.transfers[msg.host].bar.close()
                     self.transfers[msg.host] = Transfer(msg.host, msg)
                 else:
                     await self._chunk(route, msg)
@@ -106,17 +121,28 @@ class WeightServer:
             error = f"bytes {msg.offset}+{msg.length} are outside {msg.name} ({entry.size} bytes, chunks <= {MAX_CHUNK})"
         else:
             error = ""
+        data = b""
+        if not error:
+            try:
+                data = await self._read(self.sources[msg.name], msg)
+            except OSError as exc:
+                error = f"the leader cannot read {msg.name}: {exc}"
         if error:
             log.warning("refused a weights request from %s: %s", msg.host, error)
             await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, 0, error)), b""])
             return
-        source = self.sources[msg.name]
-        if source.path not in self.files:
-            self.files[source.path] = os.open(source.path, os.O_RDONLY)
-        data = await asyncio.get_running_loop().run_in_executor(
-            None, os.pread, self.files[source.path], msg.length, source.offset + msg.offset)
         await self.pacer.take(len(data))
         await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, len(data))), data], copy=False)
         transfer = self.transfers.get(msg.host)
         if transfer is not None and transfer.sent_bytes(len(data)):
             del self.transfers[msg.host]
+
+    async def _read(self, source: Source, msg: GetChunk) -> bytes:
+        """The chunk's bytes; OSError where the file is gone or holds fewer than the manifest says."""
+        if source.path not in self.files:
+            self.files[source.path] = os.open(source.path, os.O_RDONLY)
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, os.pread, self.files[source.path], msg.length, source.offset + msg.offset)
+        if len(data) != msg.length:
+            raise OSError(f"{source.path} ends early (changed since the leader started?)")
+        return data
