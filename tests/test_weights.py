@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 from pathlib import Path
 
@@ -114,12 +115,19 @@ def test_hosts_sharing_a_cache_fetch_one_tensor_at_once(tmp_path, monkeypatch):
     assert gpu0.missing([entry]) == gpu1.missing([entry]) == []
     assert not list(gpu0.root.glob("*.part"))
 
+    # Two hosts that would share a part name (two `join --device cpu`, no --name) do not.
+    first, second = WeightStore("abc", "cpu"), WeightStore("abc", "cpu")
+    assert first.owner == "cpu" and second.owner == f"cpu-{os.getpid()}"
+    first.close()
+    again = WeightStore("abc", "cpu")
+    assert again.owner == "cpu", "a closed store's name is free again (a restarted host resumes its parts)"
+    again.close()
+    second.close()
+
 
 def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
     """Under --disk-limit a cache that kept every model it held would leave a host without room
     after a model update or two: other models' weights go, least recently written first."""
-    import os
-
     from hetserve.leader.hosts import HostRecord
     from hetserve.leader.layout import disk_shortfalls
     from hetserve.weights.store import disk_room, make_room, weights_root
@@ -133,6 +141,10 @@ def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
         os.utime(weights_root() / model, (os.path.getmtime(tmp_path) - age,) * 2)
     limit = 3 * mib
     assert disk_room(limit) == mib // 2
+    part = weights_root() / "newer" / "x.safetensors.h0.part"  # an unfinished fetch takes room too
+    part.write_bytes(b"\0" * (mib // 4))
+    assert disk_room(limit) == mib // 4
+    part.unlink()
     assert make_room(mib, limit, keep="served") == 3 * mib // 2
     assert sorted(d.name for d in weights_root().iterdir()) == ["newer", "served"]
     assert make_room(mib, limit, keep="served") == 3 * mib // 2, "room enough: nothing more goes"

@@ -13,11 +13,16 @@ written first, where a slice needs their room (`make_room`).
 Parts are named per host because hosts of one machine share the cache (a GPU box runs one
 `hetserve-worker@N` per GPU, all in /var/lib/hetserve): with one part name, two hosts fetching a
 tensor at once appended into and renamed away each other's part. Two hosts may now both fetch a
-tensor; each renames a whole, hash-checked copy into place.
+tensor; each renames a whole, hash-checked copy into place. A store holds a lock on its owner
+name, so two hosts that would share one (two `join --device cpu` without `--name`) do not: the
+second adds its process id. Files another host removes meanwhile (a corrupted copy, another
+model's folder) are taken as gone, and the index is rewritten under a lock, so a host never
+drops from it a tensor another host has just added.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -42,22 +47,34 @@ def weights_root() -> Path:
     return hetserve_home() / "weights"
 
 
+def _bytes(files) -> int:
+    """Their total size; one that another host removed meanwhile counts as 0."""
+    total = 0
+    for f in files:
+        try:
+            total += f.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def cached_weights() -> dict[str, int]:
     """Model hash -> bytes of complete tensor files, for every model in this host's cache."""
     root = weights_root()
     if not root.is_dir():
         return {}
-    return {d.name: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in root.iterdir() if d.is_dir()}
+    return {d.name: _bytes(d.glob("*.safetensors")) for d in root.iterdir() if d.is_dir()}
 
 
 def disk_room(limit: int | None) -> int:
     """Bytes of weights this host may still add to its cache: free disk (less a margin), and
-    at most `limit` (join --disk-limit) in the whole cache."""
+    at most `limit` (join --disk-limit) in the whole cache, part files of unfinished fetches
+    included."""
     root = weights_root()
     root.mkdir(parents=True, exist_ok=True)
     room = shutil.disk_usage(root).free - DISK_MARGIN
     if limit is not None:
-        room = min(room, limit - sum(cached_weights().values()))
+        room = min(room, limit - _bytes(f for f in root.rglob("*") if f.is_file()))
     return max(0, room)
 
 
@@ -67,11 +84,17 @@ def make_room(need: int, limit: int | None, keep: str) -> int:
     it ever held, and under --disk-limit a model update or two left a host without room for good).
     Returns the room then."""
     room = disk_room(limit)
-    others = [d for d in weights_root().iterdir() if d.is_dir() and d.name != keep]
-    for directory in sorted(others, key=lambda d: d.stat().st_mtime):
+    others = {}
+    for d in weights_root().iterdir():
+        try:
+            if d.is_dir() and d.name != keep:
+                others[d] = d.stat().st_mtime
+        except FileNotFoundError:  # another host of this machine removed it just now
+            pass
+    for directory in sorted(others, key=others.get):
         if room >= need:
             break
-        size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+        size = _bytes(f for f in directory.glob("*") if f.is_file())
         shutil.rmtree(directory, ignore_errors=True)
         log.warning("removed the cached weights of model %s (%.1f MiB) to make room for model %s", directory.name,
                     size / 2**20, keep)
@@ -97,10 +120,33 @@ class Missing:
 class WeightStore:
     def __init__(self, model_hash: str, owner: str):
         """owner: names this host's part files, the same across its restarts (resumes) and apart
-        from other hosts of the machine (its --name, or its device)."""
+        from other hosts of the machine (its --name, or its device; with the process id added
+        while another live store holds the name). close() when done."""
         self.root = weights_root() / model_hash
         self.root.mkdir(parents=True, exist_ok=True)
-        self.owner = re.sub(r"[^\w.-]", "_", owner)  # a file name's part, whatever the host is called
+        owner = re.sub(r"[^\w.-]", "_", owner)  # a file name's part, whatever the host is called
+        self._lock = self._lock_owner(owner)
+        if self._lock is None:
+            shared, owner = owner, f"{owner}-{os.getpid()}"
+            log.warning("another host of this machine is fetching as %r: this one names its part files %r (give "
+                        "hosts of one machine a --name each to resume their fetches after a restart)", shared, owner)
+            self._lock = self._lock_owner(owner)
+        self.owner = owner
+
+    def _lock_owner(self, owner: str) -> int | None:
+        """An exclusive lock on the owner name (released with the descriptor), or None if held."""
+        fd = os.open(self.root / f".{owner}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def path(self, entry: ManifestEntry) -> Path:
         return self.root / (entry.name if entry.kind == "file" else f"{entry.name}.safetensors")
@@ -118,9 +164,11 @@ class WeightStore:
             ok = path.stat().st_size == start + entry.size and hash_range(path, start, entry.size) == entry.sha256
         except ModelError:
             ok = False
+        except FileNotFoundError:  # another host of this machine found it corrupted and removed it
+            ok = False
         if not ok:
             log.warning("cached %s is corrupted or incomplete: fetching it again", path.name)
-            path.unlink()
+            path.unlink(missing_ok=True)
         return ok
 
     def _data_start(self, path: Path, entry: ManifestEntry) -> int:
@@ -171,6 +219,13 @@ class WeightStore:
         return False
 
     def write_index(self) -> None:
-        """List every complete tensor so the stage loader finds it (atomically replaced)."""
-        weight_map = {f.name[: -len(".safetensors")]: f.name for f in sorted(self.root.glob("*.safetensors"))}
-        write_atomic(self.root / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        """List every complete tensor so the stage loader finds it (atomically replaced). Under a
+        lock: files are only added meanwhile, so each writer lists at least what the one before
+        it listed, and the index never loses a tensor another host just wrote it for."""
+        fd = os.open(self.root / ".index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            weight_map = {f.name[: -len(".safetensors")]: f.name for f in sorted(self.root.glob("*.safetensors"))}
+            write_atomic(self.root / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        finally:
+            os.close(fd)

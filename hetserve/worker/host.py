@@ -294,6 +294,7 @@ class Host:
         if not model_hash or not weights_addr:
             raise ModelError("the leader did not say which weights to load (an older leader?)")
         fetcher = WeightFetcher(self._to_leader(zmq.DEALER), weights_addr, self.name, self._offload)
+        store = None
         try:
             manifest = await fetcher.manifest(model_hash)
             if self.settings.model is not None:
@@ -325,6 +326,8 @@ class Host:
             return store.root, fetched
         finally:
             fetcher.close()
+            if store is not None:
+                store.close()
 
     def _load(self, model_dir: Path, msg: Assign, spec: StageSpec) -> StageModel:
         layers = load_config(model_dir).num_hidden_layers
