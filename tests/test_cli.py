@@ -181,6 +181,20 @@ def test_convert_gguf_matches_the_cached_default(tmp_path, model_dir):
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
+def test_a_conversion_killed_mid_way_leaves_no_folder_for_good(tmp_path):
+    """convert_gguf writes into a temporary folder beside the target; one left by a killed
+    conversion (the model's size in float32) is removed before the next conversion starts."""
+    from hetserve.model.resolve import ModelError, ensure_converted
+
+    stale = tmp_path / ".smollm2.a1b2c3"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / ".other.x").mkdir()
+    with pytest.raises(ModelError, match="does not exist"):
+        ensure_converted(tmp_path / "missing.gguf", tmp_path / "smollm2", progress=False)
+    assert not stale.exists() and (tmp_path / ".other.x").is_dir()
+
+
 def test_no_capacity_is_503(model_dir):
     """A leader still waiting for its hosts answers 503."""
     http, listen, serve = (f"127.0.0.1:{free_port()}" for _ in range(3))

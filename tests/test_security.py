@@ -180,3 +180,22 @@ async def test_hosts_talk_curve_and_unknown_keys_cannot_join(daemons, model_dir,
         for proc in [*hosts, intruder]:
             proc.terminate()
             proc.wait(30)
+
+
+def test_a_broken_key_file_is_named_not_a_traceback(tmp_path):
+    """A key file without a key, or with a truncated one, is refused naming the file (before, the
+    first raised ValueError and the second passed loading to fail in CURVE as 'Invalid argument')."""
+    from hetserve.transport.security import KeysError, keygen, load_identity, load_public
+
+    keygen(tmp_path, "leader")
+    assert len(load_public(tmp_path / "leader.key")) == 40 and load_identity(tmp_path).secret
+    good = (tmp_path / "leader.key").read_text()
+    key = good.split('public-key = "')[1][:40]
+    for broken in ("garbage\n", good.replace(key, key[:20]), good.replace(key, "\x01" * 40)):
+        (tmp_path / "leader.key").write_text(broken)
+        with pytest.raises(KeysError, match="leader.key is not a key file"):
+            load_public(tmp_path / "leader.key")
+    secret = (tmp_path / "leader.key_secret").read_text()
+    (tmp_path / "leader.key_secret").write_text(secret.replace('secret-key = "', 'secret-key = "x'))
+    with pytest.raises(KeysError, match="leader.key_secret is not a key file"):
+        load_identity(tmp_path)

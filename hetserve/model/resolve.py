@@ -94,6 +94,12 @@ def ensure_converted(gguf: Path, target: Path, progress: bool) -> Path:
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").is_file():
+            # Under the lock no conversion runs: a folder of convert_gguf's left is from one killed
+            # mid-way (the model's size in float32), never to be finished.
+            for stale in target.parent.glob(f".{target.name}.*"):
+                if stale.is_dir():
+                    log.warning("removing %s, left by a conversion that did not finish", stale)
+                    shutil.rmtree(stale, ignore_errors=True)
             log.info("converting %s to %s (once)", gguf, target)
             convert_gguf(gguf, target, progress)
     return target

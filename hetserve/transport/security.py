@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def load_identity(directory: Path) -> Identity:
     if len(secrets) != 1:
         raise KeysError(f"{directory} must hold exactly one *.key_secret (this machine's keys; "
                         f"`hetserve keygen {directory} --name NAME`), found {len(secrets)}")
-    public, secret = zmq.auth.load_certificate(secrets[0])
+    public, secret = read_certificate(secrets[0])
     if secret is None:
         raise KeysError(f"{secrets[0]} holds no secret key")
     return Identity(public, secret)
@@ -63,8 +64,21 @@ def load_identity(directory: Path) -> Identity:
 def load_public(path: Path) -> bytes:
     if not Path(path).is_file():
         raise KeysError(f"{path} is missing")
-    public, _ = zmq.auth.load_certificate(path)
-    return public
+    return read_certificate(path)[0]
+
+
+def read_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) of a key file `hetserve keygen` wrote; KeysError naming the file
+    where it is not one (pyzmq raises ValueError, or returns a key CURVE refuses later with
+    nothing but 'Invalid argument')."""
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+        for key in (public, secret):
+            if key is not None and (len(key) != 40 or len(z85.decode(key)) != 32):
+                raise ValueError("a key is not 40 Z85 characters")
+    except (OSError, ValueError, UnicodeDecodeError, KeyError) as exc:
+        raise KeysError(f"{path} is not a key file of `hetserve keygen`: {exc}") from None
+    return public, secret
 
 
 def load_allowed(directory: Path) -> set[bytes]:
