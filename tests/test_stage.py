@@ -248,3 +248,46 @@ def test_a_dropped_stage_is_freed_at_once(model_dir):
         assert dropped() is None
     finally:
         gc.enable()
+
+
+def tiny_stage(path, **spec) -> StageModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                  **spec.pop("config", {}))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return StageModel(path, StageSpec(0, 2, first=spec.pop("first", False), last=spec.pop("last", False), max_seqs=2,
+                                      max_context=64, **spec))
+
+
+def test_padding_positions_do_not_rescale_dynamic_rotary(tmp_path):
+    """A row's padding once took positions past its end (here 64-69 of a 64-token model): dynamic
+    rotary scaling re-scaled every row's frequencies from them, and a prompt's K/V changed with
+    the rows beside it (1.3e-5 here, before)."""
+    stage = tiny_stage(tmp_path, first=True, last=True, config={
+        "max_position_embeddings": 64, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}})
+    ids = torch.randint(0, 256, (1, 80))
+    alone = stage.hidden_states(longs([1]), longs([0]), longs([8]), ids[:, :8])
+    stage.hidden_states(longs([0]), longs([0]), longs([62]), ids[:, 10:72])
+    beside = padded([ids[0, 60:62].tolist(), ids[0, :8].tolist()])  # 2 tokens at 62-63, then 8 from 0
+    together = stage.hidden_states(longs([0, 1]), longs([62, 0]), longs([2, 8]), beside)
+    assert (alone[0] - together[1]).abs().max() < 1e-6
+
+
+def test_a_float16_overflow_does_not_poison_the_slots_next_owner(tmp_path):
+    """Masked keys still enter attention with weight 0, and 0 * inf = NaN: a request whose K/V
+    overflowed float16 left every later owner of its slot attending to NaN beside longer rows."""
+    stage = tiny_stage(tmp_path, dtype="float16")
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 70, 64, dtype=torch.float16)
+    alone = stage.hidden_states(longs([1]), longs([0]), longs([8]), hidden[:, :8])
+    stage.hidden_states(longs([1]), longs([0]), longs([50]), torch.full((1, 50, 64), float("inf"),
+                                                                          dtype=torch.float16))
+    stage.hidden_states(longs([0]), longs([0]), longs([62]), hidden[:, 8:70])
+    beside = torch.zeros(2, 8, 64, dtype=torch.float16)
+    beside[0, :1], beside[1] = hidden[0, 69:70], hidden[0, :8]
+    together = stage.hidden_states(longs([0, 1]), longs([62, 0]), longs([1, 8]), beside)
+    assert torch.isfinite(together).all()
+    assert (alone[0].float() - together[1].float()).abs().max() < 1e-2

@@ -7,9 +7,11 @@ so this object writes each row at its own request's positions and returns the ke
 the batch's slots; `StepLayout` builds the matching 4-D mask.
 
 Slots belong to the leader: it hands a slot to a request at admission and takes it back when the
-request ends. Stages never free anything. A reused slot's old entries are never read, because a
-row only attends to positions its own request has written (the mask), and micro-batches reach
-every stage in the order the leader sent them.
+request ends. Stages never free anything. A reused slot's old entries are never attended to,
+because a row only attends to positions its own request has written (the mask), and
+micro-batches reach every stage in the order the leader sent them. They are still multiplied by
+a weight of 0, and 0 * inf is NaN: a float16 cache (whose range a layer can overflow) stores
+non-finite K/V as finite, so one request's overflow cannot poison the slot's next owners.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class SlotKVCache:
         self.slots = slots
         self.max_context = max_context
         self.scratch = max_context
+        self.finite_only = dtype == torch.float16
         self._layout: StepLayout | None = None
 
     @property
@@ -48,6 +51,8 @@ class SlotKVCache:
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
         """key_states, value_states: [B, kv_heads, T, head_dim] -> layer `layer_idx` of the rows' slots."""
         lay = self._layout
+        if self.finite_only:
+            key_states, value_states = torch.nan_to_num(key_states), torch.nan_to_num(value_states)
         # Indices on dims 0 and 2 around a slice: the indexed view is [B, T, kv_heads, head_dim].
         self.keys[layer_idx][lay.slot_rows, :, lay.write_pos] = key_states.transpose(1, 2)
         self.values[layer_idx][lay.slot_rows, :, lay.write_pos] = value_states.transpose(1, 2)
@@ -92,9 +97,13 @@ class StepLayout:
         self.slot_rows = slots[:, None]
         self.shared_slots = shared_slots
         self.lengths = lengths
-        self.position_ids = starts[:, None] + t[None, :]
+        positions = starts[:, None] + t[None, :]
         self._valid = t[None, :] < lengths[:, None]
-        self.write_pos = torch.where(self._valid, self.position_ids, scratch)
+        # Padding takes its row's first position, not one past the row's end: that could pass
+        # the model's limit, and dynamic / longrope rotary scaling re-scales every row's
+        # frequencies from the largest position it is given.
+        self.position_ids = torch.where(self._valid, positions, starts[:, None])
+        self.write_pos = torch.where(self._valid, positions, scratch)
         self.kv_len = int((starts + lengths).max()) if kv_len is None else kv_len
         # Every row starts at position 0 (whole prompts, first chunks): query t may see keys 0..t,
         # the plain causal mask, which attention applies without a mask tensor, skipping the
