@@ -162,8 +162,9 @@ class Engine:
         """The pipeline is gone (a host died, or the layout changes): stop sending, forget the
         micro-batches in flight, and make every live request re-prefill its whole history
         (prompt + tokens generated so far) into the next pipeline. Sampling is seeded by
-        (seed, token index), so each continues exactly where it stopped; its client sees a
-        stall. Returns the next epoch, for the new pipeline."""
+        (seed, token index), so each continues where it stopped (model/sampling.py says when
+        a token can still differ); its client sees a stall. Returns the next epoch, for the
+        new pipeline."""
         self.num_stages = 0
         self.in_flight.clear()
         self.epoch += 1

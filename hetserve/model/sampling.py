@@ -1,8 +1,10 @@
 """Turn last-position logits into token ids: greedy, temperature, top-k, top-p, seeded.
 
 Sampling is stateless: the random stream of a row is seeded from (request seed, index of the
-token being generated), so the same seed gives the same text whatever else shares the batch,
-and a request replayed from its history continues exactly as it would have.
+token being generated), so a row draws the same numbers whatever else shares the batch, and a
+request replayed from its history draws as it would have. The logits themselves can differ in
+their last bits with the batch (a CPU picks its matrix-product kernel by rows; a replay
+re-prefills what was decoded), so a draw that falls on a near-tie can still differ, rarely.
 """
 
 from __future__ import annotations
