@@ -1,7 +1,7 @@
 """Write a model directory with random weights from a named shape (valid for speed, not quality).
 
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b [--layers 3] [--device cuda]
-    python benchmarks/random_model.py DIR DIR --dtype float32   # DIR holds config.json (+ tokenizer)
+    python benchmarks/random_model.py SRC DIR --dtype float32   # SRC's config.json (and tokenizer, if any)
     python benchmarks/random_model.py llama-3-8b /tmp/llama-3-8b --tokenizer   # + a word-level tokenizer
 
 --tokenizer writes a word-level tokenizer covering the whole vocabulary (no hub here, and the
@@ -13,9 +13,10 @@ are the same shape, so a profile of 3 layers is a profile of them all).
 """
 
 import argparse
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -68,6 +69,8 @@ def main() -> None:
     model.save_pretrained(args.out)
     if args.tokenizer:
         word_tokenizer(config.vocab_size).save_pretrained(args.out)
+    elif args.shape not in SHAPES and (Path(args.shape) / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(args.shape).save_pretrained(args.out)  # the source model's own
     print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +33,7 @@ def test_up_generate_status(cluster_factory, tmp_path):
     status = hetserve("status", "--server", cluster.serve)
     assert status.returncode == 0
     assert "worker-0" in status.stdout and "worker-1" in status.stdout and "serving" in status.stdout
+    assert re.search(r"^worker-1: link [0-9.]+ ms, [0-9.]+ Gbit/s", status.stdout, re.M), status.stdout
     info = json.loads(hetserve("status", "--server", cluster.serve, "--json").stdout)
     assert [h["layers"] for h in info["hosts"]] == [[0, 15], [15, 30]]
     # Sizes chosen at runtime, from the stage times measured by the requests above.
@@ -164,6 +166,22 @@ def test_a_lost_cancellation_does_not_keep_a_daemon_running_after_sigterm():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_status_text_says_what_the_table_cannot():
+    """Notes (why a host is unused), links, fetched weights and the live plan were in --json only."""
+    from hetserve.cli.clients import status_lines
+
+    host = {"name": "h0", "stage": None, "layers": None, "device": "cpu", "device_name": "x86", "usable_gib": 4.0,
+            "precision": "float32", "state": "unused", "health": "ok", "last_seen_s": 0.2, "load": 0.0, "steps": 0,
+            "prefill_ms": 0.0, "decode_ms": 0.0, "fetched_bytes": 3 << 20, "note": "no disk room: its slice ...",
+            "link_ms": 0.12, "link_gbps": 9.5}
+    info = {"model": "m", "layers": 30, "dtype": "float32", "state": "serving", "uptime_s": 1.0, "running": 0,
+            "queued": 0, "free_slots": 4, "in_flight": 0, "generated_tokens": 0, "tokens_per_s": 0.0, "hosts": [host],
+            "plan": {"predicted_tokens_per_s": 12.34, "predicted_ppl": 10.5, "base_ppl": 10.0, "max_ppl_increase": 0.05}}
+    text = "\n".join(status_lines(info))
+    assert "h0: link 0.12 ms, 9.5 Gbit/s; 3.0 MiB of weights fetched from the leader; no disk room" in text
+    assert "plan: predicted 12.3 tokens/s, perplexity 10.500 (base 10.000, at most +5.0%)" in text
 
 
 def test_convert_gguf_matches_the_cached_default(tmp_path, model_dir):
@@ -317,8 +335,9 @@ def test_settings_go_by_the_flag_in_files_and_the_environment(tmp_path):
     assert shown.returncode == 0, shown.stderr
     rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()}
     assert rows["plan"] == [json.dumps(str(plan)), "file", str(config)]
-    env = {**os.environ, "HETSERVE_LEADER_PLAN": str(plan), "HETSERVE_STATUS_JSON": "1"}
-    for verb, key in (("leader", "plan"), ("status", "json")):
+    env = {**os.environ, "HETSERVE_LEADER_PLAN": str(plan), "HETSERVE_STATUS_JSON": "1",
+           "HETSERVE_PLAN_MAX_PPL_INCREASE": "3%", "HETSERVE_PROFILE_REMEASURE": "1"}
+    for verb, key in (("leader", "plan"), ("status", "json"), ("plan", "max_ppl_increase"), ("profile", "remeasure")):
         shown = subprocess.run(hetserve_cmd() + ["config", "show", verb], capture_output=True, text=True, timeout=60,
                                env=env)
         rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()}

@@ -38,13 +38,21 @@ def test_units_are_hardened_and_restart():
 
 
 @pytest.mark.parametrize("command,toml,expect", [
-    ("leader", "leader.toml", {"hosts": "2", "http": '"127.0.0.1:8000"'}),
-    ("join", "worker.toml", {"leader": '"leader.example.internal:5555"'}),
+    # keys: a leader listening beyond loopback, or a host joining one elsewhere, refuses to start without
+    ("leader", "leader.toml", {"hosts": "2", "http": '"127.0.0.1:8000"', "keys": '"KEYS"'}),
+    ("join", "worker.toml", {"leader": '"leader.example.internal:5555"', "keys": '"KEYS"'}),
 ])
-def test_example_config_files_load(command, toml, expect):
-    done = subprocess.run(hetserve_cmd() + ["config", "show", command, "--config", str(SYSTEMD / toml)],
+def test_example_config_files_load(command, toml, expect, tmp_path):
+    """Each file as shipped, but for its keys directory (which must exist): here a temporary one."""
+    text = (SYSTEMD / toml).read_text()
+    assert 'keys = "/etc/hetserve/keys"' in text
+    (tmp_path / "keys").mkdir()
+    config = tmp_path / toml
+    config.write_text(text.replace("/etc/hetserve/keys", str(tmp_path / "keys")))
+    done = subprocess.run(hetserve_cmd() + ["config", "show", command, "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
     for key, value in expect.items():
-        assert rows[key][0] == value and rows[key][1:] == ["file", str(SYSTEMD / toml)]
+        value = value.replace("KEYS", str(tmp_path / "keys"))
+        assert rows[key][0] == value and rows[key][1:] == ["file", str(config)]

@@ -92,17 +92,27 @@ def status(server, as_json, token_file):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{info['model']} ({info['layers']} layers, {info['dtype']}): {info['state']}, "
-               f"up {info['uptime_s']} s")
-    click.echo(f"requests: {info['running']} running, {info['queued']} queued, {info['free_slots']} free slots, "
-               f"{info['in_flight']} micro-batches in flight; {info['generated_tokens']} tokens generated, "
-               f"{info['tokens_per_s']} tokens/s now")
+    for line in status_lines(info):
+        click.echo(line)
+
+
+def status_lines(info: dict) -> list[str]:
+    """`hetserve status` as text: the cluster, batching, a table of hosts, then what else is known
+    of each host (its link, the weights it fetched, why it is unused) and the live plan."""
+    lines = [f"{info['model']} ({info['layers']} layers, {info['dtype']}): {info['state']}, up {info['uptime_s']} s",
+             f"requests: {info['running']} running, {info['queued']} queued, {info['free_slots']} free slots, "
+             f"{info['in_flight']} micro-batches in flight; {info['generated_tokens']} tokens generated, "
+             f"{info['tokens_per_s']} tokens/s now"]
     if batching := info.get("batching"):
-        click.echo(f"batching ({batching['regime'] or 'idle'}): prefill chunks of {batching['prefill_tokens']} tokens, "
-                   f"{batching['max_in_flight']} micro-batches in flight"
-                   + (" (+1 each, decode-ahead)" if batching.get("decode_ahead") else "") + ", decode round trip "
-                   f"{batching['decode_round_ms']} ms, prefill {batching['prefill_ms_per_token']} ms/token"
-                   + (f" (fit {fit[0]} ms + {fit[1]} ms/token)" if (fit := batching.get("prefill_ms_fit")) else ""))
+        lines.append(f"batching ({batching['regime'] or 'idle'}): prefill chunks of {batching['prefill_tokens']} "
+                     f"tokens, {batching['max_in_flight']} micro-batches in flight"
+                     + (" (+1 each, decode-ahead)" if batching.get("decode_ahead") else "") + ", decode round trip "
+                     f"{batching['decode_round_ms']} ms, prefill {batching['prefill_ms_per_token']} ms/token"
+                     + (f" (fit {fit[0]} ms + {fit[1]} ms/token)" if (fit := batching.get("prefill_ms_fit")) else ""))
+    if plan := info.get("plan"):
+        lines.append(f"plan: predicted {plan['predicted_tokens_per_s']:.1f} tokens/s, perplexity "
+                     f"{plan['predicted_ppl']:.3f} (base {plan['base_ppl']:.3f}, at most "
+                     f"+{plan['max_ppl_increase']:.1%})")
     rows = [("STAGE", "HOST", "DEVICE", "MEM GiB", "LAYERS", "PRECISION", "STATE", "HEALTH", "LOAD", "STEPS",
              "PREFILL ms", "DECODE ms")]
     for h in info["hosts"]:
@@ -112,8 +122,16 @@ def status(server, as_json, token_file):
                      f"{h['health']} ({h['last_seen_s']} s)", f"{h['load']:.0%}", str(h["steps"]),
                      str(h["prefill_ms"]), str(h["decode_ms"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    for h in info["hosts"]:
+        facts = [f"link {h['link_ms']} ms, {h['link_gbps']} Gbit/s"] if h.get("link_ms") is not None else []
+        if h.get("fetched_bytes"):
+            facts.append(f"{h['fetched_bytes'] / 2**20:.1f} MiB of weights fetched from the leader")
+        if h.get("note"):
+            facts.append(h["note"])
+        if facts:
+            lines.append(f"{h['name']}: " + "; ".join(facts))
+    return lines
 
 
 @main.command()

@@ -21,7 +21,9 @@ from .options import (DTYPES, HTTP_HELP, PLANNER_KEYS, apply_plan, keys_options,
 
 @main.command()
 @config_option
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT where hosts join.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True,
+              help="HOST:PORT where hosts join. Beyond loopback it needs --keys (or --insecure: plain text, anyone "
+                   "who reaches it can join).")
 @click.option("--serve", default=DEFAULT_SERVE, show_default=True, help="HOST:PORT of the client line protocol.")
 @click.option("--http", default=None, help=HTTP_HELP)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
@@ -105,7 +107,7 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
                    "eagerly (for debugging, or where torch.compile or Triton fails).")
 @click.option("--quanto-kernels", is_flag=True,
               help="On a GPU, int8 and int4 layers run optimum-quanto's matmuls instead of hetserve's (on an "
-                   "H200: int8 7-15x slower at decode; int4 tinygemm, faster at batch 1 but 2-6x slower from 16 "
+                   "H200: int8 7-15x slower at decode; int4 tinygemm 1.1x slower at batch 1, 2-7x from 16 "
                    "rows and ~11x slower prefill). A baseline, or a way out should ours misbehave on a GPU.")
 @click.option("--cpu-transposed-up-to", default=None, type=click.IntRange(0), metavar="VALUES",
               help="On a CPU, float32 products whose input holds at most VALUES values (rows x in_features) run "
