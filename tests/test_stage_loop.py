@@ -15,7 +15,7 @@ import zmq
 
 from hetserve.model.stage import StageModel, StageSpec
 from hetserve.wire.codec import WireError, decode, encode
-from hetserve.wire.messages import SamplingRows, Step, StepResult
+from hetserve.wire.messages import SamplingRows, Step, StepFailed, StepResult
 from hetserve.wire.tensors import to_frame
 from hetserve.worker.stage_loop import StageLoop
 
@@ -164,6 +164,73 @@ async def test_a_stage_loop_that_stops_is_reported_to_the_leader():
     assert len(sent) == 1
     failed = decode(sent[0], expect=(Failed,))
     assert failed.host == "h0" and "the stage loop stopped: ZMQError" in failed.reason
+
+
+@pytest.mark.parametrize("survives", [True, False])
+async def test_a_device_that_fails_for_good_ends_the_stage(model_dir, monkeypatch, survives):
+    """A CUDA error that poisons the context (no GPU here: the error and the probe after it are
+    stand-ins) failed every later micro-batch while the host heartbeat on as healthy. The failed
+    micro-batch still goes on as StepFailed; then the loop ends with DeviceLost, unless the device
+    still runs a kernel (an error that one call survives, e.g. a bad launch configuration)."""
+    from hetserve.worker import stage_loop
+
+    step, frames = step_of(torch.tensor([[5, 7, 9]]))
+    message = [zmq.Frame(encode(step)), *(zmq.Frame(bytes(f)) for f in frames)]
+    socket = FlakySocket([message, message])
+    socket.again.clear()
+    model = StageModel(model_dir, StageSpec(0, 2, first=True, last=False, max_seqs=2, max_context=64))
+
+    def broken(*args):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model, "run", broken)
+    monkeypatch.setattr(stage_loop, "device_works", lambda device: survives)
+    with ThreadPoolExecutor(1) as torch_thread:
+        stage = asyncio.create_task(StageLoop(model, 0, socket, socket, torch_thread).run())
+        for _ in range(200):
+            if len(socket.sent) == 2 or stage.done():
+                break
+            await asyncio.sleep(0.02)
+        if survives:
+            assert not stage.done() and len(socket.sent) == 2, "each micro-batch fails alone, the stage serves on"
+            stage.cancel()
+        await asyncio.gather(stage, return_exceptions=True)
+    assert "illegal memory access" in decode(socket.sent[0][0], expect=(StepFailed,)).error
+    if not survives:
+        with pytest.raises(stage_loop.DeviceLost, match="fails every kernel"):
+            stage.result()
+
+
+async def test_a_host_whose_device_failed_tells_the_leader_and_exits():
+    """DeviceLost from the stage loop: the leader hears Failed, and the host's session ends in
+    HostError (exit status 1: systemd restarts it with a fresh CUDA context)."""
+    from hetserve.config import HostSettings
+    from hetserve.wire.messages import Failed
+    from hetserve.worker.host import Host, HostError
+    from hetserve.worker.stage_loop import DeviceLost
+
+    host = Host(HostSettings("127.0.0.1:1", name="h0"))
+    sent = []
+
+    class Control:
+        async def send(self, data: bytes) -> None:
+            sent.append(data)
+
+        async def recv_multipart(self, copy: bool = True) -> list:
+            await asyncio.Event().wait()  # the leader says nothing meanwhile
+
+    async def lost():
+        raise DeviceLost("cuda:0 fails every kernel since AcceleratorError: CUDA error: an illegal memory access")
+
+    host.control = Control()
+    session = asyncio.create_task(host._session())
+    task = asyncio.create_task(lost())
+    task.add_done_callback(host._stage_ended)
+    with pytest.raises(HostError, match="its device failed: cuda:0 fails every kernel.*fresh device context"):
+        await asyncio.wait_for(session, 10)
+    await asyncio.gather(*host._tasks)
+    host.torch_thread.shutdown()
+    assert "its device failed" in decode(sent[0], expect=(Failed,)).reason
 
 
 async def test_the_leader_sends_every_micro_batch_in_order_through_a_spurious_again():

@@ -6,7 +6,9 @@ leader's manifest, or the cache, fetching from the leader what it lacks) -> load
 layers -> connect downstream -> send Ready -> run the stage loop; Heartbeat every second
 throughout. A Shutdown from the leader, SIGINT or SIGTERM ends the process cleanly.
 
-Faults: a later Assign (the leader rebuilt the pipeline after losing a host, or to use a new one)
+Faults: a device that fails for good (stage_loop.DeviceLost: a poisoned CUDA context) is reported
+to the leader, which re-plans without this host, and the process exits with status 1, so that a
+service manager restarts it with a fresh device context. A later Assign (the leader rebuilt the pipeline after losing a host, or to use a new one)
 replaces the stage, keeping the loaded weights when the slice is unchanged. A leader that answered
 and then fell silent for LEADER_DEAD_S (it sends Alive every second) is presumed gone: the host
 keeps its weights and joins again on a fresh connection (ZeroMQ reconnects with backoff until a
@@ -45,7 +47,7 @@ from ..weights.fetch import WeightFetcher
 from ..weights.manifest import describe_mismatch, load_manifest
 from ..weights.store import WeightStore, cached_weights, disk_room, make_room
 from .inventory import take_inventory
-from .stage_loop import StageLoop
+from .stage_loop import DeviceLost, StageLoop
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class Host:
         self.downstream: str | None = None
         self.control: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
+        self._device_failed = asyncio.Event()  # set once the leader has been told DeviceLost
+        self.device_failure = ""
         # Every torch call of this host runs on this one thread: a second thread doing torch
         # work brings a second OpenMP team and made decode ~1.6x slower on a 2-core CPU.
         self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
@@ -139,7 +143,7 @@ class Host:
                 # Queued until a leader listens, then delivered: joining needs no retry loop.
                 await self._send(Join(self.name, inventory, tcp(advertise, port), current=self.current,
                                       public_key=self.identity.public.decode() if self.identity else ""))
-                if not await self._control_loop():
+                if not await self._session():
                     return
                 self.control.close()
                 self.control = None
@@ -156,6 +160,20 @@ class Host:
                 authenticator.stop()
             ctx.term()
             self.torch_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _session(self) -> bool:
+        """_control_loop, unless the device fails for good first: then HostError (exit status 1)."""
+        session = asyncio.create_task(self._control_loop())
+        failed = asyncio.create_task(self._device_failed.wait())
+        try:
+            await asyncio.wait({session, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (session, failed):
+                if not task.done():
+                    task.cancel()
+        if not session.done():
+            raise HostError(f"{self.device_failure}; exiting so that the host restarts with a fresh device context")
+        return session.result()
 
     async def _control_loop(self) -> bool:
         """Serve one leader session: False when told to shut down, True when the leader, having
@@ -268,8 +286,15 @@ class Host:
             return
         exc = task.exception()
         log.error("the stage loop stopped", exc_info=exc)
-        self._tasks.append(asyncio.create_task(
-            self._send(Failed(self.name, f"the stage loop stopped: {type(exc).__name__}: {exc}"))))
+        self._tasks.append(asyncio.create_task(self._report_stage_end(exc)))
+
+    async def _report_stage_end(self, exc: BaseException) -> None:
+        if not isinstance(exc, DeviceLost):
+            await self._send(Failed(self.name, f"the stage loop stopped: {type(exc).__name__}: {exc}"))
+            return
+        self.device_failure = f"its device failed: {exc}"
+        await self._send(Failed(self.name, self.device_failure))
+        self._device_failed.set()
 
     async def _stop_stage(self) -> None:
         """Stop serving micro-batches (a step computing now finishes on the torch thread first)."""

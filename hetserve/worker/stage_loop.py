@@ -8,6 +8,10 @@ arrives, so the GPU runs it right behind the one before while that one is sent o
 are launched and sent strictly in arrival order: the KV cache depends on it. Each carries the epoch
 of the pipeline it was sent into; one from an earlier epoch (still on its way when the leader rebuilt
 the pipeline after a fault) is dropped, so it can never write into the rebuilt pipeline's KV cache.
+
+A device error that leaves the device unusable to this process (a CUDA illegal address or
+device-side assert poisons the context: every later kernel fails too) ends the loop with
+DeviceLost rather than failing every micro-batch from then on: the host tells the leader and exits.
 """
 
 from __future__ import annotations
@@ -60,6 +64,20 @@ def check_step(step: Step, model: StageModel) -> None:
         if len(set(step.feeds)) != len(step.feeds) or not all(0 <= r < rows and step.lengths[r] == 1
                                                               for r in step.feeds):
             raise WireError("fed rows must be distinct rows of one token")
+
+
+class DeviceLost(Exception):
+    """The stage's device failed and stays failed for this process."""
+
+
+def device_works(device: torch.device) -> bool:
+    """Does a trivial kernel still run? After a sticky CUDA error, nothing does (an out-of-memory
+    or a bad launch configuration fails one call and leaves the device working)."""
+    try:
+        torch.ones(1, device=device).add_(1).cpu()
+        return True
+    except Exception:
+        return False
 
 
 @dataclass
@@ -116,18 +134,33 @@ class StageLoop:
                 queue.put_nowait(await loop.run_in_executor(self._executor, self.launch, header, frames[1:]))
             except Exception as exc:  # a bad batch must not kill the stage; tell the leader
                 queue.put_nowait(self._failed(header, exc))
+                if lost := await self._lost(exc):
+                    queue.put_nowait(lost)  # raised by the send loop once what came before is sent
+                    return
 
     async def _send_loop(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
             item = await queue.get()
+            if isinstance(item, DeviceLost):
+                raise item
             if isinstance(item, Launched):
                 try:
                     item = await loop.run_in_executor(self._waiter, self.finish, item) if self._waiter else \
                         self.finish(item)
                 except Exception as exc:  # e.g. a device error surfacing at the copy back
-                    item = self._failed(item.step, exc)
+                    await send(self.data_out, self._failed(item.step, exc), copy=False)
+                    if lost := await self._lost(exc):
+                        raise lost
+                    continue
             await send(self.data_out, item, copy=False)
+
+    async def _lost(self, exc: Exception) -> DeviceLost | None:
+        """DeviceLost where `exc` was a device error the device did not survive."""
+        if isinstance(exc, torch.AcceleratorError) and not await asyncio.get_running_loop().run_in_executor(
+                self._executor, device_works, self.model.device):
+            return DeviceLost(f"{self.model.device} fails every kernel since {type(exc).__name__}: {exc}")
+        return None
 
     def _failed(self, step: Step, exc: Exception) -> list[bytes]:
         log.error("micro-batch %d failed on stage %d", step.mb, self.index, exc_info=exc)
