@@ -53,9 +53,10 @@ def test_manifest_hashes_content_not_files(tmp_path):
     check_manifest(one, one.model_hash)
     with pytest.raises(ModelError, match="does not match"):
         check_manifest(one, other.model_hash)
-    evil = Manifest(one.model_hash, [ManifestEntry("../../etc/passwd", "tensor", 1, "0" * 64)])
-    with pytest.raises(ModelError, match="malformed"):
-        check_manifest(evil, one.model_hash)
+    for name, digest in (("../../etc/passwd", "0" * 64), ("w\n", "0" * 64), ("w", "0" * 64 + "\n")):
+        evil = Manifest(one.model_hash, [ManifestEntry(name, "tensor", 1, digest)])
+        with pytest.raises(ModelError, match="malformed"):  # a trailing newline passed `$`
+            check_manifest(evil, one.model_hash)
     with pytest.raises(ModelError, match="unexpected"):
         check_manifest(Manifest("", [ManifestEntry("run.sh", "file", 1, "0" * 64)]), "")
 

@@ -95,3 +95,21 @@ def test_a_small_frame_of_many_tiny_containers_is_refused_early():
         assert tracemalloc.get_traced_memory()[1] < 64 << 20
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize("text, default, want", [
+    ("10.0.0.1:5555", None, ("10.0.0.1", 5555)), ("leader", 5555, ("leader", 5555)),
+    ("[fd00::5]:6000", None, ("fd00::5", 6000)), ("[::1]", 5555, ("::1", 5555)),
+    ("fd00::5", 5555, ValueError), ("[::1]", None, ValueError), ("[::1]x", 5, ValueError), ("h:99999", None, ValueError),
+    ("h:", 5, ValueError), (":5", None, ValueError),
+])
+def test_host_and_port(text, default, want):
+    """A bare IPv6 address was split at its last colon ('fd00::5' -> 'fd00:', port 5); '[::1]'
+    with a default port was refused."""
+    from hetserve.transport.sockets import split_hostport
+
+    if want is ValueError:
+        with pytest.raises(ValueError):
+            split_hostport(text, default)
+    else:
+        assert split_hostport(text, default) == want

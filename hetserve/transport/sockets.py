@@ -47,13 +47,24 @@ async def send(sock: zmq.asyncio.Socket, frames: list, copy: bool = True) -> Non
 
 
 def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """'host:port' (or '[v6]:port') -> (host, port); raises ValueError with a readable message."""
-    host, sep, port = text.rpartition(":")
+    """'host:port' or '[v6]:port' (or the host alone, given a default port) -> (host, port);
+    raises ValueError with a readable message. A bare IPv6 address is refused: in 'fd00::5' the
+    last group could be a port."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        sep, port = rest[:1], rest[1:]
+        if not bracket or rest and sep != ":":
+            raise ValueError(f"{text!r} is not [ADDRESS]:PORT")
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host = text
     if not sep:
         if default_port is None:
             raise ValueError(f"{text!r} is not HOST:PORT")
-        host, port = text, str(default_port)
-    host = host.strip("[]")
+        port = str(default_port)
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host, int(port)

@@ -26,8 +26,8 @@ from ..wire.messages import Manifest, ManifestEntry
 
 FILES = ("config.json",)  # besides tensors, what a stage needs (it never tokenizes)
 READ_BLOCK = 8 << 20
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")  # becomes a file name on hosts
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")  # becomes a file name on hosts
+HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is not one we wrote or trust
 
 
@@ -141,7 +141,7 @@ def check_manifest(manifest: Manifest, expected_hash: str) -> None:
     for e in manifest.entries:
         if e.kind == "file" and e.name not in FILES or e.kind not in ("file", "tensor"):
             raise ModelError(f"the manifest lists an unexpected {e.kind} {e.name!r}")
-        if not SAFE_NAME.match(e.name) or not HEX64.match(e.sha256) or e.size < 0:
+        if not SAFE_NAME.fullmatch(e.name) or not HEX64.fullmatch(e.sha256) or e.size < 0:
             raise ModelError(f"the manifest entry {e.name!r} is malformed")
     if model_hash(manifest.entries) != manifest.model_hash or manifest.model_hash != expected_hash:
         raise ModelError("the leader's manifest does not match the model hash it assigned")
