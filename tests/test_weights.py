@@ -26,7 +26,7 @@ from hetserve.weights.manifest import build_manifest, check_manifest, describe_m
 from hetserve.weights.server import WeightServer, weights_socket
 from hetserve.weights.store import WeightStore, tensor_header
 from hetserve.wire.codec import decode, encode
-from hetserve.wire.messages import Chunk, GetChunk, Manifest, ManifestEntry
+from hetserve.wire.messages import Chunk, GetChunk, GetManifest, Manifest, ManifestEntry
 
 MAX_NEW = 12
 
@@ -210,6 +210,37 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)
         router.close()
+        ctx.term()
+
+
+async def test_a_manifest_is_answered_while_paced_chunks_wait(tmp_path):
+    """With --weights-rate, chunks are sent paced; a joining host's manifest request waited behind
+    every chunk queued before it (and could time out with many hosts fetching)."""
+    manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
+    embed = next(e for e in manifest.entries if e.name == "model.embed_tokens.weight")  # 64 KiB
+    ctx = zmq.asyncio.Context()
+    router = weights_socket(ctx)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    server = asyncio.create_task(WeightServer(router, manifest, sources, 32 << 10).run())  # 2 s a chunk
+    fetching, joining = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        for sock in (fetching, joining):
+            sock.connect(f"tcp://127.0.0.1:{port}")
+        for _ in range(3):
+            await fetching.send(encode(GetChunk("a", embed.name, 0, embed.size)))
+        await asyncio.sleep(0.3)  # the first chunk is out, the pacer holds the next ones
+        started = asyncio.get_running_loop().time()
+        await joining.send(encode(GetManifest("b")))
+        reply = await asyncio.wait_for(joining.recv_multipart(), 10)
+        assert decode(reply[0], expect=(Manifest,)).model_hash == manifest.model_hash
+        assert asyncio.get_running_loop().time() - started < 1.0
+        lengths = [decode((await asyncio.wait_for(fetching.recv_multipart(), 10))[0]).length for _ in range(3)]
+        assert lengths == [embed.size] * 3, "the paced chunks still all come, in order"
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        for sock in (fetching, joining, router):
+            sock.close()
         ctx.term()
 
 

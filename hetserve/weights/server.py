@@ -3,7 +3,9 @@
 A host pulls: it asks for one chunk at a time with a few requests outstanding (credit-based flow
 control, as in the ZeroMQ guide's file-transfer pattern), so the leader never queues more than
 that window per host however large the model, and `--weights-rate` paces all transfers together
-so a joining host cannot starve the serving pipeline's links. A peer that asks without reading
+so a joining host cannot starve the serving pipeline's links. Chunks are read and sent in the
+order asked, by a sender of their own: a manifest request is answered at once, not after the
+paced chunks queued before it. A peer that asks without reading
 the answers (not a hetserve host) finds replies past SEND_HWM dropped rather than queued. Only
 entries of the manifest can be read, at offsets inside them: a request names a tensor, never a
 path. A source file that cannot be read (moved, truncated, an I/O error) fails that request with
@@ -29,6 +31,7 @@ from .manifest import Source
 log = logging.getLogger(__name__)
 
 MAX_CHUNK = 8 << 20  # largest chunk a host may ask for
+MAX_QUEUED = 4096  # chunk requests waiting for the sender (a host keeps 4 outstanding): past it, refused
 SEND_HWM = 16  # replies queued per connection at most (a host keeps fetch.WINDOW = 4 outstanding):
 #                past it the ROUTER drops them, so one peer cannot queue gigabytes of chunks here
 
@@ -87,8 +90,10 @@ class WeightServer:
         self.pacer = Pacer(rate)
         self.transfers: dict[str, Transfer] = {}
         self.files: dict[os.PathLike, int] = {}  # open descriptors, read with pread from a thread
+        self.requests: asyncio.Queue[tuple[bytes, GetChunk]] = asyncio.Queue(MAX_QUEUED)
 
     async def run(self) -> None:
+        sender = asyncio.create_task(self._send_chunks())
         try:
             while True:
                 frames = await receive(self.sock)
@@ -107,11 +112,27 @@ class WeightServer:
                     if msg.host in self.transfers:  # it gave up on that fetch and started again
                         self.transfers[msg.host].bar.close()
                     self.transfers[msg.host] = Transfer(msg.host, msg)
+                elif self.requests.full():
+                    await self._refuse(route, msg, f"the leader has {MAX_QUEUED} chunk requests waiting")
                 else:
-                    await self._chunk(route, msg)
+                    self.requests.put_nowait((route, msg))
         finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
             for fd in self.files.values():
                 os.close(fd)
+
+    async def _send_chunks(self) -> None:
+        while True:
+            route, msg = await self.requests.get()
+            try:
+                await self._chunk(route, msg)
+            except zmq.ZMQError as exc:  # that peer's reply is lost; the others' must not be
+                log.warning("could not send %s a chunk of %s: %s", msg.host, msg.name, exc)
+
+    async def _refuse(self, route: bytes, msg: GetChunk, error: str) -> None:
+        log.warning("refused a weights request from %s: %s", msg.host, error)
+        await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, 0, error)), b""])
 
     async def _chunk(self, route: bytes, msg: GetChunk) -> None:
         entry = self.entries.get(msg.name)
@@ -128,8 +149,7 @@ class WeightServer:
             except OSError as exc:
                 error = f"the leader cannot read {msg.name}: {exc}"
         if error:
-            log.warning("refused a weights request from %s: %s", msg.host, error)
-            await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, 0, error)), b""])
+            await self._refuse(route, msg, error)
             return
         await self.pacer.take(len(data))
         await self.sock.send_multipart([route, encode(Chunk(msg.name, msg.offset, len(data))), data], copy=False)
