@@ -191,7 +191,7 @@ def test_a_broken_key_file_is_named_not_a_traceback(tmp_path):
     assert len(load_public(tmp_path / "leader.key")) == 40 and load_identity(tmp_path).secret
     good = (tmp_path / "leader.key").read_text()
     key = good.split('public-key = "')[1][:40]
-    for broken in ("garbage\n", good.replace(key, key[:20]), good.replace(key, "\x01" * 40)):
+    for broken in ("garbage\n", good.replace(key, key[:20]), good.replace(key, "\x01" * 40), good.replace(key, "#" * 40)):
         (tmp_path / "leader.key").write_text(broken)
         with pytest.raises(KeysError, match="leader.key is not a key file"):
             load_public(tmp_path / "leader.key")

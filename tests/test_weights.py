@@ -118,12 +118,21 @@ def test_hosts_sharing_a_cache_fetch_one_tensor_at_once(tmp_path, monkeypatch):
 
     # Two hosts that would share a part name (two `join --device cpu`, no --name) do not.
     first, second = WeightStore("abc", "cpu"), WeightStore("abc", "cpu")
-    assert first.owner == "cpu" and second.owner == f"cpu-{os.getpid()}"
+    assert first.owner == "cpu" and second.owner == f"cpu+{os.getpid()}"
     first.close()
     again = WeightStore("abc", "cpu")
     assert again.owner == "cpu", "a closed store's name is free again (a restarted host resumes its parts)"
-    again.close()
+    # A part of the process-named store: no later process resumes it, so once that store is gone
+    # (its process ended) the next store removes it; the named owner's part stays for its restart.
+    unfinished = ManifestEntry("v", "tensor", len(data), entry.sha256, "U8", [len(data)])
+    second.open_part(second.missing([unfinished])[0]).close()
+    again.open_part(again.missing([unfinished])[0]).close()
+    WeightStore("abc", "other").close()
+    assert second.part(unfinished).exists(), "its store is still open: the part is in use"
     second.close()
+    WeightStore("abc", "other").close()
+    assert not second.part(unfinished).exists() and again.part(unfinished).exists()
+    again.close()
 
 
 def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
@@ -131,7 +140,7 @@ def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
     after a model update or two: other models' weights go, least recently written first."""
     from hetserve.leader.hosts import HostRecord
     from hetserve.leader.layout import disk_shortfalls
-    from hetserve.weights.store import disk_room, make_room, weights_root
+    from hetserve.weights.store import cached_weights, disk_room, make_room, weights_root
     from hetserve.wire.messages import Inventory
 
     monkeypatch.setenv("HETSERVE_HOME", str(tmp_path))
@@ -144,7 +153,7 @@ def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
     assert disk_room(limit) == mib // 2
     part = weights_root() / "newer" / "x.safetensors.h0.part"  # an unfinished fetch takes room too
     part.write_bytes(b"\0" * (mib // 4))
-    assert disk_room(limit) == mib // 4
+    assert disk_room(limit) == mib // 4 and cached_weights()["newer"] == mib + mib // 4
     part.unlink()
     assert make_room(mib, limit, keep="served") == 3 * mib // 2
     assert sorted(d.name for d in weights_root().iterdir()) == ["newer", "served"]

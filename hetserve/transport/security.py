@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def read_certificate(path: Path) -> tuple[bytes, bytes | None]:
         for key in (public, secret):
             if key is not None and (len(key) != 40 or len(z85.decode(key)) != 32):
                 raise ValueError("a key is not 40 Z85 characters")
-    except (OSError, ValueError, UnicodeDecodeError, KeyError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, struct.error) as exc:
         raise KeysError(f"{path} is not a key file of `hetserve keygen`: {exc}") from None
     return public, secret
 

@@ -129,6 +129,9 @@ class WeightServer:
                 await self._chunk(route, msg)
             except zmq.ZMQError as exc:  # that peer's reply is lost; the others' must not be
                 log.warning("could not send %s a chunk of %s: %s", msg.host, msg.name, exc)
+            except Exception as exc:  # a bug must not silently stop every transfer
+                log.exception("failed a chunk request of %s", msg.host)
+                await self._refuse(route, msg, f"the leader failed: {type(exc).__name__}: {exc}")
 
     async def _refuse(self, route: bytes, msg: GetChunk, error: str) -> None:
         log.warning("refused a weights request from %s: %s", msg.host, error)

@@ -41,29 +41,33 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 DISK_MARGIN = 64 << 20  # left free on the disk beyond the weights, for logs and the index
+PID_MARK = "+"  # owner + PID_MARK + process id: a name no --name can take (owners are [\w.-] once cleaned)
 
 
 def weights_root() -> Path:
     return hetserve_home() / "weights"
 
 
-def _bytes(files) -> int:
-    """Their total size; one that another host removed meanwhile counts as 0."""
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`. Another host of the machine may remove files or whole
+    folders meanwhile: those count as 0 (os.walk skips a folder it cannot list)."""
     total = 0
-    for f in files:
-        try:
-            total += f.stat().st_size
-        except FileNotFoundError:
-            pass
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                pass
     return total
 
 
 def cached_weights() -> dict[str, int]:
-    """Model hash -> bytes of complete tensor files, for every model in this host's cache."""
+    """Model hash -> bytes in its folder, for every model in this host's cache: complete tensors
+    and the parts of unfinished fetches (resumed, so the leader counts them as there)."""
     root = weights_root()
     if not root.is_dir():
         return {}
-    return {d.name: _bytes(d.glob("*.safetensors")) for d in root.iterdir() if d.is_dir()}
+    return {d.name: _folder_bytes(d) for d in root.iterdir() if d.is_dir()}
 
 
 def disk_room(limit: int | None) -> int:
@@ -74,7 +78,7 @@ def disk_room(limit: int | None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     room = shutil.disk_usage(root).free - DISK_MARGIN
     if limit is not None:
-        room = min(room, limit - _bytes(f for f in root.rglob("*") if f.is_file()))
+        room = min(room, limit - _folder_bytes(root))
     return max(0, room)
 
 
@@ -94,7 +98,7 @@ def make_room(need: int, limit: int | None, keep: str) -> int:
     for directory in sorted(others, key=others.get):
         if room >= need:
             break
-        size = _bytes(f for f in directory.glob("*") if f.is_file())
+        size = _folder_bytes(directory)
         shutil.rmtree(directory, ignore_errors=True)
         log.warning("removed the cached weights of model %s (%.1f MiB) to make room for model %s", directory.name,
                     size / 2**20, keep)
@@ -127,11 +131,25 @@ class WeightStore:
         owner = re.sub(r"[^\w.-]", "_", owner)  # a file name's part, whatever the host is called
         self._lock = self._lock_owner(owner)
         if self._lock is None:
-            shared, owner = owner, f"{owner}-{os.getpid()}"
+            shared, owner = owner, f"{owner}{PID_MARK}{os.getpid()}"
             log.warning("another host of this machine is fetching as %r: this one names its part files %r (give "
                         "hosts of one machine a --name each to resume their fetches after a restart)", shared, owner)
             self._lock = self._lock_owner(owner)
         self.owner = owner
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        """No later process resumes the parts of an owner named for a process id: remove those
+        whose process is gone (nobody holds their lock), else they would fill the cache for good."""
+        for lock in self.root.glob(f".*{PID_MARK}*.lock"):
+            owner = lock.name[1:-len(".lock")]
+            fd = self._lock_owner(owner)
+            if fd is None:
+                continue
+            for part in self.root.glob(f"*.{owner}.part"):
+                part.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            os.close(fd)
 
     def _lock_owner(self, owner: str) -> int | None:
         """An exclusive lock on the owner name (released with the descriptor), or None if held."""

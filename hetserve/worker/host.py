@@ -167,13 +167,16 @@ class Host:
         failed = asyncio.create_task(self._device_failed.wait())
         try:
             await asyncio.wait({session, failed}, return_when=asyncio.FIRST_COMPLETED)
+            if not session.done():
+                raise HostError(f"{self.device_failure}; exiting so that the host restarts with a fresh device "
+                                "context")
+            return session.result()
         finally:
             for task in (session, failed):
-                if not task.done():
-                    task.cancel()
-        if not session.done():
-            raise HostError(f"{self.device_failure}; exiting so that the host restarts with a fresh device context")
-        return session.result()
+                task.cancel()
+            # Awaited: a fetch's sockets close in its own `finally` before run()'s ends the context,
+            # and a cancellation of this task repeated after a signal reaches them too.
+            await asyncio.gather(session, failed, return_exceptions=True)
 
     async def _control_loop(self) -> bool:
         """Serve one leader session: False when told to shut down, True when the leader, having

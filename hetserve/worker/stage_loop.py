@@ -70,6 +70,9 @@ class DeviceLost(Exception):
     """The stage's device failed and stays failed for this process."""
 
 
+DEVICE_ERROR = getattr(torch, "AcceleratorError", None)  # what a CUDA runtime error raises (torch >= 2.8)
+
+
 def device_works(device: torch.device) -> bool:
     """Does a trivial kernel still run? After a sticky CUDA error, nothing does (an out-of-memory
     or a bad launch configuration fails one call and leaves the device working)."""
@@ -157,7 +160,7 @@ class StageLoop:
 
     async def _lost(self, exc: Exception) -> DeviceLost | None:
         """DeviceLost where `exc` was a device error the device did not survive."""
-        if isinstance(exc, torch.AcceleratorError) and not await asyncio.get_running_loop().run_in_executor(
+        if DEVICE_ERROR is not None and isinstance(exc, DEVICE_ERROR) and not await asyncio.get_running_loop().run_in_executor(
                 self._executor, device_works, self.model.device):
             return DeviceLost(f"{self.model.device} fails every kernel since {type(exc).__name__}: {exc}")
         return None
