@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..client import ClientError, LineClient, ReplyTimeout, RequestTooLong
 from .stats import RequestResult
-from .workload import RequestSpec
+from .workload import RequestSpec, request_body
 
 WARMUP_TOKENS = 4  # output tokens of a warm-up request: enough to run prefill and decode once
 
@@ -53,11 +53,6 @@ class _Dispenser:
         index = self.issued
         self.issued += 1
         return index, self.specs[index % len(self.specs)]
-
-
-def request_body(index: int, spec: RequestSpec, temperature: float) -> dict:
-    # A seed per request makes a sampled run repeatable; greedy ignores it.
-    return {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": temperature, "seed": index}
 
 
 async def timed_request(client: LineClient, index: int, body: dict, origin: float,

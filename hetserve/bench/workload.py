@@ -62,11 +62,17 @@ def parse_prompts(text: str, source: str, default_max_tokens: int) -> list[Reque
     return specs
 
 
+def request_body(index: int, spec: RequestSpec, temperature: float) -> dict:
+    """The request bench sends for `spec`, the index-th of the run (the client adds an id)."""
+    # A seed per request makes a sampled run repeatable; greedy ignores it.
+    return {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": temperature, "seed": index}
+
+
 def _check_sendable(prompt: str, where: str) -> None:
     """The request line fits what the server reads, and its text is valid Unicode: the server answers
     a line past MAX_LINE_BYTES unread, so its error could not name the request."""
-    # The longest the other fields of bench's request get (load.request_body, the client's id).
-    widest = {"id": "c" + "9" * 20, "prompt": prompt, "max_tokens": 1 << 31, "temperature": 100.0, "seed": 1 << 63}
+    # Its other fields at their longest: the client's id, the largest index, tokens and temperature.
+    widest = {"id": "c" + "9" * 20, **request_body((1 << 63) - 1, RequestSpec(prompt, 1 << 31), 100.0)}
     try:
         size = len(request_line(widest)) - 1
     except UnicodeEncodeError:
