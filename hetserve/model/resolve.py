@@ -105,6 +105,16 @@ def ensure_converted(gguf: Path, target: Path, progress: bool) -> Path:
     return target
 
 
+def _sync_folder(folder: Path) -> None:
+    """fsync every file in `folder`, then the folder itself (its entries)."""
+    for path in [*(p for p in folder.iterdir() if p.is_file()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def convert_gguf(src: Path, dst: Path, progress: bool = True) -> None:
     """Convert a GGUF file into a safetensors model directory, atomically."""
     from tqdm import tqdm
@@ -135,7 +145,9 @@ def convert_gguf(src: Path, dst: Path, progress: bool = True) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         steps.update()
+        _sync_folder(tmp)  # on disk before the rename makes it the model: a crash must not leave it half there
         os.replace(tmp, dst)
+        _sync_folder(dst.parent)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, ModelError):
