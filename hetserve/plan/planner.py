@@ -156,6 +156,13 @@ def host_orders(hosts: list[HostInput], max_orders: int | None = None) -> list[l
     return order_search(hosts, max_orders)[0]
 
 
+def largest_first_orders(hosts: list[HostInput]) -> list[list[HostInput]]:
+    """The k hosts of most memory for every k, each way round: a plan on fewer hosts than there are
+    (more hosts than layers, hosts too small to pay) stays in reach."""
+    by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
+    return [o for k in range(len(hosts), 0, -1) for o in (by_memory[:k], by_memory[:k][::-1])]
+
+
 def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple[list[list[HostInput]], bool]:
     """(host_orders, whether they are every distinct order of every subset)."""
     max_orders = MAX_EXACT_ORDERS if max_orders is None else max_orders
@@ -178,10 +185,7 @@ def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple
                     seen.add(key)
                     orders.append(list(perm))
                 if len(orders) > max_orders or examined > MAX_PERMUTATIONS:
-                    # The k largest hosts for every k, each way round: a plan on fewer hosts than
-                    # there are (more hosts than layers, hosts too small to pay) stays in reach.
-                    by_memory = sorted(hosts, key=lambda h: -h.memory_bytes)
-                    return [o for k in range(len(hosts), 0, -1) for o in (by_memory[:k], by_memory[:k][::-1])], False
+                    return largest_first_orders(hosts), False
     return orders, True
 
 
@@ -367,7 +371,7 @@ def _infeasible_reason(hosts, sens, workload, precisions, max_increase) -> str:
         if target <= max_increase:
             continue
         quality, budget = quality_units(sens, precisions, target)
-        for order in host_orders(hosts)[:4]:
+        for order in largest_first_orders(hosts):  # fewer hosts too: one too small for a layer sinks every order
             d_mb = decode_microbatch(workload.batch, len(order))
             costs = [host_costs(h, precisions, workload, 1, d_mb) for h in order]
             if partition(costs, len(quality), precisions, quality, budget, Objective(1, 1, 1)) is not None:
