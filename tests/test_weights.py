@@ -222,15 +222,20 @@ async def test_fetch_over_sockets_and_refuse_bad_requests(tmp_path, monkeypatch)
         ctx.term()
 
 
-async def test_a_manifest_is_answered_while_paced_chunks_wait(tmp_path):
+async def test_a_manifest_is_answered_while_paced_chunks_wait(tmp_path, monkeypatch):
     """With --weights-rate, chunks are sent paced; a joining host's manifest request waited behind
-    every chunk queued before it (and could time out with many hosts fetching)."""
+    every chunk queued before it (and could time out with many hosts fetching). Fetches announced
+    past MAX_TRANSFERS (names are the peer's word) are not tracked."""
+    from hetserve.weights import server as weights_server
+    from hetserve.wire.messages import FetchStart
+
     manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
     embed = next(e for e in manifest.entries if e.name == "model.embed_tokens.weight")  # 64 KiB
     ctx = zmq.asyncio.Context()
     router = weights_socket(ctx)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    server = asyncio.create_task(WeightServer(router, manifest, sources, 32 << 10).run())  # 2 s a chunk
+    weights = WeightServer(router, manifest, sources, 32 << 10)  # 2 s a chunk
+    server = asyncio.create_task(weights.run())
     fetching, joining = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     try:
         for sock in (fetching, joining):
@@ -245,6 +250,12 @@ async def test_a_manifest_is_answered_while_paced_chunks_wait(tmp_path):
         assert asyncio.get_running_loop().time() - started < 1.0
         lengths = [decode((await asyncio.wait_for(fetching.recv_multipart(), 10))[0]).length for _ in range(3)]
         assert lengths == [embed.size] * 3, "the paced chunks still all come, in order"
+        monkeypatch.setattr(weights_server, "MAX_TRANSFERS", 1)
+        for name in ("a", "b", "c"):
+            await joining.send(encode(FetchStart(name, 1, 10)))
+        await joining.send(encode(GetManifest("b")))
+        await asyncio.wait_for(joining.recv_multipart(), 10)  # the starts before it are handled
+        assert list(weights.transfers) == ["a"]
     finally:
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)

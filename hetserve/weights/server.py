@@ -31,6 +31,7 @@ from .manifest import Source
 log = logging.getLogger(__name__)
 
 MAX_CHUNK = 8 << 20  # largest chunk a host may ask for
+MAX_TRANSFERS = 256  # fetches shown (progress bar, log lines) at once; each host runs one
 MAX_QUEUED = 4096  # chunk requests waiting for the sender (a host keeps 4 outstanding): past it, refused
 SEND_HWM = 16  # replies queued per connection at most (a host keeps fetch.WINDOW = 4 outstanding):
 #                past it the ROUTER drops them, so one peer cannot queue gigabytes of chunks here
@@ -111,6 +112,10 @@ class WeightServer:
                 elif isinstance(msg, FetchStart):
                     if msg.host in self.transfers:  # it gave up on that fetch and started again
                         self.transfers[msg.host].bar.close()
+                    elif len(self.transfers) >= MAX_TRANSFERS:  # names are the peer's word: bound them
+                        log.warning("ignored the start of a fetch by %r: %d fetches are running", msg.host[:80],
+                                    len(self.transfers))
+                        continue
                     self.transfers[msg.host] = Transfer(msg.host, msg)
                 elif self.requests.full():
                     await self._refuse(route, msg, f"the leader has {MAX_QUEUED} chunk requests waiting")
