@@ -11,6 +11,8 @@ from .config import MAX_LINE_BYTES
 from .transport.sockets import split_hostport
 
 _ids = itertools.count(1)
+MAX_ID_CHARS = 256  # as the server reads ids (wire/client.py)
+UNCLAIMED_KEPT = 1000  # replies naming no request of ours kept for inspection (send_raw); older ones dropped
 
 
 class ClientError(Exception):
@@ -66,14 +68,19 @@ class LineClient:
         return client
 
     async def _read(self) -> None:
+        """Route each reply line to its request's queue. A line cut off by the connection's end, or
+        one that is not JSON or too long, ends the connection for this client: what follows could
+        not be told apart."""
         try:
-            while line := await self.reader.readline():
+            while (line := await self.reader.readline()).endswith(b"\n"):
                 event = json.loads(line)
-                queue = self._queues.get(event.get("id"))
+                queue = self._queues.get(event.get("id")) if isinstance(event, dict) else None
                 if queue is None:
                     queue = self._queues.setdefault(None, asyncio.Queue())
+                    if queue.qsize() >= UNCLAIMED_KEPT:
+                        queue.get_nowait()
                 queue.put_nowait(event)
-        except ConnectionError:
+        except (ConnectionError, ValueError, RecursionError):
             pass
         finally:
             self.closed = True
@@ -96,7 +103,17 @@ class LineClient:
             raise ClientError("the server closed the connection")
         body = dict(body)
         body.setdefault("id", f"c{next(_ids)}")
-        line = request_line(body)
+        rid = body["id"]
+        # The server answers a bad id with `"id": null`, a reply this request would never see.
+        if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID_CHARS:
+            raise ClientError(f"a request id must be a string of 1-{MAX_ID_CHARS} characters, not {rid!r:.80}")
+        if rid in self._queues:
+            raise ClientError(f"request id {rid!r:.80} is already running on this connection")
+        try:
+            line = request_line(body)
+        except UnicodeEncodeError:
+            raise ClientError("the request holds text that is not valid Unicode (an unpaired surrogate such as "
+                              "\\ud800)") from None
         if len(line) - 1 > MAX_LINE_BYTES:
             raise RequestTooLong(f"the request is {len(line) - 1} bytes of JSON; the server reads lines of up to "
                                  f"{MAX_LINE_BYTES}")

@@ -121,6 +121,11 @@ async def test_bad_json_body_is_400(http_cluster, line):
     async with aiohttp.ClientSession() as session:
         async with session.post(f"http://{http_cluster.http}/v1/chat/completions", data=b"{oops") as resp:
             assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
+        # JSON is UTF-8 whatever charset the header names (an unknown one was a 500)
+        body = json.dumps({"model": MODEL, "prompt": "1, 2,", "max_tokens": 2, "temperature": 0}).encode()
+        async with session.post(f"http://{http_cluster.http}/v1/completions", data=body,
+                                headers={"Content-Type": "application/json; charset=foobar"}) as resp:
+            assert resp.status == 200, await resp.text()
         huge = b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"  # past Python's 4300 digits
         async with session.post(f"http://{http_cluster.http}/v1/completions", data=huge) as resp:
             assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]

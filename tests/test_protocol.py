@@ -228,3 +228,48 @@ async def test_chat_template_refusal_is_a_bad_request(client):
     # SmolLM2's template accepts any roles; a template error must still come back with the id.
     events = await client.call({"messages": [{"role": "tool", "content": "x"}], "max_tokens": 2})
     assert events[-1]["id"] and events[-1]["event"] in ("done", "error")
+
+
+class SilentWriter:
+    """A connection's sending side that takes everything (the client needs no server here)."""
+
+    def __init__(self):
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+async def test_the_line_client_refuses_what_would_never_be_answered_and_survives_a_cut_line():
+    """Ids the server cannot name in its reply (too long, empty, one already running) hung the
+    request forever (the error came back as `"id": null`); text no UTF-8 can carry raised
+    UnicodeEncodeError; a reply line cut off by the connection's end killed the reader task with
+    JSONDecodeError instead of telling the waiting request."""
+    from hetserve.client import ClientError
+
+    reader = asyncio.StreamReader()
+    client = LineClient(reader, SilentWriter())
+    for body, why in (({"id": "x" * 300, "prompt": "hi"}, "1-256 characters"), ({"id": "", "prompt": "hi"}, "1-256"),
+                      ({"id": 7, "prompt": "hi"}, "must be a string"), ({"prompt": "a\ud800"}, "not valid Unicode")):
+        with pytest.raises(ClientError, match=why):
+            await asyncio.wait_for(client.call(body), 5)
+    running = asyncio.create_task(client.call({"id": "r1", "prompt": "hi"}))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ClientError, match="already running"):
+        await client.call({"id": "r1", "prompt": "again"})
+    reader.feed_data(b'{"id": "r1", "event": "token", "text": "a"}\n{"id": "r1", "event": "to')
+    reader.feed_eof()
+    with pytest.raises(ClientError, match="closed"):
+        await asyncio.wait_for(running, 5)
+    await asyncio.sleep(0)
+    assert client._reader_task.done() and client._reader_task.exception() is None
+    await client.close()

@@ -55,6 +55,9 @@ async def test_line_protocol_and_http_ask_for_the_token(guarded_leader):
         assert (await client.call({"cmd": "auth", "token": "guess"}))[-1]["error"]["message"] == "wrong token"
         assert (await client.call({"cmd": "auth", "token": "s3cret-token"}))[-1]["event"] == "authenticated"
         assert (await client.status())["state"] == "waiting for hosts"
+        # Not served yet (its hosts may never come): refused at once, as HTTP's 503, not queued
+        refused = await asyncio.wait_for(client.call({"prompt": "hi"}), 30)
+        assert refused[-1]["error"]["code"] == "unavailable" and "waiting for hosts" in refused[-1]["error"]["message"]
     finally:
         await client.close()
 
@@ -75,6 +78,12 @@ async def test_line_protocol_and_http_ask_for_the_token(guarded_leader):
     assert (await asyncio.to_thread(http_get, f"{base}/v1/models", "guess"))[0] == 401
     assert (await asyncio.to_thread(http_get, f"{base}/v1/models", "s3cret-token"))[0] == 200
     assert (await asyncio.to_thread(http_get, f"{base}/health"))[0] == 503  # open, and not serving yet
+    # A header byte that is not UTF-8 is a wrong token (it was a 500 and a traceback in the log)
+    reader, writer = await asyncio.open_connection(*http.rsplit(":", 1))
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\nConnection: close\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 401") and b"authentication_error" in reply, reply[:200]
 
 
 class Relay:

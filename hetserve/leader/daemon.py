@@ -367,6 +367,8 @@ class Leader(PipelineLayout):
         if self.state == "degraded":
             raise ProtocolError("unavailable", "the cluster lost the hosts it needs to hold the model; "
                                 "try again when a host rejoins", req.id)
+        if not self.accepting:  # it has not served yet: its hosts may never come
+            raise ProtocolError("unavailable", f"no capacity: the cluster is {self.state}", req.id)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

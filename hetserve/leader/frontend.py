@@ -32,8 +32,9 @@ class LineTooLong(Exception):
 
 
 def token_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison: the time taken says nothing about how much of a guess was right."""
-    return hmac.compare_digest(given.encode(), expected.encode())
+    """Constant-time comparison: the time taken says nothing about how much of a guess was right.
+    (HTTP headers arrive with undecodable bytes as surrogates: kept as those bytes, a mismatch.)"""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 async def read_lines(reader: asyncio.StreamReader, limit: int):

@@ -37,13 +37,15 @@ TYPE_OF = {400: "invalid_request_error", 401: "authentication_error", 404: "inva
            405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error",
            500: "server_error"}
 OPEN_PATHS = {"/health"}  # answered without a token (load balancers' probes)
-# Accepted and ignored when at their neutral value; anything else is refused as unsupported.
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "frequency_penalty": 0,
-           "presence_penalty": 0, "logit_bias": None, "suffix": None, "tools": None, "tool_choice": None,
-           "response_format": None, "parallel_tool_calls": None}
+# Accepted and ignored when at their neutral value (None, or one of these); anything else is refused
+# as unsupported.
+NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False, 0), "top_logprobs": (0,),
+           "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
+           "tools": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+           "parallel_tool_calls": (False, True)}
 IGNORED = {"user", "stream_options", "metadata", "store", "service_tier"}
-MAPPED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "seed", "stop", "stream"}
+MAPPED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+INPUT = {True: "messages", False: "prompt"}  # the one input field of chat / completions
 _serial = itertools.count(1)
 
 
@@ -56,13 +58,15 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
     """An OpenAI request body -> a validated GenerateRequest (ProtocolError when invalid)."""
     if not isinstance(body, dict):
         raise ProtocolError("bad_request", "the request body must be a JSON object")
-    unknown = set(body) - MAPPED - IGNORED - set(NEUTRAL)
+    unknown = set(body) - MAPPED - IGNORED - set(NEUTRAL) - {INPUT[chat]}
     if unknown:
         raise ProtocolError("bad_request", f"unrecognized request arguments: {', '.join(sorted(unknown))}")
     for name, neutral in NEUTRAL.items():
         value = body.get(name)
-        if not (value is None or value == neutral or (neutral is None and not value)):
+        if not (value is None or any(_same(value, v) for v in neutral)):
             raise ProtocolError("bad_request", f"'{name}' is not supported by this server")
+    if body.get("tool_choice") == "auto" and body.get("tools"):
+        raise ProtocolError("bad_request", "'tools' is not supported by this server")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise ProtocolError("bad_request", "'stream' must be true or false")
     if not isinstance(body.get("stream_options") or {}, dict):
@@ -90,6 +94,14 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
         if body.get(name) is not None:
             obj[name] = body[name]
     return parse_object(obj)
+
+
+def _same(value, neutral) -> bool:
+    """value == neutral, but a bool only equals a bool: `True == 1` must not pass for n, nor
+    `0 == False` for echo (0 and 0.0 are one number)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return type(value) is type(neutral) and value == neutral
+    return value == neutral
 
 
 def _flatten_message(message):
@@ -163,12 +175,10 @@ class OpenAIServer:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{next(_serial)}"
         try:
             try:
-                body = await request.json()
+                body = json.loads((await request.read()).decode("utf-8"))  # JSON is UTF-8, whatever charset is named
             except (ValueError, RecursionError):  # bad JSON or UTF-8, an integer past 4300 digits, deep nesting
                 raise ProtocolError("bad_request", "the request body is not valid JSON") from None
             req = translate(body, chat, self.model_name, request_id)
-            if not self.leader.accepting:
-                raise ProtocolError("unavailable", f"no capacity: the cluster is {self.leader.state}")
             events: asyncio.Queue = asyncio.Queue()
             engine_request = await self.leader.admit(req, events.put_nowait, stream=True)
         except ProtocolError as exc:

@@ -13,6 +13,18 @@ def _labels(labels: dict) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
 
 
+def sample_value(value) -> str:
+    """Every digit: `:g` kept 6, so a counter past 10^6 moved in steps (rate() read 0, then jumps)."""
+    if isinstance(value, (bool, int)):
+        return str(int(value))
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
 class _Writer:
     def __init__(self):
         self.lines: list[str] = []
@@ -21,7 +33,7 @@ class _Writer:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            self.lines.append(f"{name}{_labels(labels)} {float(value):g}")
+            self.lines.append(f"{name}{_labels(labels)} {sample_value(value)}")
 
 
 def render_metrics(status: dict) -> str:
