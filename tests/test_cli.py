@@ -274,7 +274,10 @@ def test_a_live_plan_keeps_the_kv_cache_it_was_planned_for(tmp_path):
     with pytest.raises(click.UsageError, match="514 KV-cache tokens"):
         apply_plan(live, "smollm2-135m", Limits())  # 8 x 2049 by default
     _, _, _, limits = apply_plan(live, "smollm2-135m", Limits(max_seqs=2, max_context=256))
-    assert (limits.max_seqs, limits.max_context, limits.prefill_seqs, limits.decode_seqs) == (2, 256, 2, 4)
+    # the prefill micro-batch within the operator's bound; decode as the scheduler splits the running
+    assert (limits.max_seqs, limits.max_context, limits.prefill_seqs, limits.decode_seqs) == (2, 256, 2, 8)
+    _, _, _, limits = apply_plan(live, "smollm2-135m", Limits(max_seqs=2, max_context=256, prefill_seqs=1))
+    assert limits.prefill_seqs == 1
     _, _, _, limits = apply_plan(saved(Workload(256, 128, 8)), "smollm2-135m", Limits())
     assert (limits.max_seqs, limits.max_context) == (8, 384)  # planned for its workload: exactly that
 

@@ -145,6 +145,14 @@ def test_queued_prompt_tokens_are_bounded():
     with pytest.raises(Overloaded, match="prompt tokens are queued"):
         engine.new_request("c", [].append, [5, 6, 7], 4, 0.0, 0, 1.0, 1, (), True)
     engine.new_request("d", [].append, [5, 6], 4, 0.0, 0, 1.0, 1, (), True)  # 3 + 2 fits
+    # A prompt past the bound on its own waits when nothing else does ("try again later" never helped).
+    engine = Engine(Limits(max_seqs=1, max_context=64, max_queued=10, max_queued_tokens=5), {2},
+                    lambda ids: "", lambda step, ids: sent.append(step), vocab_size=100)
+    engine.pipeline_ready(1)
+    engine.new_request("a", [].append, [5, 6, 7], 4, 0.0, 0, 1.0, 1, (), True)
+    engine.new_request("long", [].append, list(range(3, 23)), 4, 0.0, 0, 1.0, 1, (), True)
+    with pytest.raises(Overloaded, match="20 prompt tokens are queued"):
+        engine.new_request("c", [].append, [5], 4, 0.0, 0, 1.0, 1, (), True)
 
 
 def test_replay_refeeds_the_whole_history_and_continues_the_token_count():
@@ -198,6 +206,25 @@ def test_decode_rows_ride_in_a_prompts_micro_batch_where_stages_run_rows_flat(st
 def test_no_mixing_where_a_stage_pads_rows_or_when_off():
     for engine, _ in (make_engine(flat_tokens=0), make_engine(flat_tokens=2048, mixed_batches=False)):
         assert engine.snapshot()["batching"]["mix_tokens"] == 0
+
+
+def test_a_request_failed_by_its_next_send_gets_nothing_after_its_error():
+    """A result's tokens were streamed after the next micro-batch was sent: when that send failed
+    and failed the request, its client got `error` and then a token (or even `done`)."""
+    calls = []
+
+    def send(step, ids):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OverflowError("int too big to convert")
+
+    engine = Engine(Limits(max_seqs=2, max_context=64, decode_ahead="off"), {2}, lambda ids: "x", send,
+                    vocab_size=100)
+    engine.pipeline_ready(1, 0, True)
+    events = []
+    start(engine, events)
+    answer(engine, 11)
+    assert [e["event"] for e in events] == ["error"] and engine.outcomes["error"] == 1
 
 
 def test_a_micro_batch_that_cannot_be_sent_fails_its_rows_and_holds_nothing():

@@ -281,7 +281,10 @@ def test_leader_plans_live_from_joined_hosts_profiles(model_dir, tmp_path):
     assert done["event"] == "done" and done["usage"]["completion_tokens"] >= 1
     plan = json.loads(plan_file.read_text())
     assert status["plan"]["predicted_ppl"] <= status["plan"]["base_ppl"] * 1.05 + 1e-9
-    assert status["limits"]["decode_seqs"] == plan["decode_microbatch"]
+    # The plan's prompts per prefill micro-batch within the operator's bound; decode as the scheduler
+    # splits the running requests (the plan's ceil(batch / stages)), bounded by --decode-seqs alone.
+    assert status["limits"]["prefill_seqs"] == min(4, plan["prefill_microbatch"])
+    assert status["limits"]["decode_seqs"] == 8
     layers = {h["name"]: h["layers"] for h in status["hosts"]}
     assert layers == {s["host"]: [s["start"], s["end"]] for s in plan["stages"]}
     assert any("x" in h["precision"] for h in status["hosts"]), "300 MiB per host needs quantized layers"

@@ -57,3 +57,12 @@ def test_real_tokenizer_concatenation(model_dir):
     pieces = [stream.push(i) for i in ids] + [stream.finish()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_a_stop_string_in_a_token_that_ends_mid_character_is_cut_at_finish():
+    """push() waits while its window ends in a partial character, so a stop string completed by
+    such a token went unseen, and a request ending then (length, EOS) sent it in its text."""
+    pieces = {1: "ok", 2: ".\ufffd"}
+    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids), (".",))
+    assert stream.push(1) == "ok" and stream.push(2) == "" and not stream.stopped
+    assert stream.finish() == "" and stream.stopped and stream.emitted == "ok"

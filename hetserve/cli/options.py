@@ -157,6 +157,10 @@ def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, st
                 f"the plan budgeted each host's memory for {kv} KV-cache tokens a layer; --max-seqs {limits.max_seqs} "
                 f"and --max-context {limits.max_context} need {limits.max_seqs * (limits.max_context + 1)}: give "
                 "the limits it was planned with (max-seqs x (max-context + 1) within the budget)")
+        # As the live leader ran it (leader/assignment.py): the prefill micro-batch within the
+        # operator's bound, and decode micro-batches as the scheduler splits the running requests.
+        batching.update(prefill_seqs=min(limits.prefill_seqs, plan.prefill_microbatch),
+                        decode_seqs=limits.decode_seqs)
         return plan.model, len(plan.stages), plan.dtype, dataclasses.replace(limits, **batching)
     # Planned for its workload: the plan budgeted each host's memory for this KV cache; allocate exactly that.
     limits = dataclasses.replace(limits, max_seqs=plan.workload.batch,

@@ -152,8 +152,11 @@ class PipelineLayout:
             log.error("degraded: %s; requests are refused until a host (re)joins", exc)
             return
         if s.planner is not None and self.plan is not None:
-            self.engine.limits = replace(self.engine.limits, prefill_seqs=self.plan.prefill_microbatch,
-                                         decode_seqs=self.plan.decode_microbatch)
+            # The plan's prompts per prefill micro-batch, within the operator's bound. Its decode
+            # micro-batch, ceil(batch / stages), is what the scheduler runs by itself; as a bound it
+            # would throttle every request past the plan's batch (64 running, 4 rows a micro-batch).
+            self.engine.limits = replace(self.engine.limits,
+                                         prefill_seqs=min(s.limits.prefill_seqs, self.plan.prefill_microbatch))
         self.state = "loading"
         for host in self._plannable():
             host.planned = True

@@ -119,7 +119,8 @@ class Engine:
             raise Overloaded(f"{len(self.requests)} requests are running or queued, the most this server "
                              f"takes; try again later")
         queued_tokens = sum(len(r.prompt_ids) for r in self.requests.values() if r.slot is None)
-        if queued_tokens + len(prompt_ids) > self.limits.max_queued_tokens:
+        # A prompt longer than the bound alone is taken when nothing waits: refused, it never could be.
+        if queued_tokens and queued_tokens + len(prompt_ids) > self.limits.max_queued_tokens:
             self.outcomes["overloaded"] += 1
             log.warning("refused request %r: overloaded (%d prompt tokens queued)", request_id, queued_tokens)
             raise Overloaded(f"{queued_tokens} prompt tokens are queued, and this request's {len(prompt_ids)} "
@@ -277,6 +278,8 @@ class Engine:
         # one wasted row, whose result is dropped).
         self.schedule()
         for request, token, finish in accepted:
+            if request.done and finish is None:  # failed meanwhile (its next micro-batch could not be sent)
+                continue
             self._stream_token(request, token, finish)
 
     def _measure(self, flight: InFlight, result: StepResult) -> None:
@@ -338,6 +341,7 @@ class Engine:
             finish = "stop"
         elif finish:
             piece += request.text.finish()
+            finish = "stop" if request.text.stopped else finish
         if request.stream:
             request.sink(token_event(request.id, piece, token))
         if finish:

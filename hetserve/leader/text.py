@@ -49,13 +49,19 @@ class TextStream:
         return self._emit(text[:safe])
 
     def finish(self) -> str:
-        """The request ends (length, EOS, cancel): release whatever was held back."""
+        """The request ends (length, EOS, cancel): release whatever was held back, up to a stop
+        string in it (one whose last token also ended in a partial character was never seen by
+        push(); `stopped` then says so)."""
         if self.stopped:
             return ""
         text = self._decode(self._tokens)
         if not text.startswith(self.emitted):
             # Keep the contract that pieces concatenate to the final text.
             return ""
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
         return self._emit(text)
 
     def _emit(self, upto: str) -> str:
