@@ -8,11 +8,12 @@ throughout. A Shutdown from the leader, SIGINT or SIGTERM ends the process clean
 
 Faults: a device that fails for good (stage_loop.DeviceLost: a poisoned CUDA context) is reported
 to the leader, which re-plans without this host, and the process exits with status 1, so that a
-service manager restarts it with a fresh device context. A later Assign (the leader rebuilt the pipeline after losing a host, or to use a new one)
-replaces the stage, keeping the loaded weights when the slice is unchanged. A leader that answered
-and then fell silent for LEADER_DEAD_S (it sends Alive every second) is presumed gone: the host
-keeps its weights and joins again on a fresh connection (ZeroMQ reconnects with backoff until a
-leader listens), telling the new leader which slice it holds so that it can be adopted.
+service manager restarts it with a fresh device context. A later Assign (the leader rebuilt the
+pipeline after losing a host, or to use a new one) replaces the stage, keeping the loaded weights
+when the slice is unchanged; a Release (a layout left this host out) drops it. A leader that
+answered and then fell silent for LEADER_DEAD_S (it sends Alive every second) is presumed gone:
+the host keeps its weights and joins again on a fresh connection (ZeroMQ reconnects with backoff
+until a leader listens), telling the new leader which slice it holds so that it can be adopted.
 """
 
 from __future__ import annotations
