@@ -12,7 +12,6 @@ from .transport.sockets import split_hostport
 
 _ids = itertools.count(1)
 MAX_ID_CHARS = 256  # as the server reads ids (wire/client.py)
-UNCLAIMED_KEPT = 1000  # replies naming no request of ours kept for inspection (send_raw); older ones dropped
 
 
 class ClientError(Exception):
@@ -75,10 +74,8 @@ class LineClient:
             while (line := await self.reader.readline()).endswith(b"\n"):
                 event = json.loads(line)
                 queue = self._queues.get(event.get("id")) if isinstance(event, dict) else None
-                if queue is None:
+                if queue is None:  # naming no request of ours: kept for whoever sent raw lines
                     queue = self._queues.setdefault(None, asyncio.Queue())
-                    if queue.qsize() >= UNCLAIMED_KEPT:
-                        queue.get_nowait()
                 queue.put_nowait(event)
         except (ConnectionError, ValueError, RecursionError):
             pass
