@@ -135,6 +135,18 @@ async def test_bad_json_body_is_400(http_cluster, line):
             async with session.request(method, f"http://{http_cluster.http}{path}", data=data) as resp:
                 assert resp.status == status
                 assert (await resp.json())["error"]["type"] == "invalid_request_error"
+                assert status != 405 or resp.headers.get("Allow") == "POST"
+
+
+async def test_with_include_usage_every_chunk_but_the_last_has_a_null_usage(http_cluster, line):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://{http_cluster.http}/v1/chat/completions", json=body) as resp:
+            text = await resp.text()
+    chunks = [json.loads(line_[6:]) for line_ in text.splitlines() if line_.startswith("data: {")]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
 
 
 async def test_explicit_nulls_mean_not_given(http_cluster, line):

@@ -17,6 +17,7 @@ MODEL = "smollm2-135m"
     (False, {"n": True}, "'n'"), (False, {"echo": 0}, "'echo'"),
     (False, {"response_format": {"type": "json_object"}}, "'response_format'"),
     (True, {"tool_choice": "auto", "tools": [{"type": "function"}]}, "'tools'"),
+    (False, {"model": None}, "must provide a model"),  # 400, as OpenAI (was 404 model_not_found)
 ])
 def test_neutral_values_pass_and_the_other_endpoints_fields_do_not(chat, extra, refused):
     """OpenAI's neutral spellings ({"type": "text"}, "none") were refused as unsupported, and each

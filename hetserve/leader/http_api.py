@@ -71,6 +71,8 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
         raise ProtocolError("bad_request", "'stream' must be true or false")
     if not isinstance(body.get("stream_options") or {}, dict):
         raise ProtocolError("bad_request", "'stream_options' must be an object")
+    if body.get("model") is None:
+        raise ProtocolError("bad_request", "you must provide a model parameter ('model')")
     if body.get("model") != model_name:
         raise ProtocolError("not_found", f"the model {body.get('model')!r} does not exist; this server serves {model_name!r}")
     obj: dict = {"id": request_id}
@@ -140,8 +142,11 @@ class OpenAIServer:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}",
-                                  exc.reason.lower().replace(" ", "_"))
+            response = error_response(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                                      exc.reason.lower().replace(" ", "_"))
+            if "Allow" in exc.headers:  # 405: the methods the path takes
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
@@ -210,14 +215,14 @@ class OpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         if reply.chat:
-            await _sse(response, reply.chunk({"role": "assistant", "content": ""}, None))
+            await _sse(response, reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
         while True:
             event = await events.get()
             if event["event"] == "token":
                 if event["text"]:
-                    await _sse(response, reply.chunk(reply.piece(event["text"]), None))
+                    await _sse(response, reply.chunk(reply.piece(event["text"]), None, include_usage))
             elif event["event"] == "done":
-                await _sse(response, reply.chunk({} if reply.chat else "", reply.finish(event)))
+                await _sse(response, reply.chunk({} if reply.chat else "", reply.finish(event), include_usage))
                 if include_usage:
                     await _sse(response, {**reply.chunk({} if reply.chat else "", None), "choices": [],
                                           "usage": reply.usage(event)})
@@ -255,14 +260,17 @@ class Reply:
         return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
                 "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
 
-    def chunk(self, delta, finish_reason: str | None) -> dict:
+    def chunk(self, delta, finish_reason: str | None, usage_null: bool = False) -> dict:
+        """usage_null: with stream_options.include_usage every chunk but the last carries
+        `"usage": null`, as OpenAI's do (the last one, with no choices, carries the counts)."""
         if self.chat:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             kind = "chat.completion.chunk"
         else:
             choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
             kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+        return {**out, "usage": None} if usage_null else out
 
     def complete(self, done: dict) -> dict:
         if self.chat:
