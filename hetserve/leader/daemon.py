@@ -351,10 +351,10 @@ class Leader(PipelineLayout):
         """Tokenize a validated request and hand it to the engine (both front ends come here).
 
         Raises ProtocolError (too_long, bad_request, overloaded, unavailable) carrying the request's id."""
-        self._refuse_if_degraded(req)
+        self._refuse_unless_accepting(req)
         codec = self.codec
         ids = await asyncio.get_running_loop().run_in_executor(None, codec.encode, req)
-        self._refuse_if_degraded(req)  # the hosts may have gone while it was tokenized: nothing would serve it
+        self._refuse_unless_accepting(req)  # the hosts may have gone while it was tokenized: nothing would serve it
         if req.max_tokens is not None and req.max_tokens >= codec.max_context:
             raise ProtocolError("bad_request", f"'max_tokens' must be below the context ({codec.max_context})", req.id)
         try:
@@ -363,12 +363,11 @@ class Leader(PipelineLayout):
         except Overloaded as exc:
             raise ProtocolError("overloaded", str(exc), req.id) from None
 
-    def _refuse_if_degraded(self, req: GenerateRequest) -> None:
-        if self.state == "degraded":
-            raise ProtocolError("unavailable", "the cluster lost the hosts it needs to hold the model; "
-                                "try again when a host rejoins", req.id)
-        if not self.accepting:  # it has not served yet: its hosts may never come
-            raise ProtocolError("unavailable", f"no capacity: the cluster is {self.state}", req.id)
+    def _refuse_unless_accepting(self, req: GenerateRequest) -> None:
+        if not self.accepting:  # degraded, or not served yet (its hosts may never come)
+            raise ProtocolError("unavailable", "the cluster lost the hosts it needs to hold the model; try again "
+                                "when a host rejoins" if self.state == "degraded" else
+                                f"no capacity: the cluster is {self.state}", req.id)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -240,10 +240,7 @@ class WeightStore:
         """List every complete tensor so the stage loader finds it (atomically replaced). Under a
         lock: files are only added meanwhile, so each writer lists at least what the one before
         it listed, and the index never loses a tensor another host just wrote it for."""
-        fd = os.open(self.root / ".index.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(self.root / ".index.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             weight_map = {f.name[: -len(".safetensors")]: f.name for f in sorted(self.root.glob("*.safetensors"))}
             write_atomic(self.root / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        finally:
-            os.close(fd)
