@@ -5,11 +5,10 @@ control, as in the ZeroMQ guide's file-transfer pattern), so the leader never qu
 that window per host however large the model, and `--weights-rate` paces all transfers together
 so a joining host cannot starve the serving pipeline's links. Chunks are read and sent in the
 order asked, by a sender of their own: a manifest request is answered at once, not after the
-paced chunks queued before it. A peer that asks without reading
-the answers (not a hetserve host) finds replies past SEND_HWM dropped rather than queued. Only
-entries of the manifest can be read, at offsets inside them: a request names a tensor, never a
-path. A source file that cannot be read (moved, truncated, an I/O error) fails that request with
-the reason, never the leader.
+paced chunks queued before it. A peer that asks without reading the answers (not a hetserve
+host) finds replies past SEND_HWM dropped rather than queued. Only entries of the manifest can be
+read, at offsets inside them: a request names a tensor, never a path. A source file that cannot
+be read (moved, truncated, an I/O error) fails that request with the reason, never the leader.
 """
 
 from __future__ import annotations

@@ -160,10 +160,11 @@ class StageLoop:
 
     async def _lost(self, exc: Exception) -> DeviceLost | None:
         """DeviceLost where `exc` was a device error the device did not survive."""
-        if DEVICE_ERROR is not None and isinstance(exc, DEVICE_ERROR) and not await asyncio.get_running_loop().run_in_executor(
-                self._executor, device_works, self.model.device):
-            return DeviceLost(f"{self.model.device} fails every kernel since {type(exc).__name__}: {exc}")
-        return None
+        if DEVICE_ERROR is None or not isinstance(exc, DEVICE_ERROR):
+            return None
+        if await asyncio.get_running_loop().run_in_executor(self._executor, device_works, self.model.device):
+            return None
+        return DeviceLost(f"{self.model.device} fails every kernel since {type(exc).__name__}: {exc}")
 
     def _failed(self, step: Step, exc: Exception) -> list[bytes]:
         log.error("micro-batch %d failed on stage %d", step.mb, self.index, exc_info=exc)
