@@ -19,7 +19,8 @@ def config():
 
 
 @config.command("show", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("command", type=click.Choice(["leader", "join", "up", "generate", "status", "bench", "profile", "plan"]))
+@click.argument("command", type=click.Choice(
+    ["leader", "join", "up", "generate", "status", "bench", "profile", "plan"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def config_show(ctx, command, args):
