@@ -242,3 +242,23 @@ def test_bench_bad_input_is_one_clear_line(tmp_path):
         done = hetserve("bench", *args, timeout=120)
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_baseline_ignores_the_models_own_generation_settings(model_dir, tmp_path):
+    """A model whose generation_config asks for a repetition penalty or n-gram bans made the
+    baseline run processors hetserve does not, and produce other text than greedy decoding."""
+    import json
+
+    from hetserve.bench.baseline import BaselineSpec, HFBaseline
+
+    for f in model_dir.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "generation_config.json").unlink()
+    own = json.loads((model_dir / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**own, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "min_new_tokens": 10}))
+    prompt = "1, 2, 3, 4, 5,"
+    plain, fussy = (HFBaseline(BaselineSpec(d, "cpu", "float32", threads=1), "Hi") for d in (model_dir, tmp_path))
+    want, _ = plain._generate([RequestSpec(prompt, 12)], None)
+    got, _ = fussy._generate([RequestSpec(prompt, 12)], None)
+    assert got == want

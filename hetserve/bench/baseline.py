@@ -87,7 +87,7 @@ class HFBaseline:
 
     def __init__(self, spec: BaselineSpec, warmup_prompt: str):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the benchmark's own bar is the one to watch
@@ -106,6 +106,11 @@ class HFBaseline:
             layers = self.model.model.layers
             apply_precisions(layers, [spec.precision] * len(layers), torch.device(spec.device))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        # Only the sampling asked for: a model's own generation_config may add work hetserve does
+        # not do (a repetition penalty, n-gram bans, a minimum length), and other text.
+        own = self.model.generation_config
+        self.model.generation_config = GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
+                                                        pad_token_id=own.pad_token_id)
         self.sampling = ({"do_sample": True, "temperature": spec.temperature, "top_p": 1.0, "top_k": 0}
                          if spec.temperature > 0 else {"do_sample": False})
         self._generate([RequestSpec(warmup_prompt, WARMUP_TOKENS)], None)  # untimed: first calls pay one-off costs
