@@ -247,8 +247,6 @@ def test_bench_bad_input_is_one_clear_line(tmp_path):
 def test_the_baseline_ignores_the_models_own_generation_settings(model_dir, tmp_path):
     """A model whose generation_config asks for a repetition penalty or n-gram bans made the
     baseline run processors hetserve does not, and produce other text than greedy decoding."""
-    import json
-
     from hetserve.bench.baseline import BaselineSpec, HFBaseline
 
     for f in model_dir.iterdir():
