@@ -51,6 +51,21 @@ def test_interpolation_hits_grid_points_and_follows_power_laws():
     assert interpolate([1, 4], [32, 128], table, 1, 256) == pytest.approx(8.0, rel=1e-3)  # power law beyond
 
 
+def test_a_fixed_cost_measured_as_zero_does_not_explode():
+    """Fixed costs went through the power-law interpolation: the CPU reference's prefill row
+    [0, 2.88] ms made 60 600 ms for 8 prompts of 256 tokens (the layer itself: 37 ms), and
+    0.03 ms half-way between 0 and 1 ms."""
+    from hetserve.plan.cost import interpolate_held
+    from hetserve.plan.device_profile import DeviceProfile
+    from hetserve.plan.offline import REFERENCE_DIR
+
+    cpu = DeviceProfile.load(REFERENCE_DIR / "cpu-2t-smollm2-135m-fp32.json")
+    table = cpu.fixed_ms["prefill"]
+    assert CostModel(cpu).fixed_ms("prefill", 8, 256) <= max(map(max, table))
+    assert interpolate_held([1, 4], [32, 128], [[0.0, 1.0], [1.0, 1.0]], 1, 64) == pytest.approx(0.5)
+    assert interpolate_held([1, 4], [32, 128], [[0.2, 1.0], [1.0, 3.0]], 100, 10_000) == 3.0  # held at the edge
+
+
 def test_quality_units_round_up_and_ignore_negative_noise():
     sens = Sensitivity("m", 1, 1.0, {"int4": [0.009951, -0.5]})
     costs, budget = quality_units(sens, ["native", "int4"], math.expm1(0.01))  # budget = 0.01 loss in 200 units; 199.02 rounds up
