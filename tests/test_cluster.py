@@ -56,6 +56,10 @@ def test_host_defaults_and_overrides():
     ('[workload]\nbatch = -1\n[[host]]\nname = "a"\ndevice = "T4"\n', "batch must be a whole number >= 1"),
     ('[workload]\nprompts = 5\n[[host]]\nname = "a"\ndevice = "T4"\n', "[workload]: unknown key(s) prompts"),
     ("[[host]\n", "is not valid TOML"),
+    # TOML's nan passed every comparison, inf overflowed int(); a list is no device name
+    ('[[host]]\nname = "a"\ndevice = "T4"\nlink_gbps = nan\n', "link_gbps must be a number > 0, not nan"),
+    ('[[host]]\nname = "a"\ndevice = "T4"\nmemory_gib = inf\n', "memory_gib must be a number > 0, not inf"),
+    ('[[host]]\nname = "a"\ndevice = ["T4"]\n', "unknown device ['T4']"),
 ])
 def test_invalid_cluster_files_are_refused_with_the_reason(text, message):
     with pytest.raises(ClusterError) as info:

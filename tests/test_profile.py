@@ -47,3 +47,13 @@ def test_timed_functions_take_turns_and_the_fastest_run_counts(monkeypatch):
     fastest = profile._fastest_ms([one, three], torch.device("cpu"), repeats=3)
     assert order == ["one", "three"] * 6
     assert fastest == pytest.approx([4.0, 11.0])
+
+
+def test_a_profile_of_older_code_is_not_reused(tmp_path, monkeypatch):
+    """CPU profiles were keyed by library versions alone: one timed before the CPU linears of ours
+    (1.9x faster decode) or the profiler's own change was planned with as if current."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    path = profile.profile_path(tmp_path, torch.device("cpu"), "float32")
+    assert profile.profile_path(tmp_path, torch.device("cpu"), "float32") == path
+    monkeypatch.setattr(profile, "PROFILE_FORMAT", profile.PROFILE_FORMAT + 1)
+    assert profile.profile_path(tmp_path, torch.device("cpu"), "float32") != path

@@ -22,6 +22,7 @@ Every error names the file and the key; parsing is a pure function of the text.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ class Cluster:
 
 
 def _number(where: str, key: str, value, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (strict and value == minimum):
+    """A finite number above `minimum` (or at it, not strict): TOML has nan and inf, which pass < and ==."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < minimum or (strict and value == minimum):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise ClusterError(f"{where}: {key} must be a number {bound}, not {value!r}")
     return float(value)
@@ -101,7 +104,7 @@ def parse_cluster(text: str, source: str = "<cluster>") -> Cluster:
         if not isinstance(name, str) or not name:
             raise ClusterError(f"{where}: needs a name")
         where = f"{source} host {name!r}"
-        if device not in DEVICE_SPECS:
+        if not isinstance(device, str) or device not in DEVICE_SPECS:
             raise ClusterError(f"{where}: unknown device {device!r}; known kinds: {', '.join(DEVICE_SPECS)}")
         count = _integer(where, "count", entry.get("count", 1))
         memory_gib = _number(where, "memory_gib", entry.get("memory_gib", DEVICE_SPECS[device].memory_gb), 0, True)

@@ -37,6 +37,13 @@ CPU_GRIDS = (Grid([1, 4], [32, 128]), Grid([1, 4, 8], [64, 512]))
 GPU_GRIDS = (Grid([1, 8], [128, 512, 2048]), Grid([1, 16, 64], [512, 2048]))
 
 
+# In every cached profile's key: raised whenever what a profile times changes with no library
+# version to show it (our kernels, how a stage runs, how the profiler measures), so a profile of
+# the old code is measured again, not reused. 2: CUDA-graph decode, int8/int4 kernels of ours,
+# CPU linears choosing their product, 1- and 3-layer stages timed in turns (2026-12-01..05).
+PROFILE_FORMAT = 2
+
+
 def software_versions() -> dict[str, str]:
     import optimum.quanto
     import transformers
@@ -54,10 +61,8 @@ def device_name(device: torch.device) -> str:
 
 
 def profile_path(model_dir: Path, device: torch.device, dtype: str) -> Path:
-    # GPU profiles made before decode ran from CUDA graphs timed eager decode: not reused.
-    graphs = ["decode from cuda graphs"] if device.type == "cuda" else []
     key = hashlib.sha256(json.dumps([device_name(device), model_key(model_dir), dtype, software_versions(),
-                                     supported_precisions(device), *graphs]).encode()).hexdigest()[:16]
+                                     supported_precisions(device), PROFILE_FORMAT]).encode()).hexdigest()[:16]
     return hetserve_home() / "profiles" / f"{device_name(device).replace(' ', '_')}-{key}.json"
 
 
