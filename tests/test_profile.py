@@ -57,3 +57,43 @@ def test_a_profile_of_older_code_is_not_reused(tmp_path, monkeypatch):
     assert profile.profile_path(tmp_path, torch.device("cpu"), "float32") == path
     monkeypatch.setattr(profile, "PROFILE_FORMAT", profile.PROFILE_FORMAT + 1)
     assert profile.profile_path(tmp_path, torch.device("cpu"), "float32") != path
+
+
+def test_a_profile_that_cannot_be_planned_with_is_refused_and_its_host_left_out():
+    """The codec checks a profile's types only: a repeated grid point divided by zero in the
+    planner, a short table raised IndexError, a NaN time made the host look free; the leader's
+    whole layout failed with them. Such a profile is refused, and its host planned without."""
+    import asyncio
+    from dataclasses import replace
+
+    from hetserve.config import LeaderSettings
+    from hetserve.leader.daemon import Leader
+    from hetserve.leader.hosts import HostRecord
+    from hetserve.plan.device_profile import DeviceProfile
+    from hetserve.plan.offline import REFERENCE_DIR
+    from hetserve.wire.messages import Inventory
+
+    good = DeviceProfile.load(REFERENCE_DIR / "cpu-2t-smollm2-135m-fp32.json")
+    native = good.layer_ms["decode"]["native"]
+    bad = {
+        "increasing": replace(good, decode=Grid([1, 1, 8], good.decode.tokens)),
+        "not 3 x 2": replace(good, layer_ms={**good.layer_ms, "decode": {**good.layer_ms["decode"],
+                                                                         "native": native[:2]}}),
+        "finite": replace(good, layer_ms={**good.layer_ms, "decode": {**good.layer_ms["decode"],
+                                                                      "native": [[float("nan")] * 2] * 3}}),
+        "head_ms needs": replace(good, head_ms={"prefill": good.head_ms["prefill"]}),
+        "each precision": replace(good, layer_bytes={**good.layer_bytes, "fp8": 1}),
+    }
+    for why, profile in bad.items():
+        with pytest.raises(ValueError, match=why):
+            profile.check()
+
+    leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
+    leader.state = "serving"  # nothing new to lay out: only the bookkeeping is under test
+    inventory = Inventory("cpu", "cpu", "x86", 8 << 30, 4 << 30, 4 << 30, 50.0, 2)
+    host = HostRecord("h0", b"h0", "127.0.0.1", inventory, "tcp://127.0.0.1:1", 0.0, "float32", planned=True)
+    leader.hosts["h0"] = host
+    asyncio.run(leader._profile_arrived(host, bad["finite"]))
+    assert host.profile is None and "h0" in leader.excluded and "malformed profile" in host.note
+    asyncio.run(leader._profile_arrived(host, good))
+    assert host.profile is good

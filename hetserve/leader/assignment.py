@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from ..config import LeaderSettings
 from ..model.precision import ACTIVATIONS_QUANTIZED
+from ..plan.device_profile import DeviceProfile
 from ..plan.planner import Plan, PlanningError
 from ..plan.quality import activation_scales
 from ..plan.split import ModelShape, PlanError
@@ -64,6 +65,19 @@ class PipelineLayout:
     to_stage0: zmq.asyncio.Socket
     results_port: int
     weights_port: int
+
+    async def _profile_arrived(self, host: HostRecord, profile: DeviceProfile) -> None:
+        """A host's profile: plan with it, or, where it cannot be planned with, without the host."""
+        try:
+            profile.check()
+        except ValueError as exc:
+            log.warning("leaving host %s out: its profile is malformed (%s)", host.name, exc)
+            host.note = f"malformed profile: {exc}"
+            self.excluded.add(host.name)
+        else:
+            host.profile = profile
+            log.info("host %s sent its profile (%s)", host.name, profile.device_name)
+        await self._maybe_assign()
 
     async def _maybe_assign(self) -> None:
         """Lay the pipeline out once every host joined (and, when planning live, sent its

@@ -203,9 +203,7 @@ class Leader(PipelineLayout):
             elif isinstance(msg, ProbeReply):
                 self.channel.answered(msg.nonce)
             elif isinstance(msg, ProfileReport):
-                host.profile = msg.profile
-                log.info("host %s sent its profile (%s)", host.name, msg.profile.device_name)
-                await self._maybe_assign()
+                await self._profile_arrived(host, msg.profile)
             elif isinstance(msg, Ready):
                 if host.state != "loading" or msg.stage != host.stage or msg.epoch != self.engine.epoch:
                     log.warning("ignored Ready from %s: it was not loading stage %s of epoch %d", host.name,

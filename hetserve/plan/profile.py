@@ -211,7 +211,10 @@ def cached_profile(model_dir: Path, device: str = "cpu", dtype: str = "float32",
                    remeasure: bool = False, budget_s: float = 0.0) -> tuple[DeviceProfile, Path]:
     path = profile_path(model_dir, torch.device(device), dtype)
     if path.is_file() and not remeasure:
-        return DeviceProfile.load(path), path
+        try:
+            return DeviceProfile.load(path), path
+        except (ValueError, KeyError, TypeError) as exc:  # damaged or edited by hand: measure again
+            log.warning("the cached profile %s cannot be used (%s): measuring again", path, exc)
     profile = measure_profile(model_dir, device, dtype, progress=progress, budget_s=budget_s)
     if set(profile.layer_bytes) == set(supported_precisions(torch.device(device))):
         profile.save(path)
