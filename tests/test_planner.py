@@ -326,3 +326,17 @@ def test_omega_of_a_hand_made_layer_is_the_closed_form():
     assert layer_omega(linears, 4) == pytest.approx((5 / 7) ** 2 * 1.25 + 4 * (1 / 7) ** 2 * 1.0)
     om = Omega("m", 2, {"int8": [1.0, 2.0], "int4": [10.0, 20.0], "w8a8": [1.0, 2.0]})
     assert om.total(["native", "int4"]) == 20.0 and om.total(["w8a8", "int8"]) == 3.0
+
+
+def test_quality_caches_tell_a_fine_tune_from_its_base(tmp_path):
+    """Sensitivity and w8a8 scales were cached by config.json alone: a fine-tune of the same
+    config reused its base model's (scales shipped to its stages included)."""
+    from hetserve.plan.quality import model_key, quality_key
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    for d, weights in ((base, b"\0" * 64), (tuned, b"\1" * 80)):
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "llama"}')
+        (d / "model.safetensors").write_bytes(weights)
+    assert model_key(base) == model_key(tuned), "the same shape: one speed profile serves both"
+    assert quality_key(base) != quality_key(tuned)

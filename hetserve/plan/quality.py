@@ -91,8 +91,8 @@ def measure_activation_scales(model_dir: Path, device: str = "cpu") -> list[dict
 
 
 def activation_scales(model_dir: Path) -> list[dict[str, float]]:
-    """Cached under $HETSERVE_HOME/quality/; measured on CPU, once per model."""
-    path = hetserve_home() / "quality" / f"{model_key(model_dir)}-w8a8-scales-{SCALE_TOKENS}.json"
+    """Cached under $HETSERVE_HOME/quality/ (quality_key); measured on CPU, once per model."""
+    path = hetserve_home() / "quality" / f"{quality_key(model_dir)}-w8a8-scales-{SCALE_TOKENS}.json"
     if path.is_file():
         return json.loads(path.read_text())
     scales = measure_activation_scales(model_dir)
@@ -106,7 +106,16 @@ def measure_ppl(model_dir: Path, precisions: list[str], tokens: int = 512, devic
 
 
 def model_key(model_dir: Path) -> str:
+    """The model's shape (its config): what a layer's speed depends on."""
     return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def quality_key(model_dir: Path) -> str:
+    """What a quality measurement depends on: the config, the weight files (name, size, time
+    written: a fine-tune of the same config is another model) and the calibration text."""
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(model_dir).glob("*.safetensors"))]
+    key = json.dumps([model_key(model_dir), files, hashlib.sha256(CALIBRATION.read_bytes()).hexdigest()])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def measure_sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu",
@@ -134,8 +143,9 @@ def measure_sensitivity(model_dir: Path, precisions: list[str], tokens: int = 51
 
 def sensitivity(model_dir: Path, precisions: list[str], tokens: int = 512, device: str = "cpu",
                 progress: bool = True) -> Sensitivity:
-    """Cached under $HETSERVE_HOME/quality/; measured once per model, precision set and length."""
-    path = hetserve_home() / "quality" / f"{model_key(model_dir)}-{tokens}-{'-'.join(sorted(precisions))}.json"
+    """Cached under $HETSERVE_HOME/quality/; measured once per model (quality_key), precision set
+    and length."""
+    path = hetserve_home() / "quality" / f"{quality_key(model_dir)}-{tokens}-{'-'.join(sorted(precisions))}.json"
     if path.is_file():
         cached = Sensitivity(**json.loads(path.read_text()))
         if "native" in cached.delta:  # older ones lack it (and, for no precision, the layer count)
