@@ -80,6 +80,21 @@ def attention_error(dtype: torch.dtype, rotary: bool) -> float:
     return max(error, written)
 
 
+def non_finite_kv_error(rotary: bool) -> float:
+    """A float16 row whose new K/V overflowed: the cache holds them finite, as SlotKVCache.write
+    stores them (a later owner of the slot attends past them with weight 0, and 0 * inf = NaN)."""
+    heads, kv_heads, dim, context = 4, 2, 16, 20
+    keys, values = torch.zeros(2, kv_heads, context + 1, dim).half(), torch.zeros(2, kv_heads, context + 1, dim).half()
+    q = torch.randn(1, heads, 1, dim).half()
+    k, v = torch.randn(1, kv_heads, 1, dim).half(), torch.randn(1, kv_heads, 1, dim).half()
+    k[0, 0, 0, :3] = v[0, 1, 0, 4:7] = torch.tensor([float("inf"), float("-inf"), float("nan")]).half()
+    cos, sin = torch.ones(1, 1, dim).half(), torch.zeros(1, 1, dim).half()  # rotary that changes nothing
+    slot_decode_attention(q, k, v, keys, values, torch.tensor([1]), torch.tensor([5]), torch.tensor([1]), context,
+                          dim ** -0.5, rotary=(cos, sin) if rotary else None)
+    return max(off(keys[1, :, 5], torch.nan_to_num(k[0, :, 0]).float()),
+               off(values[1, :, 5], torch.nan_to_num(v[0, :, 0]).float()))
+
+
 def prefill_attention_error(dtype: torch.dtype, heads: int, rows: list[tuple[int, int, int]]) -> float:
     """Prefill attention for `rows` (slot, position, length) over caches already written, 2 K/V
     heads, against torch row by row (padding rows, length 0, are discarded by the callers)."""
@@ -132,6 +147,8 @@ def main() -> int:
                   off(dequantize(linear.weight, linear.scale, linear.zero, 4, group, k), linear.dequantized_by_torch()))
         for rotary in (False, True):
             check(f"slot attention {dtype} rotary {rotary}", attention_error(dtype, rotary))
+            if dtype == torch.float16:
+                check(f"slot attention float16 non-finite K/V stored finite, rotary {rotary}", non_finite_kv_error(rotary))
         # blocks of 16 rows (8 query heads over 2 K/V heads: 4 a K/V head, 64 a tile): a prompt of
         # 40 tokens (two whole blocks of one slot, tiled, and a part block), then a decode row, a
         # later chunk of another prompt and padding in blocks attended row by row

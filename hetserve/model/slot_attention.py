@@ -94,6 +94,12 @@ if triton is not None:
                  mask=(g < GROUP)[:, None])
 
     @triton.jit
+    def _finite(x):
+        """torch.nan_to_num for float16: NaN -> 0, +-inf -> +-65504."""
+        y = x.to(tl.float32)
+        return tl.where(y != y, 0.0, tl.minimum(tl.maximum(y, -65504.0), 65504.0)).to(x.dtype)
+
+    @triton.jit
     def _slot_decode_attention(
         q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, out_ptr, slots_ptr, starts_ptr, lengths_ptr,
         cos_ptr, sin_ptr,
@@ -101,7 +107,7 @@ if triton is not None:
         stride_cs, stride_ch, stride_cl, stride_ob, stride_oh, stride_rb,
         scratch, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        ROTARY: tl.constexpr, PRECISION: tl.constexpr,
+        ROTARY: tl.constexpr, PRECISION: tl.constexpr, FINITE: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -122,9 +128,11 @@ if triton is not None:
         key = tl.load(k_new + d)
         if ROTARY:  # in float32, rounded once, as the torch.compile'd rotary it replaces
             key = (key.to(tl.float32) * cos + tl.load(k_new + partner).to(tl.float32) * sin).to(key.dtype)
+        value = tl.load(v_new_ptr + row * stride_vb + kv_head * stride_vh + d)
+        if FINITE:  # a float16 cache stores non-finite K/V finite, as SlotKVCache.write (kv_cache.py says why)
+            key, value = _finite(key), _finite(value)
         tl.store(k_cache_ptr + cache + write_at * stride_cl + d, key)
-        tl.store(v_cache_ptr + cache + write_at * stride_cl + d,
-                 tl.load(v_new_ptr + row * stride_vb + kv_head * stride_vh + d))
+        tl.store(v_cache_ptr + cache + write_at * stride_cl + d, value)
         tl.debug_barrier()  # the key just written is read below, by other threads of this program
         _attend_row(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, row, kv_head, slot, position, real, stride_qb, stride_qh,
                     stride_cs, stride_ch, stride_cl, stride_ob, stride_oh, scale, cos, sin, partner,
@@ -194,7 +202,7 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1), cos.stride(0),
         scratch, scale,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=dim,
-        ROTARY=rotary is not None, PRECISION=dot_precision(q.dtype),
+        ROTARY=rotary is not None, PRECISION=dot_precision(q.dtype), FINITE=key_cache.dtype == torch.float16,
     )
     return out.view(rows, 1, heads * dim)
 
