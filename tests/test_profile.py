@@ -84,9 +84,9 @@ def test_a_profile_that_cannot_be_planned_with_is_refused_and_its_host_left_out(
         "head_ms needs": replace(good, head_ms={"prefill": good.head_ms["prefill"]}),
         "each precision": replace(good, layer_bytes={**good.layer_bytes, "fp8": 1}),
     }
-    for why, profile in bad.items():
+    for why, broken in bad.items():
         with pytest.raises(ValueError, match=why):
-            profile.check()
+            broken.check()
 
     leader = Leader(LeaderSettings(listen="127.0.0.1:5555"))
     leader.state = "serving"  # nothing new to lay out: only the bookkeeping is under test
