@@ -114,9 +114,9 @@ class LineClient:
         if len(line) - 1 > MAX_LINE_BYTES:
             raise RequestTooLong(f"the request is {len(line) - 1} bytes of JSON; the server reads lines of up to "
                                  f"{MAX_LINE_BYTES}")
-        queue = self._queues.setdefault(body["id"], asyncio.Queue())
-        await self.send_raw(line)
+        queue = self._queues.setdefault(rid, asyncio.Queue())
         try:
+            await self.send_raw(line)  # a failed send frees the id too
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), reply_timeout)
@@ -128,7 +128,7 @@ class LineClient:
                 if event.get("event") != "token":
                     return
         finally:
-            self._queues.pop(body["id"], None)
+            self._queues.pop(rid, None)
 
     async def call(self, body: dict, reply_timeout: float | None = None) -> list[dict]:
         return [event async for event in self.request(body, reply_timeout)]

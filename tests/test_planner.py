@@ -161,7 +161,8 @@ def test_infeasible_names_the_nearest_target():
     with pytest.raises(PlanningError, match="does not fit"):
         make_plan("m", [HostInput("tiny", 5 * MiB, synthetic_profile("t", 1.0))], SENS, Workload(64, 32, 4), 1.0)
     # Hosts too small for a layer make every order of all the hosts infeasible; the plan without
-    # them is what the nearest target is for (it said "does not fit at any precision").
+    # them is what the nearest target is for (it said "does not fit at any precision"): every
+    # order the search tries is tried for the message too.
     tiny = [HostInput(f"tiny{i}", 1 * MiB, synthetic_profile("t", 1.0)) for i in range(2)]
     with pytest.raises(PlanningError, match=r"nearest feasible target is \+1.0%"):
         make_plan("m", [hosts[0], *tiny], SENS, Workload(64, 32, 4), 0.0)

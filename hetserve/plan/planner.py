@@ -371,7 +371,7 @@ def _infeasible_reason(hosts, sens, workload, precisions, max_increase) -> str:
         if target <= max_increase:
             continue
         quality, budget = quality_units(sens, precisions, target)
-        for order in largest_first_orders(hosts):  # fewer hosts too: one too small for a layer sinks every order
+        for order in host_orders(hosts):  # those the search tried: subsets, and small hosts in the middle
             d_mb = decode_microbatch(workload.batch, len(order))
             costs = [host_costs(h, precisions, workload, 1, d_mb) for h in order]
             if partition(costs, len(quality), precisions, quality, budget, Objective(1, 1, 1)) is not None:
