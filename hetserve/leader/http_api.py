@@ -65,8 +65,6 @@ def translate(body, chat: bool, model_name: str, request_id: str) -> GenerateReq
         value = body.get(name)
         if not (value is None or any(_same(value, v) for v in neutral)):
             raise ProtocolError("bad_request", f"'{name}' is not supported by this server")
-    if body.get("tool_choice") == "auto" and body.get("tools"):
-        raise ProtocolError("bad_request", "'tools' is not supported by this server")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise ProtocolError("bad_request", "'stream' must be true or false")
     if not isinstance(body.get("stream_options") or {}, dict):
