@@ -7,6 +7,10 @@ Skipped without CUDA (CI has none); run on the GPU machine with
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -69,6 +73,36 @@ def test_warm_up_captures_every_batch_bucket_before_serving(model_dir):
     model.run([0, 5, 9], [0, 0, 0], [20, 7, 11], ids)  # served from graphs captured before: none added
     model.run([0, 5, 9], [20, 7, 11], [1, 1, 1], ids[:, :1])
     assert model.static_steps.captured == want
+
+
+def test_a_capture_while_serving_survives_another_thread_waiting_on_the_gpu(model_dir):
+    """A bucket first used while serving is captured while the stage's gpu-wait thread
+    synchronizes on the copies of earlier micro-batches (HostCopy.wait)."""
+    spec = StageSpec(0, 4, first=True, last=True, dtype="bfloat16", max_seqs=16, max_context=512)
+    model = StageModel(model_dir, spec, "cuda")
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 20), device="cuda")
+    model.run([0, 5, 9], [0, 0, 0], [20, 7, 11], ids)
+    done = torch.cuda.Event()
+    done.record()
+    stop, errors, waits = threading.Event(), [], [0]
+
+    def wait_loop():
+        try:
+            while not stop.is_set():
+                done.synchronize()
+                waits[0] += 1
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_loop)
+    waiter.start()
+    try:
+        model.run([0, 5, 9], [20, 7, 11], [1, 1, 1], ids[:, :1])  # captures the 4-row decode graph
+    finally:
+        stop.set()
+        waiter.join()
+    assert not errors and waits[0] > 0
+    assert BucketKey(4, 512, False, False) in model.static_steps.captured
 
 
 @pytest.mark.parametrize("precision", ["native", "int4"])
@@ -234,3 +268,25 @@ def test_int4_matmul_tiles_agree(config, dtype):
         want = x.float() @ weight.T
         got = int4_matmul(x, packed, scale, zero, group, TileConfig(block_m, block_n, block_k, split, 4, 4, swap))
         assert (got.float() - want).abs().max() <= 0.01 * want.abs().max(), rows
+
+
+def test_a_device_side_assert_loses_the_device_and_an_out_of_memory_does_not():
+    """What a stage's DeviceLost check (stage_loop.device_works) sees on a real GPU; in a process of
+    its own, as a device-side assert poisons the process's CUDA context for good."""
+    script = """
+import torch
+from hetserve.worker.stage_loop import DEVICE_ERROR, device_works
+dev = torch.device("cuda")
+try:
+    torch.empty(1 << 50, dtype=torch.uint8, device=dev)
+except torch.OutOfMemoryError:
+    print("out of memory, works:", device_works(dev))
+try:
+    torch.zeros(2, device=dev)[torch.tensor([5], device=dev)].cpu()  # index out of bounds
+except Exception as exc:
+    print("device error:", isinstance(exc, DEVICE_ERROR))
+print("after the assert, works:", device_works(dev))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines() == ["out of memory, works: True", "device error: True",
+                                        "after the assert, works: False"], done.stderr[-2000:]

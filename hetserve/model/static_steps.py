@@ -245,7 +245,10 @@ class StaticSteps:
             bucket.step(self.model)
         torch.cuda.current_stream(self.model.device).wait_stream(self._side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a bucket first used while serving is captured while the stage's gpu-wait
+        # thread may be synchronizing on an event; the default ("global") mode makes that call an
+        # error and invalidates the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             bucket.output = bucket.step(self.model)
         bucket.graph = graph
         log.info("captured a %s graph for %d rows x %d context%s in %.2f s", "prefill" if key.prefill else "decode",
