@@ -121,7 +121,7 @@ def main() -> None:
     results: dict = {"model": name, "threads": threads, "products": [], "stage": []}
 
     print(f"{name}, CPU with {threads} threads: ms per float32 product (x [rows, in] @ W^T)")
-    print(f"{'product':>16} {'out x in':>12} {'rows':>5} " + " ".join(f"{w:>10}" for w in ways) + f" {'best/mkl':>8}")
+    print(f"{'product':>16} {'out x in':>12} {'rows':>5} " + " ".join(f"{w:>10}" for w in ways) + f" {'mkl/best':>8}")
     for product, (n, k) in layer_shapes(config).items():
         weights = [torch.randn(n, k) for _ in range(max(1, POOL_BYTES // (n * k * 4)))]
         for r in rows:

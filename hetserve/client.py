@@ -42,9 +42,11 @@ class LineClient:
         self._reader_task = asyncio.create_task(self._read())
 
     @classmethod
-    async def connect(cls, server: str, wait: float = 0.0, token: str | None = None) -> "LineClient":
+    async def connect(cls, server: str, wait: float = 0.0, token: str | None = None,
+                      reply_timeout: float | None = None) -> "LineClient":
         """Connect to HOST:PORT, retrying for up to `wait` seconds while nothing listens; with a
-        token, authenticate first."""
+        token, authenticate first. reply_timeout: seconds a connection or the token's answer may
+        take (None: no limit) before ReplyTimeout."""
         try:
             host, port = split_hostport(server, 5556)
         except ValueError as exc:
@@ -52,15 +54,22 @@ class LineClient:
         deadline = time.monotonic() + wait
         while True:
             try:
-                reader, writer = await asyncio.open_connection(host, port, limit=1 << 24)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 24),
+                                                        reply_timeout)
                 break
+            except asyncio.TimeoutError:
+                raise ReplyTimeout(f"no connection to {server} in {reply_timeout:g} s") from None
             except OSError as exc:
                 if time.monotonic() >= deadline:
                     raise ClientError(f"cannot reach hetserve at {server}: {exc.strerror or exc}") from None
                 await asyncio.sleep(0.2)
         client = cls(reader, writer)
         if token is not None:
-            reply = (await client.call({"cmd": "auth", "token": token}))[-1]
+            try:
+                reply = (await client.call({"cmd": "auth", "token": token}, reply_timeout))[-1]
+            except ClientError:
+                await client.close()
+                raise
             if reply.get("event") != "authenticated":
                 await client.close()
                 raise ClientError(f"the server refused the token: {reply.get('error', {}).get('message')}")

@@ -123,6 +123,20 @@ def test_a_stalled_server_ends_the_run_with_timeouts(tmp_path):
         server.shutdown()
 
 
+def test_a_model_without_a_tokenizer_is_one_clear_line(model_dir, tmp_path):
+    """Weights without tokenizer files (random_model.py without --tokenizer) for synthetic prompts."""
+    for f in model_dir.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (tmp_path / f.name).symlink_to(f)
+    with _StalledServer(("127.0.0.1", 0), _StalledServer.Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        done = hetserve("bench", "--server", f"127.0.0.1:{server.server_address[1]}", "--model", str(tmp_path),
+                        "--no-progress", timeout=120)
+        server.shutdown()
+    assert done.returncode == 1 and done.stderr.startswith(f"error: cannot load a tokenizer from {tmp_path}"), \
+        done.stderr
+
+
 def test_baseline_device_must_exist_here(monkeypatch):
     import torch
 
@@ -191,7 +205,7 @@ def test_synthetic_prompts_have_the_exact_token_count(model_dir):
     assert token_count(tokenizer, synthetic_prompts(tokenizer, 1, 50, "one two three.")[0]) == 50
 
 
-def test_bench_against_a_cluster_with_the_hf_baseline(cluster_factory, tmp_path):
+def test_bench_against_a_cluster_with_the_hf_baseline(cluster_factory, model_dir, tmp_path):
     cluster = cluster_factory(1)
     out = tmp_path / "bench.json"
     done = hetserve("bench", "--server", cluster.serve, "--wait", "180", "-c", "2", "--requests", "4",
@@ -210,6 +224,23 @@ def test_bench_against_a_cluster_with_the_hf_baseline(cluster_factory, tmp_path)
     assert report["hetserve"]["output_tokens"] == report["baseline"]["summary"]["output_tokens"]
     assert report["ratio"]["output_tokens_per_s"] > 0
     assert report["server"]["model"] == "smollm2-135m" and report["config"]["concurrency"] == 2
+    assert report["baseline"]["dtype"] == "float32"  # the server's, not given
+    assert "transformers generate (cpu, float32)" in done.stdout
+
+    # A baseline that fails (weights it cannot read) keeps hetserve's run: table, JSON, the reason.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).symlink_to(f)
+    (broken / "model.safetensors").unlink()
+    (broken / "model.safetensors").write_bytes(b"\xff" * 1000)
+    done = hetserve("bench", "--server", cluster.serve, "-c", "2", "--requests", "2", "--prompt-tokens", "16",
+                    "--output-tokens", "4", "--baseline", "hf", "--threads", "1", "--model", str(broken),
+                    "--json", str(out), "--no-progress")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "hetserve" in done.stdout and "no baseline: the transformers baseline failed: SafetensorError" in done.stderr
+    report = json.loads(out.read_text())
+    assert report["hetserve"]["completed"] == 2 and "SafetensorError" in report["baseline"]["error"]
 
 
 def test_hf_baseline_quantizes_its_layers_as_a_stage_does(model_dir):

@@ -42,6 +42,18 @@ def test_anything_less_is_not_adopted(hosts, model_hash):
     assert adoptable(hosts, model_hash, 30, SETTINGS) is None
 
 
+def test_slices_a_host_claims_are_checked_before_adoption():
+    """A host's Join says what it holds: more w8a8 precisions than layers made the leader index
+    past the calibration scales (IndexError in stage_assigns, which ended the leader)."""
+    a, b = host("a", (0, 2, 0, 20)), host("b", (1, 2, 20, 30))
+    b.current = replace(b.current, precisions=["w8a8"] * 40)
+    assert adoptable([a, b], "h", 30, SETTINGS) is None
+    b.current = replace(b.current, precisions=["int8"] * 10)
+    assert adoptable([a, b], "h", 30, SETTINGS) is not None
+    empty = [host("a", (0, 3, 0, 20)), host("b", (1, 3, 20, 20)), host("c", (2, 3, 20, 30))]
+    assert adoptable(empty, "h", 30, SETTINGS) is None
+
+
 def plan(bounds, precisions=()):
     stages = [PlannedStage(f"h{i}", a, b, list(precisions) or [], 1.0, 1.0, 1, 2) for i, (a, b) in enumerate(bounds)]
     return Plan("m", "float32", Workload(), 0.02, 1.0, 1.0, stages, 1, 1, 1.0)

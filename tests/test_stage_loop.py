@@ -6,6 +6,7 @@ socket: a spurious zmq.Again does not stop it, nor lose the leader's micro-batch
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -155,7 +156,7 @@ async def test_a_stage_loop_that_stops_is_reported_to_the_leader():
     host.control = Control()
     for coroutine in (broken(), asyncio.Event().wait()):
         task = asyncio.create_task(coroutine)
-        task.add_done_callback(host._stage_ended)
+        task.add_done_callback(functools.partial(host._stage_ended, epoch=7))
         await asyncio.sleep(0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -164,6 +165,7 @@ async def test_a_stage_loop_that_stops_is_reported_to_the_leader():
     assert len(sent) == 1
     failed = decode(sent[0], expect=(Failed,))
     assert failed.host == "h0" and "the stage loop stopped: ZMQError" in failed.reason
+    assert failed.epoch == 7  # of the stage's Assign: a Failed of a layout ago is told apart
 
 
 @pytest.mark.parametrize("survives", [True, False])

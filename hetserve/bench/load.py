@@ -83,7 +83,7 @@ async def timed_request(client: LineClient, index: int, body: dict, origin: floa
 
 async def _client_loop(load: LoadSpec, dispenser: _Dispenser, origin: float,
                        on_result: Callable[[RequestResult], None]) -> None:
-    client = await LineClient.connect(load.server, token=load.token)
+    client = await LineClient.connect(load.server, token=load.token, reply_timeout=load.reply_timeout_s)
     temperature = load.temperature
     try:
         while (item := dispenser.next()) is not None:
@@ -100,7 +100,7 @@ async def _client_loop(load: LoadSpec, dispenser: _Dispenser, origin: float,
 async def warm_up(server: str, specs: list[RequestSpec], count: int, token: str | None = None,
                   reply_timeout: float | None = None) -> None:
     """Untimed short requests: the first steps of a fresh cluster pay one-off costs."""
-    client = await LineClient.connect(server, token=token)
+    client = await LineClient.connect(server, token=token, reply_timeout=reply_timeout)
     try:
         for i in range(count):
             spec = specs[i % len(specs)]

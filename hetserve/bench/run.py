@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..client import ClientError, LineClient
@@ -39,7 +40,7 @@ class BenchConfig:
     warmup: int = 1
     baseline: str | None = None  # "hf" or None
     device: str = "cpu"  # the baseline's
-    dtype: str = "float32"  # the baseline's
+    dtype: str | None = None  # the baseline's; None: the server's
     precision: str = "native"  # the baseline's decoder layers: native, int8 or int4 (quanto, weights only)
     threads: int | None = None  # the baseline's torch threads
     wait_s: float = 0.0  # for the server to come up and serve
@@ -57,9 +58,11 @@ class BenchReport:
 
 
 async def _server_status(server: str, wait_s: float, token: str | None, reply_timeout_s: float) -> dict:
-    client = await LineClient.connect(server, wait_s, token)
+    deadline = time.monotonic() + wait_s  # one --wait for both: the server listening, then serving
+    client = await LineClient.connect(server, wait_s, token, reply_timeout_s)
     try:
-        status = await (client.wait_serving(wait_s, reply_timeout_s) if wait_s else client.status(reply_timeout_s))
+        status = await (client.wait_serving(max(0.0, deadline - time.monotonic()), reply_timeout_s) if wait_s
+                        else client.status(reply_timeout_s))
     finally:
         await client.close()
     if status.get("state") != "serving":
@@ -96,7 +99,11 @@ def _synthetic_workload(config: BenchConfig, status: dict, model_dir: Path) -> l
                          f"the server's context of {context} tokens")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:  # weights without tokenizer files (random_model.py without --tokenizer)
+        raise BenchError(f"cannot load a tokenizer from {model_dir} to build prompts ({exc}); give --prompts "
+                         "FILE, or --model with a tokenizer") from None
     count = min(config.requests or SYNTHETIC_POOL, SYNTHETIC_POOL)
     specs = synthetic_workload(tokenizer, count, config.prompt_tokens, config.output_tokens)
     if token_count(tokenizer, specs[0].prompt) != config.prompt_tokens:
@@ -155,11 +162,11 @@ def _run_hf(config: BenchConfig, model_dir: Path, sent: list[tuple[int, RequestS
             run = hf.run(sent, config.concurrency, update)
         finally:
             close()
-    except (OSError, RuntimeError, ValueError) as exc:  # device out of memory, unloadable model, ...
-        raise BenchError(f"the transformers baseline failed: {exc}") from None
+    except Exception as exc:  # device out of memory, unloadable weights (SafetensorError is no OSError), ...
+        raise BenchError(f"the transformers baseline failed: {type(exc).__name__}: {exc}") from None
     summary = summarize(run.results, run.duration_s)
     precision = "" if config.precision == "native" else f", {config.precision} layers"
-    label = f"transformers generate ({config.device}{precision})"
+    label = f"transformers generate ({config.device}, {config.dtype}{precision})"
     return label, summary, {"name": "hf", "label": label, "device": config.device, "dtype": config.dtype,
                             "precision": config.precision,
                             "batch": config.concurrency, "threads": config.threads, "summary": asdict(summary)}
@@ -211,9 +218,20 @@ def run_bench(config: BenchConfig) -> BenchReport:
     rows, notes = [("hetserve", ours)], _notes("hetserve", ours, asked, short)
     baseline = ratio = None
     if config.baseline == "hf" and sent:
-        label, theirs, baseline = _run_hf(config, model_dir, sent)
-        ratio = ratios(ours, theirs)
-        rows.append((label, theirs))
+        if config.dtype is None:  # the server's compute dtype, unless told otherwise
+            config = replace(config, dtype=status.get("dtype") or "float32")
+        try:
+            label, theirs, baseline = _run_hf(config, model_dir, sent)
+        except BenchError as exc:  # hetserve's numbers still stand: reported, with the failure
+            baseline = {"name": "hf", "error": str(exc)}
+            notes.append(f"no baseline: {exc}")
+        else:
+            ratio = ratios(ours, theirs)
+            rows.append((label, theirs))
+            if ours.errors:
+                notes.append(f"hetserve / hf: hetserve's {ours.errors} failed request(s) took time in its run and "
+                             "none in the baseline's, which generates what hetserve completed: the ratios understate "
+                             "hetserve")
     server = _server_info(status)
     settings = {k: v for k, v in asdict(config).items() if k != "token"}
     table = headline(settings, server, ours) + "\n" + format_table(rows, ratio, "hetserve / hf")

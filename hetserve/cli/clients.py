@@ -161,7 +161,7 @@ def status_lines(info: dict) -> list[str]:
               help="Also run the same requests through transformers generate in this process (batched "
                    "by --concurrency, left-padded) and print hetserve / hf.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the --baseline (cpu, cuda, cuda:N).")
-@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Dtype of the --baseline.")
+@click.option("--dtype", type=DTYPES, default=None, help="Dtype of the --baseline (default: the server's).")
 @click.option("--baseline-precision", type=click.Choice(["native", "int8", "int4"]), default="native",
               show_default=True,
               help="Quantize the --baseline's decoder layers with quanto as a stage would (weights only; "
@@ -206,3 +206,5 @@ def bench(server, concurrency, requests, duration, prompt_tokens, output_tokens,
     if report.hetserve.completed == 0:
         click.echo("error: no request completed", err=True)
         sys.exit(1)
+    if (report.document["baseline"] or {}).get("error"):
+        sys.exit(1)  # the run is reported above; the comparison asked for is not

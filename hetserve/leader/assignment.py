@@ -1,10 +1,11 @@
 """Laying the pipeline out over the leader's hosts: once every host has joined (and, planning
 live, sent its profile), choose a layout, send each stage its slice, serve when every stage is
 ready; lay it out again when a host is lost or one no layout has seen is ready. Requests in flight
-are replayed into each new pipeline (engine.replay_all).
+are replayed into each new pipeline (engine.replay_all). Hosts are watched here too: Alive to each
+every second, and one silent too long is lost.
 
 PipelineLayout is mixed into Leader (daemon.py): it reads and sets the leader's state (below) and
-sends through its control channel (_send_host); the sockets and message loops stay there.
+sends through its control channel; the sockets and the message loops stay there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import zmq.asyncio
 from transformers import PretrainedConfig
 
-from ..config import LeaderSettings
+from ..config import STEP_TIMEOUT_S, LeaderSettings
 from ..model.precision import ACTIVATIONS_QUANTIZED
 from ..plan.device_profile import DeviceProfile
 from ..plan.planner import Plan, PlanningError
@@ -26,10 +27,11 @@ from ..plan.quality import activation_scales
 from ..plan.split import ModelShape, PlanError
 from ..transport.security import Identity, as_client
 from ..transport.sockets import local_ip_towards, tcp
-from ..wire.messages import Release
+from ..wire.messages import Alive, Release
 from ..weights.manifest import Manifest
+from .control import ControlChannel
 from .engine import Engine
-from .hosts import Failures, HostRecord, describe_precisions
+from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, Failures, HostRecord, describe_precisions
 from .layout import Layout, adoptable, choose_layout, disk_shortfalls, plan_live, stage_assigns
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class PipelineLayout:
     stages: list[HostRecord]
     stage0_addr: str | None
     engine: Engine
+    channel: ControlChannel
     state: str
     served: bool
     lost_at: float | None
@@ -85,8 +88,10 @@ class PipelineLayout:
         if self.state == "waiting for hosts":
             if len(self.hosts) < self.settings.hosts:
                 return
-        elif self.state not in ("serving", "degraded") or all(h.planned for h in self._candidates()):
-            return  # a layout is in progress (it is redone when it ends if needed), or nothing is new
+        elif all(h.planned for h in self._candidates()):
+            return  # nothing is new
+        elif self.state not in ("serving", "degraded") and not self.assigning:
+            return  # loading a layout: laid out again once it serves (_maybe_serve)
         if self.settings.planner is not None and any(h.profile is None for h in self._candidates()):
             return
         await self._assign()
@@ -156,6 +161,8 @@ class PipelineLayout:
         s = self.settings
         epoch = self.engine.replay_all()
         self.state = "planning"
+        for host in self._plannable():  # this layout considers them: one plannable later lays out again
+            host.planned = True
         try:
             layout = await self._fitting_layout()
         except LeaderError as exc:
@@ -171,9 +178,6 @@ class PipelineLayout:
             # would throttle every request past the plan's batch (64 running, 4 rows a micro-batch).
             self.engine.limits = replace(self.engine.limits,
                                          prefill_seqs=min(s.limits.prefill_seqs, self.plan.prefill_microbatch))
-        self.state = "loading"
-        for host in self._plannable():
-            host.planned = True
         order, _, precisions = layout
         own_key = self.identity.public.decode() if self.identity else ""
         # w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which
@@ -184,6 +188,12 @@ class PipelineLayout:
                 scales = await asyncio.get_running_loop().run_in_executor(None, activation_scales, self.model_dir)
             except Exception as exc:  # a failed measurement must reach the operator, not hang the load
                 raise LeaderError(f"w8a8 calibration failed: {type(exc).__name__}: {exc}") from None
+        if self.layout_stale or any(self.hosts.get(h.name) is not h or h.state in ("dead", "failed") for h in order):
+            # A host joined, came back or was lost while this layout awaited: its records may be
+            # gone (an Assign to a dead connection, a stage nobody watches). Lay out again instead.
+            self.layout_stale = True
+            return
+        self.state = "loading"
         results_addr = tcp(s.advertise or local_ip_towards(order[-1].peer_ip), self.results_port)
         assigns = stage_assigns(layout, s, self.num_layers, self.manifest.model_hash, epoch, results_addr,
                                 [self._weights_addr(host) for host in order], own_key, scales)
@@ -195,7 +205,7 @@ class PipelineLayout:
         # Last stage first: each host admits its upstream's key as soon as its Assign arrives, so
         # by the time an upstream host has loaded and connects, its downstream expects it.
         for host, assign in reversed(list(zip(order, assigns))):
-            host.holds_slice = True
+            host.holds_slice, host.current = True, assign
             await self._send_host(host, assign)
         self.stages = order
         for host in self.hosts.values():
@@ -206,7 +216,7 @@ class PipelineLayout:
                 host.stage = host.layers = None
                 log.info("plan: host %s stays unused", host.name)
             if host.holds_slice and host.state != "dead":  # its memory is idle: free it for later layouts
-                host.holds_slice = False
+                host.holds_slice, host.current = False, None
                 await self._send_host(host, Release(f"the layout of epoch {epoch} leaves this host out"))
 
     async def _fitting_layout(self) -> Layout:
@@ -255,6 +265,31 @@ class PipelineLayout:
         self.engine.pipeline_ready(len(self.stages), min(h.flat_tokens for h in self.stages),
                                    all(h.inventory.kind == "cuda" for h in self.stages))
         await self._maybe_assign()  # a host that joined meanwhile
+
+    async def _alive_loop(self) -> None:
+        """Every second, Alive to each host in touch. A task of its own: a layout the expire loop
+        starts (a host lost) can outlast the LEADER_DEAD_S after which every host joins again."""
+        while True:
+            await asyncio.sleep(1.0)
+            for host in list(self.hosts.values()):
+                if host.state not in ("dead", "failed"):  # where its connection is gone, the silence will tell
+                    await self.channel.send(host.route, Alive())
+
+    async def _expire_loop(self) -> None:
+        """Every second: expire lost micro-batches, bury the silent hosts."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.engine.expire(time.monotonic() - STEP_TIMEOUT_S)
+            now = time.monotonic()
+            for host in list(self.hosts.values()):
+                if host.state in ("dead", "failed"):
+                    continue
+                serving = host.state == "ready" and self.state == "serving"
+                silent = self._silent_for(host, now)
+                if silent > (DEAD_AFTER_SECONDS if serving else BUSY_DEAD_AFTER_SECONDS):
+                    await self._host_lost(host, f"silent for {silent:.1f} s")
+            if self.failures:
+                await self._maybe_assign()  # a host whose sitting out ended is planned in again
 
     async def _host_lost(self, host: HostRecord, why: str, state: str = "dead") -> None:
         """A host stopped heartbeating, failed or restarted: re-plan without it, replay requests."""

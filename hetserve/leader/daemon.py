@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from ..config import STEP_TIMEOUT_S, LeaderSettings
+from ..config import LeaderSettings
 from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
@@ -34,14 +34,14 @@ from ..weights.manifest import load_manifest
 from ..weights.server import WeightServer, weights_socket
 from ..wire.client import GenerateRequest, ProtocolError
 from ..wire.codec import WireError, decode, encode
-from ..wire.messages import (PROTOCOL_VERSION, Alive, Failed, Heartbeat, Join, ProbeReply, ProfileReport,
+from ..wire.messages import (PROTOCOL_VERSION, Failed, Heartbeat, Join, ProbeReply, ProfileReport,
                              ProfileRequest, Ready, Refused, Shutdown, Step, StepFailed, StepResult)
 from ..wire.tensors import to_frame
 from .assignment import LeaderError, PipelineLayout
 from .control import ControlChannel
 from .engine import Engine, Overloaded, Request, Sink
 from .frontend import Connection
-from .hosts import BUSY_DEAD_AFTER_SECONDS, DEAD_AFTER_SECONDS, Failures, HostRecord
+from .hosts import DEAD_AFTER_SECONDS, Failures, HostRecord
 from .http_api import OpenAIServer
 from .tokens import TextCodec
 
@@ -135,6 +135,7 @@ class Leader(PipelineLayout):
             log.info("leader for %s (%d layers): hosts join at %s, clients at %s:%d; waiting for %d host(s)",
                      s.model, self.num_layers, s.listen, serve_host, serve_port, s.hosts)
             tasks = [asyncio.create_task(self._results_loop()), asyncio.create_task(self._expire_loop()),
+                     asyncio.create_task(self._alive_loop()),
                      asyncio.create_task(weight_server.run()), asyncio.create_task(self._control_loop()),
                      asyncio.create_task(self._stage0_sender())]
             # Any of them failing (a LeaderError before serving began) stops the leader.
@@ -193,36 +194,44 @@ class Leader(PipelineLayout):
             if host is None or host.route != route.bytes:
                 log.warning("ignored %s from unknown host %r", type(msg).__name__, msg.host)
                 continue
-            host.last_seen = time.monotonic()
-            if host.state == "dead":  # its link came back: plan it in again like a host that joins
-                log.warning("host %s is back after %s", host.name, host.note)
-                host.state, host.note, host.planned, host.stage, host.layers = "joined", "", False, None, None
-                await self._maybe_assign()
-            if isinstance(msg, Heartbeat):
-                host.stats = msg.stats
-            elif isinstance(msg, ProbeReply):
-                self.channel.answered(msg.nonce)
-            elif isinstance(msg, ProfileReport):
-                await self._profile_arrived(host, msg.profile)
-            elif isinstance(msg, Ready):
-                if host.state != "loading" or msg.stage != host.stage or msg.epoch != self.engine.epoch:
-                    log.warning("ignored Ready from %s: it was not loading stage %s of epoch %d", host.name,
-                                msg.stage, msg.epoch)
-                    continue
-                host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
-                self.failures.pop(host.name, None)
-                host.fetched_bytes, host.flat_tokens = msg.fetched_bytes, msg.flat_tokens
-                log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s "
-                         "(%.1f MiB fetched from the leader)", host.name, msg.stage, msg.weight_bytes / 2**20,
-                         msg.kv_bytes / 2**20, msg.load_seconds, msg.fetched_bytes / 2**20)
-                await self._maybe_serve()
-            elif isinstance(msg, Failed):
-                if not self.served:
-                    host.state = "failed"
-                    raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
-                if host.state == "loading":  # a slice it cannot load: it would fail the same way at once
-                    self._sit_out(host)
-                await self._host_lost(host, f"failed: {msg.reason}", "failed")
+            await self._host_message(host, msg)
+
+    async def _host_message(self, host: HostRecord, msg) -> None:
+        """A message from a joined host, on its own connection."""
+        host.last_seen = time.monotonic()
+        if host.state == "dead":  # its link came back: plan it in again like a host that joins
+            log.warning("host %s is back after %s", host.name, host.note)
+            host.state, host.note, host.planned, host.stage, host.layers = "joined", "", False, None, None
+            await self._maybe_assign()
+        if isinstance(msg, Heartbeat):
+            host.stats = msg.stats
+        elif isinstance(msg, ProbeReply):
+            self.channel.answered(msg.nonce)
+        elif isinstance(msg, ProfileReport):
+            await self._profile_arrived(host, msg.profile)
+        elif isinstance(msg, Ready):
+            if host.state != "loading" or msg.stage != host.stage or msg.epoch != self.engine.epoch:
+                log.warning("ignored Ready from %s: it was not loading stage %s of epoch %d", host.name,
+                            msg.stage, msg.epoch)
+                return
+            host.state, host.weight_bytes, host.kv_bytes = "ready", msg.weight_bytes, msg.kv_bytes
+            self.failures.pop(host.name, None)
+            host.fetched_bytes, host.flat_tokens = msg.fetched_bytes, msg.flat_tokens
+            log.info("host %s ready: stage %d, %.0f MiB weights + %.0f MiB KV cache, loaded in %.1f s "
+                     "(%.1f MiB fetched from the leader)", host.name, msg.stage, msg.weight_bytes / 2**20,
+                     msg.kv_bytes / 2**20, msg.load_seconds, msg.fetched_bytes / 2**20)
+            await self._maybe_serve()
+        elif isinstance(msg, Failed):
+            if msg.epoch not in (-1, self.engine.epoch):  # a layout ago: its Ready or Failed for this one follows
+                log.warning("ignored Failed from %s for epoch %d (now %d): %s", host.name, msg.epoch,
+                            self.engine.epoch, msg.reason)
+                return
+            if not self.served:
+                host.state = "failed"
+                raise LeaderError(f"host {host.name} cannot serve its slice: {msg.reason}")
+            if host.state == "loading":  # a slice it cannot load: it would fail the same way at once
+                self._sit_out(host)
+            await self._host_lost(host, f"failed: {msg.reason}", "failed")
 
     async def _join(self, route: bytes, peer_ip: str, user_id: str, msg: Join) -> None:
         """A new host, or one coming back (a restarted process, or one that lost touch with us)."""
@@ -241,6 +250,10 @@ class Leader(PipelineLayout):
             await self.channel.send(route, Refused(reason))  # where it is gone already, nothing to tell
             return
         now = time.monotonic()
+        if previous is not None and previous.state != "dead" and now - previous.last_seen < DEAD_AFTER_SECONDS:
+            log.warning("host %s joined again on a new connection %.1f s after its last heartbeat: a restart, or "
+                        "two hosts named %s (each would push the other out: give each its own --name)",
+                        msg.host, now - previous.last_seen, msg.host)
         self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
                                           self.settings.dtype, last_seen=now, current=msg.current,
                                           holds_slice=msg.current is not None, public_key=msg.public_key)
@@ -319,24 +332,6 @@ class Leader(PipelineLayout):
                     self.engine.on_failure(msg)
             except Exception:  # one bad result must not stop every request's results
                 log.exception("failed to handle the result of micro-batch %d", msg.mb)
-
-    async def _expire_loop(self) -> None:
-        """Every second: expire lost micro-batches, beat to the hosts, bury the silent ones."""
-        while True:
-            await asyncio.sleep(1.0)
-            self.engine.expire(time.monotonic() - STEP_TIMEOUT_S)
-            now = time.monotonic()
-            for host in list(self.hosts.values()):
-                if host.state in ("dead", "failed"):
-                    continue
-                serving = host.state == "ready" and self.state == "serving"
-                silent = self._silent_for(host, now)
-                if silent > (DEAD_AFTER_SECONDS if serving else BUSY_DEAD_AFTER_SECONDS):
-                    await self._host_lost(host, f"silent for {silent:.1f} s")
-                    continue
-                await self.channel.send(host.route, Alive())  # where its connection is gone, the silence will tell
-            if self.failures:
-                await self._maybe_assign()  # a host whose sitting out ended is planned in again
 
     # ---- clients
 

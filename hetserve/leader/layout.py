@@ -44,9 +44,21 @@ def disk_shortfalls(order: list[HostRecord], ranges: list[tuple[int, int]], mani
     return out
 
 
+def covers(bounds: list[tuple[int, int]], num_layers: int) -> bool:
+    """Do these [start, end) ranges cover layers 0 .. num_layers - 1 in order, none empty?"""
+    return bool(bounds) and bounds[0][0] == 0 and bounds[-1][1] == num_layers and all(
+        a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and all(start < end for start, end in bounds)
+
+
+def known_precisions(precisions, layers: int) -> bool:
+    """One known precision for each of `layers` layers, or none (all native)."""
+    return len(precisions) in (0, layers) and set(precisions) <= set(PRECISIONS)
+
+
 def adoptable(hosts: list[HostRecord], model_hash: str, num_layers: int, settings: LeaderSettings) -> Layout | None:
     """The layout the live hosts already hold (they rejoined a restarted leader), when it is
-    a whole pipeline of this model and these limits: adopting it reloads nothing."""
+    a whole pipeline of this model and these limits: adopting it reloads nothing. What a host
+    says it holds is its word: slices that are not a valid layout are not adopted."""
     held = [h.current for h in hosts]
     if not hosts or any(a is None for a in held):
         return None
@@ -54,8 +66,8 @@ def adoptable(hosts: list[HostRecord], model_hash: str, num_layers: int, setting
     bounds = [(a.start, a.end) for a, _ in pairs]
     limits = settings.limits
     if ([a.stage for a, _ in pairs] != list(range(len(pairs))) or any(a.num_stages != len(pairs) for a, _ in pairs)
-            or bounds[0][0] != 0 or bounds[-1][1] != num_layers
-            or any(x[1] != y[0] for x, y in zip(bounds, bounds[1:]))
+            or not covers(bounds, num_layers)
+            or not all(known_precisions(a.precisions, a.end - a.start) for a in held)
             or any((a.model_hash, a.dtype, a.max_seqs, a.max_context) !=
                    (model_hash, settings.dtype, limits.max_seqs, limits.max_context) for a in held)):
         return None
@@ -74,11 +86,10 @@ def plan_layout(plan: Plan, hosts: dict[str, HostRecord], num_layers: int) -> La
     if missing:
         raise PlanError(f"the plan is for hosts {[st.host for st in plan.stages]}, but {sorted(hosts)} joined")
     bounds = [(st.start, st.end) for st in plan.stages]
-    if bounds[0][0] != 0 or bounds[-1][1] != num_layers or any(
-            a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(num_layers, 0)])):
+    if not covers(bounds, num_layers):
         raise PlanError(f"the plan's layer ranges {bounds} do not cover layers 0-{num_layers - 1} contiguously")
     for st in plan.stages:
-        if len(st.precisions) not in (0, st.end - st.start) or not set(st.precisions) <= set(PRECISIONS):
+        if not known_precisions(st.precisions, st.end - st.start):
             raise PlanError(f"the plan's stage on {st.host} needs one of {', '.join(PRECISIONS)} for each of its "
                             f"{st.end - st.start} layers (or none: all native), not {st.precisions}")
         usable = hosts[st.host].inventory.usable_bytes

@@ -61,6 +61,7 @@ class Ready:
 class Failed:
     host: str
     reason: str
+    epoch: int = -1  # of the Assign whose slice or stage failed; -1: not a slice's (profiling)
 
 
 @message("stage_stats")

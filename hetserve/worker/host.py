@@ -19,6 +19,7 @@ until a leader listens), telling the new leader which slice it holds so that it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -248,7 +249,7 @@ class Host:
                 self.model = await self._offload(self._load, model_dir, msg, spec)
             except Exception as exc:  # whatever went wrong, the leader must hear it rather than wait
                 log.error("cannot load the slice: %s: %s", type(exc).__name__, exc)
-                await self._send(Failed(self.name, f"{type(exc).__name__}: {exc}"))
+                await self._send(Failed(self.name, f"{type(exc).__name__}: {exc}", msg.epoch))
                 return
         model, self.current = self.model, msg
         seconds = time.perf_counter() - started
@@ -261,7 +262,7 @@ class Host:
             self.downstream = msg.downstream
         self.stage_loop = StageLoop(model, msg.stage, self.data_in, self.data_out, self.torch_thread, msg.epoch)
         self.stage_task = asyncio.create_task(self.stage_loop.run())
-        self.stage_task.add_done_callback(self._stage_ended)
+        self.stage_task.add_done_callback(functools.partial(self._stage_ended, epoch=msg.epoch))
         log.info("stage %d ready in %.1f s: %.0f MiB weights, %.0f MiB KV cache", msg.stage, seconds,
                  model.weight_bytes / 2**20, model.cache.nbytes / 2**20)
         await self._send(Ready(self.name, msg.stage, model.weight_bytes, model.cache.nbytes, round(seconds, 3),
@@ -282,7 +283,7 @@ class Host:
         if held is not None:
             log.info("released layers %d-%d: %s", held.start, held.end - 1, reason)
 
-    def _stage_ended(self, task: asyncio.Task) -> None:
+    def _stage_ended(self, task: asyncio.Task, epoch: int = -1) -> None:
         """A stage loop ends only when cancelled: anything else means this stage no longer serves.
         Say so, and tell the leader, which re-plans and replays the requests at once instead of
         waiting out its step timeout for micro-batches nobody reads."""
@@ -290,14 +291,14 @@ class Host:
             return
         exc = task.exception()
         log.error("the stage loop stopped", exc_info=exc)
-        self._tasks.append(asyncio.create_task(self._report_stage_end(exc)))
+        self._tasks.append(asyncio.create_task(self._report_stage_end(exc, epoch)))
 
-    async def _report_stage_end(self, exc: BaseException) -> None:
+    async def _report_stage_end(self, exc: BaseException, epoch: int) -> None:
         if not isinstance(exc, DeviceLost):
-            await self._send(Failed(self.name, f"the stage loop stopped: {type(exc).__name__}: {exc}"))
+            await self._send(Failed(self.name, f"the stage loop stopped: {type(exc).__name__}: {exc}", epoch))
             return
         self.device_failure = f"its device failed: {exc}"
-        await self._send(Failed(self.name, self.device_failure))
+        await self._send(Failed(self.name, self.device_failure, epoch))
         self._device_failed.set()
 
     async def _stop_stage(self) -> None:
