@@ -291,3 +291,20 @@ def test_the_baseline_ignores_the_models_own_generation_settings(model_dir, tmp_
     want, _ = plain._generate([RequestSpec(prompt, 12)], None)
     got, _ = fussy._generate([RequestSpec(prompt, 12)], None)
     assert got == want
+
+
+def test_the_baseline_warms_up_at_the_batch_it_runs(model_dir, monkeypatch):
+    """A warm-up of one row left the first timed batch of -c rows to pay that shape's one-off
+    costs: half the baseline's batches in a run of two requests per client."""
+    from hetserve.bench.baseline import BaselineSpec, HFBaseline
+
+    sizes = []
+    generate = HFBaseline._generate
+
+    def spy(self, batch, clock):
+        sizes.append(len(batch))
+        return generate(self, batch, clock)
+
+    monkeypatch.setattr(HFBaseline, "_generate", spy)
+    HFBaseline(BaselineSpec(model_dir, "cpu", "float32", threads=1), "Hello", 3)
+    assert sizes == [3]

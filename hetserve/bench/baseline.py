@@ -85,7 +85,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 class HFBaseline:
     """transformers on `spec.device`, loaded and warmed up on creation; `run` times a list of requests."""
 
-    def __init__(self, spec: BaselineSpec, warmup_prompt: str):
+    def __init__(self, spec: BaselineSpec, warmup_prompt: str, warmup_rows: int = 1):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.utils import logging as hf_logging
@@ -113,7 +113,9 @@ class HFBaseline:
                                                         pad_token_id=own.pad_token_id)
         self.sampling = ({"do_sample": True, "temperature": spec.temperature, "top_p": 1.0, "top_k": 0}
                          if spec.temperature > 0 else {"do_sample": False})
-        self._generate([RequestSpec(warmup_prompt, WARMUP_TOKENS)], None)  # untimed: first calls pay one-off costs
+        # Untimed, at the batch the run uses: the first call of a shape pays one-off costs (kernel
+        # choices, allocations) that a short run's few batches would otherwise carry.
+        self._generate([RequestSpec(warmup_prompt, WARMUP_TOKENS)] * warmup_rows, None)
 
     def _generate(self, batch: list[RequestSpec], clock: _StepClock | None) -> tuple[list[list[int]], list[int]]:
         enc = self.tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True).to(self.spec.device)

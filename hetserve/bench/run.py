@@ -156,7 +156,7 @@ def _notes(name: str, summary: Summary, asked: float | None, short: dict[str, in
 def _run_hf(config: BenchConfig, model_dir: Path, sent: list[tuple[int, RequestSpec]]) -> tuple[str, Summary, dict]:
     spec = BaselineSpec(model_dir, config.device, config.dtype, config.temperature, config.threads, config.precision)
     try:
-        hf = HFBaseline(spec, sent[0][1].prompt)
+        hf = HFBaseline(spec, sent[0][1].prompt, min(config.concurrency, len(sent)))
         update, close = _progress(len(sent), "transformers", config.progress)
         try:
             run = hf.run(sent, config.concurrency, update)
