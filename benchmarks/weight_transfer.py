@@ -127,6 +127,11 @@ def measure_link(model_dir: Path, rate: str | None) -> dict:
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
                                                     env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
         out, _ = await proc.communicate()
+        if proc.returncode != 0 or not out.strip():
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the raw server's accept(): no client is coming
+            listener.close()
+            task.cancel()
+            raise SystemExit(f"the measuring client failed (exit {proc.returncode}); its errors are above")
         await raw
         task.cancel()
         return json.loads(out.decode().strip().splitlines()[-1])
