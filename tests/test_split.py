@@ -37,3 +37,14 @@ def test_refusals_say_why():
         memory_split(SHAPE, [1 << 30] * 31, kv_tokens=0)
     with pytest.raises(PlanError, match="no hosts"):
         memory_split(SHAPE, [], kv_tokens=0)
+
+
+def test_a_split_that_fits_is_found_where_proportional_rounding_overflows_a_host():
+    """5 layers of 10 MiB over 30, 19 and 19 MiB: proportional rounding gives 2 + 2 + 1, and a
+    host of 19 MiB cannot hold 2; 3 + 1 + 1 fits."""
+    shape = ModelShape(num_layers=5, layer_bytes=10 * MiB, embed_bytes=0, head_bytes=0, kv_bytes_per_token=0)
+    assert memory_split(shape, [30 * MiB, 19 * MiB, 19 * MiB], kv_tokens=0) == [(0, 3), (3, 4), (4, 5)]
+    with pytest.raises(PlanError, match="hold 4 whole layers"):
+        memory_split(shape, [29 * MiB, 19 * MiB, 19 * MiB], kv_tokens=0)
+    with pytest.raises(PlanError, match="host 2 would need 10 MiB for one layer but offers 9 MiB"):
+        memory_split(shape, [60 * MiB, 19 * MiB, 9 * MiB], kv_tokens=0)

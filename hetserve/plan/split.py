@@ -54,10 +54,22 @@ def memory_split(shape: ModelShape, capacities: list[int], kv_tokens: int) -> li
         need = stage_bytes(shape, shape.num_layers, True, True, kv_tokens)
         raise PlanError(f"the hosts offer {sum(capacities) / 2**30:.2f} GiB together but the model with its "
                         f"KV cache needs {need / 2**30:.2f} GiB: add hosts, or lower --max-seqs/--max-context")
-    ranges = contiguous_split(shape.num_layers, budgets)
-    for i, ((start, end), cap) in enumerate(zip(ranges, capacities)):
-        need = stage_bytes(shape, end - start, i == 0, i == hosts - 1, kv_tokens)
-        if need > cap:
-            raise PlanError(f"host {i} would need {need / 2**20:.0f} MiB for layers {start}-{end - 1} "
-                            f"but offers {cap / 2**20:.0f} MiB")
-    return ranges
+    for i, (budget, cap) in enumerate(zip(budgets, capacities)):
+        if budget < per_layer:
+            need = stage_bytes(shape, 1, i == 0, i == hosts - 1, kv_tokens)
+            raise PlanError(f"host {i} would need {need / 2**20:.0f} MiB for one layer but offers {cap / 2**20:.0f} MiB")
+    # Proportional sizes, each cut to the whole layers its host holds; what that leaves over goes,
+    # a layer at a time, to the host with the most room left (proportional rounding alone refused
+    # splits that fit: 5 layers of 10 MiB over 30 + 19 + 19 MiB rounded to 2 + 2 + 1).
+    caps = [budget // per_layer for budget in budgets]
+    sizes = [min(end - start, cap) for (start, end), cap in zip(contiguous_split(shape.num_layers, budgets), caps)]
+    if sum(caps) < shape.num_layers:
+        raise PlanError(f"the hosts hold {sum(caps)} whole layers with their KV cache, the model has "
+                        f"{shape.num_layers}: add hosts, or lower --max-seqs/--max-context")
+    while sum(sizes) < shape.num_layers:
+        i = max((j for j in range(hosts) if sizes[j] < caps[j]), key=lambda j: budgets[j] - sizes[j] * per_layer)
+        sizes[i] += 1
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return list(zip(bounds[:-1], bounds[1:]))
