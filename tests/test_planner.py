@@ -13,7 +13,8 @@ from conftest import Cluster, connect, hetserve_cmd
 from hetserve.plan.cost import CostModel, interpolate
 from hetserve.plan.partition import partition
 from hetserve.plan.planner import (HostInput, PlanningError, Workload, decode_microbatch, default_precisions,
-                                   host_costs, host_orders, make_plan, objective_for, prefill_sizes, quality_units)
+                                   host_costs, host_orders, make_plan, objective_for, order_search, prefill_sizes,
+                                   quality_units)
 from hetserve.plan.device_profile import DeviceProfile, Grid
 from hetserve.plan.quality import Sensitivity
 
@@ -209,9 +210,20 @@ def test_heuristic_orders_state_a_gap_that_bounds_the_exact_optimum():
 def test_the_heuristic_search_can_leave_hosts_out():
     """Past the exact search's limit only orders of every host were tried: more hosts than layers
     (or hosts too small to pay) made a plan that exists be refused as not fitting."""
-    hosts = [HostInput(f"h{i}", 200 * MiB, synthetic_profile("a", 1.0)) for i in range(LAYERS + 1)]
-    plan = make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.02)  # 9! orders examined: past the limit
+    hosts = [HostInput(f"h{i}", 200 * MiB + i, synthetic_profile("a", 1.0)) for i in range(LAYERS + 1)]
+    plan = make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.02)  # all distinct: past 120 orders
     assert 1 <= len(plan.stages) <= LAYERS and any("heuristic" in n for n in plan.notes)
+
+
+def test_alike_hosts_are_searched_exactly_however_many():
+    """Distinct orders were found by examining every permutation, and 8! of them was the limit:
+    8 alike hosts (8 distinct orders) fell to the heuristic and its stated gap."""
+    alike = [HostInput(f"h{i}", 200 * MiB, synthetic_profile("a", 1.0)) for i in range(9)]
+    orders, exact = order_search(alike)
+    assert exact and [len(o) for o in orders] == list(range(9, 0, -1))
+    odd = alike[:7] + [HostInput("x", 300 * MiB, synthetic_profile("b", 0.5))]
+    orders, exact = order_search(odd)
+    assert exact and len(orders) == sum(k + 1 for k in range(8)) + 7  # x at any of k + 1 places among k alike, or not
 
 
 def test_cost_model_reads_the_profile():

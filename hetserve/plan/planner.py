@@ -22,7 +22,6 @@ Plan.optimality_gap and in its notes. With every order searched the gap is 0.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -39,7 +38,6 @@ from .split import contiguous_split
 
 QUALITY_BINS = 200  # the quality budget is split into this many integer units (costs round up)
 MAX_EXACT_ORDERS = 120  # distinct host orders tried exhaustively; beyond, the heuristic
-MAX_PERMUTATIONS = 40320  # permutations examined to find them (8 hosts); beyond, the heuristic
 RESERVE = 0.10  # share of each host's memory kept back for activations and the runtime
 INF = float("inf")
 GiB = 1 << 30
@@ -175,18 +173,34 @@ def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple
     def signature(h: HostInput):
         return (profiles[id(h.profile)], h.memory_bytes, h.link_gbps, h.link_ms)
 
-    orders, seen, examined = [], set(), 0
-    for size in range(len(hosts), 0, -1):
-        for subset in itertools.combinations(hosts, size):
-            for perm in itertools.permutations(subset):
-                examined += 1
-                key = tuple(signature(h) for h in perm)
-                if key not in seen:
-                    seen.add(key)
-                    orders.append(list(perm))
-                if len(orders) > max_orders or examined > MAX_PERMUTATIONS:
-                    return largest_first_orders(hosts), False
-    return orders, True
+    # Every distinct order of every subset is a non-empty sequence of classes of alike hosts, each
+    # class used at most as often as it has hosts: made directly, so 8 alike hosts are 8 orders
+    # (examining all 8! permutations of them gave up into the heuristic).
+    classes: dict = {}
+    for h in hosts:
+        classes.setdefault(signature(h), []).append(h)
+    groups = list(classes.values())
+    orders: list[list[HostInput]] = []
+    used = [0] * len(groups)
+
+    def extend(prefix: list[HostInput]) -> bool:
+        for g, group in enumerate(groups):
+            if used[g] == len(group):
+                continue
+            order = prefix + [group[used[g]]]
+            orders.append(order)
+            if len(orders) > max_orders:
+                return False
+            used[g] += 1
+            whole = extend(order)
+            used[g] -= 1
+            if not whole:
+                return False
+        return True
+
+    if not extend([]):
+        return largest_first_orders(hosts), False
+    return sorted(orders, key=len, reverse=True), True  # every host first, as before: stable within a size
 
 
 def decode_microbatch(batch: int, stages: int) -> int:
