@@ -8,7 +8,7 @@ import torch
 from hetserve.model.kv_cache import StepLayout
 from hetserve.model.precision import module_bytes
 from hetserve.model.resolve import ModelError
-from hetserve.model.sampling import filter_logits, sample
+from hetserve.model.sampling import filter_logits, row_generator, sample
 from hetserve.model.stage import StageModel, StageSpec
 from hetserve.wire.messages import SamplingRows
 
@@ -141,6 +141,9 @@ def test_sampling_rules():
     assert torch.isfinite(kept).sum() == 5
     nucleus = filter_logits(torch.tensor([3.0, 2.0, 1.0, -5.0]), top_k=0, top_p=0.8)
     assert torch.isfinite(nucleus).tolist() == [True, True, False, False]
+    # A CPU generator takes 32 bits of its seed: seeds 2**32 apart drew alike.
+    apart = [torch.rand(8, generator=row_generator(seed, 0, torch.device("cpu"))) for seed in (1, 1 + 2**32)]
+    assert not torch.equal(*apart)
 
 
 def test_a_row_with_non_finite_logits_falls_back_to_greedy_and_spares_the_others():
@@ -200,6 +203,13 @@ def test_w8a8_refuses_to_run_without_its_scales(model_dir):
     with pytest.raises(ModelError, match="activation scales"):
         StageModel(model_dir, StageSpec(3, 5, first=False, last=False, max_seqs=1, max_context=8,
                                         precisions=("int8", "w8a8")))
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):  # each made the layer's outputs inf or NaN, silently
+        with pytest.raises(ModelError, match="finite and > 0"):
+            StageModel(model_dir, StageSpec(3, 4, first=False, last=False, max_seqs=1, max_context=8,
+                                            precisions=("w8a8",), input_scales=({**dict.fromkeys(names, 0.1),
+                                                                                 "mlp.up_proj": bad},)))
 
 
 def test_consecutive_slots_attend_through_a_view_others_through_a_gather():

@@ -2,7 +2,8 @@
 
 Sampling is stateless: the random stream of a row is seeded from (request seed, index of the
 token being generated), so a row draws the same numbers whatever else shares the batch, and a
-request replayed from its history draws as it would have. The logits themselves can differ in
+request replayed from its history draws as it would have (on the same kind of device: CPU and
+CUDA generators draw differently from one seed). The logits themselves can differ in
 their last bits with the batch (a CPU picks its matrix-product kernel by rows; a replay
 re-prefills what was decoded), so a draw that falls on a near-tie can still differ, rarely.
 """
@@ -19,7 +20,10 @@ GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (dividing by them
 
 def row_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * _MIX + step) % (1 << 63))
+    mixed = (seed * _MIX + step) % (1 << 64)
+    # Folded into the low 32 bits, which are all a CPU generator (mt19937) takes: seeds 2**32 apart
+    # drew the same numbers there.
+    generator.manual_seed((mixed ^ (mixed >> 32)) % (1 << 63))
     return generator
 
 

@@ -46,6 +46,9 @@ def set_input_scales(layer: torch.nn.Module, scales: dict[str, float]) -> None:
     linears = _activation_quantized(layer)
     if set(linears) != set(scales):
         raise ModelError(f"activation scales are for {sorted(scales)}, the layer has {sorted(linears)}")
+    bad = {name: v for name, v in scales.items() if not (isinstance(v, (int, float)) and 0 < v < float("inf"))}
+    if bad:  # 0, negative, NaN or inf made every quantized input of the layer inf or NaN, silently
+        raise ModelError(f"activation scales must be finite and > 0, not {bad}")
     for name, m in linears.items():
         m.input_scale.fill_(scales[name])
         m.disable_output_quantization()
