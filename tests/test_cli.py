@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import openai
 
@@ -104,7 +105,10 @@ def test_client_errors_are_one_clear_line():
     assert model.returncode == 1 and "unknown model 'no-such-model'" in model.stderr
     profile = hetserve("plan", "--host", "a=8GiB@/nonexistent/profile.json", timeout=60)
     assert profile.returncode == 2 and "cannot read the profile /nonexistent/profile.json" in profile.stderr
-    for done in (gen, bad, address, listen, model, profile):
+    llama = Path(__file__).resolve().parents[1] / "examples" / "profiles" / "h100-llama-3-8b-bf16.json"
+    other = hetserve("plan", "--host", f"a=8GiB@{llama}", timeout=120)
+    assert other.returncode == 2 and "was measured for another model" in other.stderr, other.stderr
+    for done in (gen, bad, address, listen, model, profile, other):
         assert "Traceback" not in done.stderr, done.stderr
 
 

@@ -182,7 +182,7 @@ def host_plan_inputs(model, host_specs, device, link_gbps, calibration_tokens, a
     from ..model.precision import GPU_ONLY
     from ..plan.planner import HostInput
     from ..plan.profile import DeviceProfile, cached_profile
-    from ..plan.quality import sensitivity
+    from ..plan.quality import model_key, sensitivity
 
     files = resolve_model_or_exit(model)
     hosts, local = [], None
@@ -197,10 +197,17 @@ def host_plan_inputs(model, host_specs, device, link_gbps, calibration_tokens, a
             except (ValueError, KeyError, TypeError) as exc:
                 raise click.BadParameter(f"{profile_path} is not a profile (hetserve profile --out): {exc}",
                                          param_hint="--host") from None
+            if prof.model != model_key(files.path):  # another model's layer bytes and times
+                raise click.BadParameter(f"{profile_path} was measured for another model (config {prof.model}, "
+                                         f"{model} has {model_key(files.path)}): measure one with hetserve "
+                                         f"profile --model {model}", param_hint="--host")
         else:
             local = local or cached_profile(files.path, device)[0]
             prof = local
         hosts.append(HostInput(name, memory, prof, link_gbps))
+    if len({h.profile.dtype for h in hosts}) > 1:  # a cluster computes in one dtype
+        raise click.BadParameter("the hosts' profiles are of different dtypes: "
+                                 + ", ".join(f"{h.name} {h.profile.dtype}" for h in hosts), param_hint="--host")
     # Sensitivity is measured on this CPU, where quanto's fp8 cannot run: GPU-only precisions are left out.
     quantized = sorted({p for h in hosts for p in h.profile.layer_bytes
                         if p != "native" and p not in GPU_ONLY and p in (allowed or [p])})
