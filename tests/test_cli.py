@@ -362,3 +362,17 @@ def test_up_spreads_local_hosts_over_the_gpus():
     assert local_host_devices("cuda:1", 2, gpus=2) == ["cuda:1", "cuda:1"]
     assert local_host_devices("cuda:1, cpu", 3, gpus=2) == ["cuda:1", "cpu", "cuda:1"]
     assert local_host_devices("cpu", 2, gpus=0) == ["cpu", "cpu"]
+
+
+def test_a_quality_target_is_a_percentage_or_a_fraction_below_one():
+    """`--max-ppl-increase 2` meant 2 % and planned for 200 %, silently."""
+    import click
+
+    from hetserve.cli.options import parse_fraction
+
+    assert parse_fraction("2%") == pytest.approx(0.02) and parse_fraction("0.02") == 0.02
+    assert parse_fraction("150%") == 1.5  # written as a percentage, any size is meant
+    for text, why in (("2", "would be 200%: write 2% for percent"), ("-1%", "0 or more"), ("nan", "0 or more"),
+                      ("two", "not a fraction")):
+        with pytest.raises(click.BadParameter, match=why):
+            parse_fraction(text)

@@ -199,7 +199,14 @@ def parse_host(text: str) -> tuple[str, int, str | None]:
 
 
 def parse_fraction(text: str) -> float:
+    """2% or 0.02. A bare number of 1 or more is refused: `2` would be 200 %, where 2 % was meant."""
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a fraction like 2% or 0.02") from None
+    if not (0 <= value < float("inf")):
+        raise click.BadParameter(f"{text!r} is not a fraction of 0 or more")
+    if value >= 1 and not text.endswith("%"):
+        raise click.BadParameter(f"{text!r} would be {value:.0%}: write {text}% for percent, or a fraction below 1 "
+                                 "such as 0.02")
+    return value
