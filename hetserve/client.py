@@ -53,12 +53,14 @@ class LineClient:
             raise ClientError(f"--server: {exc}") from None
         deadline = time.monotonic() + wait
         while True:
+            # Not wait_for: its TimeoutError is an OSError too, like the system's own connect timeout.
+            connecting = asyncio.ensure_future(asyncio.open_connection(host, port, limit=1 << 24))
+            if not (await asyncio.wait({connecting}, timeout=reply_timeout))[0]:
+                connecting.cancel()
+                raise ReplyTimeout(f"no connection to {server} in {reply_timeout:g} s")
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 24),
-                                                        reply_timeout)
+                reader, writer = connecting.result()
                 break
-            except asyncio.TimeoutError:
-                raise ReplyTimeout(f"no connection to {server} in {reply_timeout:g} s") from None
             except OSError as exc:
                 if time.monotonic() >= deadline:
                     raise ClientError(f"cannot reach hetserve at {server}: {exc.strerror or exc}") from None

@@ -170,6 +170,28 @@ async def test_a_connection_reset_while_sending_is_a_client_error():
     await client._reader_task
 
 
+async def test_connecting_is_bounded_and_a_system_connect_timeout_is_retried_as_any_error(monkeypatch):
+    """A server that never accepts ends a connect after reply_timeout; the system's own connect
+    timeout (a TimeoutError, an OSError) is "cannot reach", not a TypeError from the bound's message."""
+    import asyncio
+
+    from hetserve.client import ClientError, LineClient, ReplyTimeout
+
+    async def stalls(*args, **kwargs):
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(asyncio, "open_connection", stalls)
+    with pytest.raises(ReplyTimeout, match="no connection to 127.0.0.1:9 in 0.2 s"):
+        await LineClient.connect("127.0.0.1:9", reply_timeout=0.2)
+
+    async def times_out(*args, **kwargs):
+        raise TimeoutError(110, "Connection timed out")
+
+    monkeypatch.setattr(asyncio, "open_connection", times_out)
+    with pytest.raises(ClientError, match="cannot reach hetserve at 127.0.0.1:9: Connection timed out"):
+        await LineClient.connect("127.0.0.1:9")
+
+
 def test_baseline_counts_each_row_to_its_own_limit_and_first_eos():
     generated = [[5, 2, 9, 9], [5, 6, 7, 8], [2, 0, 0, 0], [6, 6, 6, 6]]
     assert row_lengths(generated, {2}, [4, 3, 4, 1]) == [(2, True), (3, False), (1, True), (1, False)]

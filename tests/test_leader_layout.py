@@ -126,13 +126,15 @@ def test_hosts_hear_alive_while_a_lost_host_is_laid_out_around(leader):
     assert beats_during[0] >= 2
 
 
-def test_a_failure_of_an_earlier_layout_does_not_count_against_the_current_one(leader):
+def test_a_failure_of_an_earlier_slice_does_not_count_against_the_latest(leader):
     """A host given a slice and then another (two layouts in a row) failed the first: charged to
-    the second, it sat out for 30 s and more and the cluster was laid out without it."""
+    the second, it sat out for 30 s and more and the cluster was laid out without it. What counts
+    is the host's latest Assign, not the leader's epoch (a later layout may have sent none)."""
     leader.hosts = {"h0": record("h0", b"r0", "loading"), "h1": record("h1", b"r1", "loading")}
+    leader.hosts["h0"].current = Assign(0, 2, 0, 15, "m", 30, "float32", 4, 256, "tcp://x:1", epoch=5)
     leader.stages = list(leader.hosts.values())
     leader.state, leader.served = "loading", True
-    leader.engine.epoch = 5
+    leader.engine.epoch = 6  # a layout after h0's made nothing
     relaid = []
 
     async def fitting_layout():
@@ -145,3 +147,20 @@ def test_a_failure_of_an_earlier_layout_does_not_count_against_the_current_one(l
     assert h0.state == "loading" and not relaid and "h0" not in leader.failures
     asyncio.run(leader._host_message(h0, Failed("h0", "out of memory", 5)))
     assert h0.state == "failed" and relaid and "h0" in leader.failures
+
+
+def test_a_layout_naming_a_host_dead_from_the_start_is_made_once(leader):
+    """A --plan names its hosts whether they live or not (before serving): a check for dead hosts
+    in the layout made it again and again, without yielding, and froze the leader."""
+    leader.hosts = {"h0": record("h0", b"r0"), "h1": record("h1", b"r1", "dead")}
+    made = []
+
+    async def fitting_layout():
+        made.append(True)
+        if len(made) > 3:
+            raise RuntimeError("laid out again and again")
+        return list(leader.hosts.values()), [(0, 15), (15, 30)], [[], []]
+
+    leader._fitting_layout = fitting_layout
+    asyncio.run(leader._assign())
+    assert len(made) == 1 and leader.state == "loading"

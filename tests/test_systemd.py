@@ -31,10 +31,14 @@ def test_units_verify_cleanly(tmp_path):
 def test_units_are_hardened_and_restart():
     for name in ("hetserve-leader.service", "hetserve-worker@.service"):
         text = (SYSTEMD / name).read_text()
-        for setting in ("User=hetserve", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
+        for setting in ("User=hetserve", "RestartPreventExitStatus=2", "NoNewPrivileges=yes", "ProtectSystem=strict",
                         "PrivateTmp=yes", "EnvironmentFile=-/etc/hetserve/hetserve.env", "--config /etc/hetserve/"):
             assert setting in text, f"{name} lacks {setting}"
-    assert "--device cuda:%i" in (SYSTEMD / "hetserve-worker@.service").read_text()
+    assert "Restart=on-failure" in (SYSTEMD / "hetserve-leader.service").read_text()
+    # A leader that stops tells its hosts to exit with status 0: on-failure left every worker
+    # stopped after a leader restart, waiting for nobody.
+    worker = (SYSTEMD / "hetserve-worker@.service").read_text()
+    assert "Restart=always" in worker and "--device cuda:%i" in worker
 
 
 @pytest.mark.parametrize("command,toml,expect", [

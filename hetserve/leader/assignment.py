@@ -165,6 +165,7 @@ class PipelineLayout:
             host.planned = True
         try:
             layout = await self._fitting_layout()
+            scales = await self._activation_scales(layout[2])
         except LeaderError as exc:
             if not self.served:
                 raise
@@ -178,20 +179,13 @@ class PipelineLayout:
             # would throttle every request past the plan's batch (64 running, 4 rows a micro-batch).
             self.engine.limits = replace(self.engine.limits,
                                          prefill_seqs=min(s.limits.prefill_seqs, self.plan.prefill_microbatch))
-        order, _, precisions = layout
+        order = layout[0]
         own_key = self.identity.public.decode() if self.identity else ""
-        # w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which
-        # has the whole model, calibrates every layer once (cached) and ships each stage its own.
-        scales = []
-        if any(set(precs) & ACTIVATIONS_QUANTIZED for precs in precisions):
-            try:
-                scales = await asyncio.get_running_loop().run_in_executor(None, activation_scales, self.model_dir)
-            except Exception as exc:  # a failed measurement must reach the operator, not hang the load
-                raise LeaderError(f"w8a8 calibration failed: {type(exc).__name__}: {exc}") from None
-        if self.layout_stale or any(self.hosts.get(h.name) is not h or h.state in ("dead", "failed") for h in order):
-            # A host joined, came back or was lost while this layout awaited: its records may be
-            # gone (an Assign to a dead connection, a stage nobody watches). Lay out again instead.
-            self.layout_stale = True
+        if self.layout_stale:
+            # A host joined, came back or was lost while this layout awaited (a live plan, w8a8
+            # calibration): its records may be gone (an Assign to a dead connection, a stage nobody
+            # watches). _assign lays out again instead. Only changes made meanwhile count: a plan
+            # naming a host dead from the start would otherwise be laid out again without end.
             return
         self.state = "loading"
         results_addr = tcp(s.advertise or local_ip_towards(order[-1].peer_ip), self.results_port)
@@ -218,6 +212,16 @@ class PipelineLayout:
             if host.holds_slice and host.state != "dead":  # its memory is idle: free it for later layouts
                 host.holds_slice, host.current = False, None
                 await self._send_host(host, Release(f"the layout of epoch {epoch} leaves this host out"))
+
+    async def _activation_scales(self, precisions: list[list[str]]) -> list[dict]:
+        """w8a8 layers calibrate on hidden states their stage cannot produce: the leader, which has
+        the whole model, calibrates every layer once (cached) and ships each stage its own."""
+        if not any(set(precs) & ACTIVATIONS_QUANTIZED for precs in precisions):
+            return []
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, activation_scales, self.model_dir)
+        except Exception as exc:  # a failed measurement must reach the operator, not hang the load
+            raise LeaderError(f"w8a8 calibration failed: {type(exc).__name__}: {exc}") from None
 
     async def _fitting_layout(self) -> Layout:
         """A layout whose every host has disk room for its slice (hosts without are left out)."""

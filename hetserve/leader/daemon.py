@@ -222,9 +222,10 @@ class Leader(PipelineLayout):
                      msg.kv_bytes / 2**20, msg.load_seconds, msg.fetched_bytes / 2**20)
             await self._maybe_serve()
         elif isinstance(msg, Failed):
-            if msg.epoch not in (-1, self.engine.epoch):  # a layout ago: its Ready or Failed for this one follows
-                log.warning("ignored Failed from %s for epoch %d (now %d): %s", host.name, msg.epoch,
-                            self.engine.epoch, msg.reason)
+            held = host.current.epoch if host.current else -1
+            if msg.epoch not in (-1, held):  # an Assign ago: its Ready or Failed for the latest follows
+                log.warning("ignored Failed from %s for epoch %d (its latest slice is of epoch %d): %s", host.name,
+                            msg.epoch, held, msg.reason)
                 return
             if not self.served:
                 host.state = "failed"

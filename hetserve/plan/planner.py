@@ -200,7 +200,9 @@ def order_search(hosts: list[HostInput], max_orders: int | None = None) -> tuple
 
     if not extend([]):
         return largest_first_orders(hosts), False
-    return sorted(orders, key=len, reverse=True), True  # every host first, as before: stable within a size
+    # Larger subsets first, as before; within a size the order differs from the permutations', so
+    # two equally fast plans may resolve the other way (the LLM-PQ plans in plans/ did not move).
+    return sorted(orders, key=len, reverse=True), True
 
 
 def decode_microbatch(batch: int, stages: int) -> int:
