@@ -86,7 +86,7 @@ def test_leader_runs_a_stage_and_splits_by_memory(model_dir):
         assert small.wait(30) == 0  # the leader's Shutdown ends the host cleanly
 
 
-def test_client_errors_are_one_clear_line():
+def test_client_errors_are_one_clear_line(tmp_path):
     gen = hetserve("generate", "--server", f"127.0.0.1:{free_port()}", "hi", timeout=30)
     assert gen.returncode == 1 and "cannot reach hetserve" in gen.stderr and "Traceback" not in gen.stderr
     bad = hetserve("leader", "--model", "no-such-model", "--listen", f"127.0.0.1:{free_port()}",
@@ -108,7 +108,13 @@ def test_client_errors_are_one_clear_line():
     llama = Path(__file__).resolve().parents[1] / "examples" / "profiles" / "h100-llama-3-8b-bf16.json"
     other = hetserve("plan", "--host", f"a=8GiB@{llama}", timeout=120)
     assert other.returncode == 2 and "was measured for another model" in other.stderr, other.stderr
-    for done in (gen, bad, address, listen, model, profile, other):
+    (tmp_path / "plan.json").write_text('{"model": "smollm2-135m"}')
+    (tmp_path / "token").write_bytes(b"\xff\xfe")
+    plan = hetserve("leader", "--plan", str(tmp_path / "plan.json"), timeout=60)
+    assert plan.returncode == 2 and "is not a plan (hetserve plan --out): KeyError" in plan.stderr, plan.stderr
+    token = hetserve("status", "--token-file", str(tmp_path / "token"), timeout=60)
+    assert token.returncode == 2 and "cannot read" in token.stderr, token.stderr
+    for done in (gen, bad, address, listen, model, profile, other, plan, token):
         assert "Traceback" not in done.stderr, done.stderr
 
 

@@ -65,7 +65,10 @@ def read_token(path: str | None) -> str | None:
     """The token in a file (surrounding whitespace ignored); None without a file."""
     if path is None:
         return None
-    token = Path(path).read_text().strip()
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--token-file") from None
     if not token or len(token) > 4096:
         raise click.BadParameter(f"{path} must hold one token of 1..4096 characters", param_hint="--token-file")
     return token
@@ -145,7 +148,13 @@ def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, st
 
     from ..plan.planner import Plan
 
-    plan = Plan.load(Path(plan_file))
+    try:
+        plan = Plan.load(Path(plan_file))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {plan_file}: {exc.strerror or exc}", param_hint="--plan") from None
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a plan's fields
+        raise click.BadParameter(f"{plan_file} is not a plan (hetserve plan --out): {type(exc).__name__}: {exc}",
+                                 param_hint="--plan") from None
     if model != DEFAULT_MODEL and model != plan.model:
         raise click.UsageError(f"--model {model} but the plan is for {plan.model}")
     batching = dict(prefill_seqs=plan.prefill_microbatch, decode_seqs=plan.decode_microbatch,
