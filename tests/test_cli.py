@@ -86,6 +86,47 @@ def test_leader_runs_a_stage_and_splits_by_memory(model_dir):
         assert small.wait(30) == 0  # the leader's Shutdown ends the host cleanly
 
 
+def child_with(*words: str) -> int:
+    """The pid of the process whose command line holds every word."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w.encode() in cmdline for w in words):
+            return int(pid)
+    raise AssertionError(f"no process with {words}")
+
+
+def test_the_leaders_own_stage_is_started_again_after_it_fails(model_dir):
+    """A host whose device fails for good exits 1 for its service manager to start it again; the
+    leader's own stage (--device) had none, and the cluster stayed degraded without it."""
+    listen, serve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    leader = subprocess.Popen(hetserve_cmd() + ["leader", "--listen", listen, "--serve", serve, "--device", "cpu",
+                                                "--max-context", "256", "--log-level", "warning"])
+    try:
+        assert hetserve("generate", "--server", serve, "--wait", "180", "--max-tokens", "2", "Hi").returncode == 0
+        first = child_with("join", listen, "leader-stage")
+        os.kill(first, signal.SIGKILL)  # meanwhile the cluster is degraded: one host, none left
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                if child_with("join", listen, "leader-stage") != first:
+                    break
+            except AssertionError:
+                continue
+        else:
+            raise AssertionError("the leader's stage was not started again")
+        gen = hetserve("generate", "--server", serve, "--wait", "180", "--max-tokens", "2", "Hi")
+        assert gen.returncode == 0, gen.stderr
+        info = json.loads(hetserve("status", "--server", serve, "--json").stdout)
+        assert info["state"] == "serving" and [h["state"] for h in info["hosts"]] == ["ready"]
+    finally:
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(30) == 0
+
+
 def test_client_errors_are_one_clear_line(tmp_path):
     gen = hetserve("generate", "--server", f"127.0.0.1:{free_port()}", "hi", timeout=30)
     assert gen.returncode == 1 and "cannot reach hetserve" in gen.stderr and "Traceback" not in gen.stderr

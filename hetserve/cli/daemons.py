@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import click
@@ -17,6 +19,8 @@ from ..settings_file import config_option
 from .group import main
 from .options import (DTYPES, HTTP_HELP, PLANNER_KEYS, apply_plan, keys_options, limit_options, limits_from,
                       log_options, parse_size, planner_from, planner_options, read_token, run_daemon, token_option)
+
+log = logging.getLogger(__name__)
 
 
 @main.command()
@@ -71,15 +75,16 @@ def leader(listen, serve, http, model, hosts, device, dtype, advertise, plan_fil
         reachable = advertise or (local_ip_towards("192.0.2.1") if wildcard else host)
         # The leader listens on that address alone unless it is a wildcard: the stage joins it there.
         joins = "127.0.0.1" if wildcard else f"[{host}]" if ":" in host else host
-        local = spawn_child([sys.executable, "-m", "hetserve", "join", "--leader", f"{joins}:{port}",
-                             "--device", device, "--name", "leader-stage", "--advertise", reachable,
-                             "--model", model, "--log-level", log_level, *(["--log-json"] if log_json else []),
-                             *(["--keys", keys] if keys else []), *(["--insecure"] if insecure else [])])
+        local = Supervised([sys.executable, "-m", "hetserve", "join", "--leader", f"{joins}:{port}",
+                            "--device", device, "--name", "leader-stage", "--advertise", reachable,
+                            "--model", model, "--log-level", log_level, *(["--log-json"] if log_json else []),
+                            *(["--keys", keys] if keys else []), *(["--insecure"] if insecure else [])],
+                           "the leader's stage")
     try:
         run_daemon(run_leader, settings, "leader", log_level, log_json)
     finally:
         if local is not None:
-            stop_processes([local])
+            local.stop()
 
 
 @main.command()
@@ -229,6 +234,48 @@ def spawn_child(cmd: list[str]) -> subprocess.Popen:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     return subprocess.Popen(cmd, preexec_fn=die_with_parent)
+
+
+class Supervised:
+    """A child daemon started again after it fails, as systemd does for a host: status 1 (its
+    device failed for good, DeviceLost, or its stage broke) or a signal. Not after status 0 (the
+    leader told it to stop: the leader is ending) or 2 (bad settings: a restart would not mend them)."""
+
+    RESTART_AFTER_S = 5.0
+
+    def __init__(self, cmd: list[str], what: str):
+        self.cmd, self.what = cmd, what
+        self._lock = threading.Lock()  # a restart never races stop()
+        self._stopping = threading.Event()
+        self.proc = spawn_child(cmd)
+        self.restarts = 0
+        # Children started from here get their parent-death signal when this thread ends: it lives
+        # until stop(), which ends the child first.
+        self._watcher = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while True:
+            status = self.proc.wait()
+            if self._stopping.is_set() or status in (0, 2):
+                if status == 2:
+                    log.error("%s exited with status 2 (its settings): not starting it again", self.what)
+                return
+            log.warning("%s exited with status %d: starting it again in %.0f s", self.what, status,
+                        self.RESTART_AFTER_S)
+            if self._stopping.wait(self.RESTART_AFTER_S):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.proc = spawn_child(self.cmd)
+                self.restarts += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            stop_processes([self.proc])
+        self._watcher.join(timeout=5)
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
