@@ -199,7 +199,7 @@ class PipelineLayout:
         # Last stage first: each host admits its upstream's key as soon as its Assign arrives, so
         # by the time an upstream host has loaded and connects, its downstream expects it.
         for host, assign in reversed(list(zip(order, assigns))):
-            host.holds_slice, host.current = True, assign
+            host.current = assign
             await self._send_host(host, assign)
         self.stages = order
         for host in self.hosts.values():
@@ -209,8 +209,8 @@ class PipelineLayout:
                 host.state = "unused"  # no room for a slice, or the plan found no layers that pay here
                 host.stage = host.layers = None
                 log.info("plan: host %s stays unused", host.name)
-            if host.holds_slice and host.state != "dead":  # its memory is idle: free it for later layouts
-                host.holds_slice, host.current = False, None
+            if host.current is not None and host.state != "dead":  # its memory is idle: free it for later layouts
+                host.current = None
                 await self._send_host(host, Release(f"the layout of epoch {epoch} leaves this host out"))
 
     async def _activation_scales(self, precisions: list[list[str]]) -> list[dict]:

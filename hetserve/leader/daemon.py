@@ -257,7 +257,7 @@ class Leader(PipelineLayout):
                         msg.host, now - previous.last_seen, msg.host)
         self.hosts[msg.host] = HostRecord(msg.host, route, peer_ip, msg.inventory, msg.data_addr, now,
                                           self.settings.dtype, last_seen=now, current=msg.current,
-                                          holds_slice=msg.current is not None, public_key=msg.public_key)
+                                          public_key=msg.public_key)
         if previous is not None and previous.profile is not None \
                 and previous.profile.device_name == msg.inventory.name:
             self.hosts[msg.host].profile = previous.profile  # the same device: no need to measure again

@@ -48,8 +48,7 @@ class HostRecord:
     profile: DeviceProfile | None = None  # sent on request when the leader plans live
     fetched_bytes: int = 0  # weights it streamed from the leader for its slice
     link: Link | None = None  # measured from the leader after it joined
-    current: Assign | None = None  # the slice it holds (its Join's word, then our Assigns): adopted when still valid
-    holds_slice: bool = False  # sent an Assign (or joined holding a slice) and no Release since
+    current: Assign | None = None  # the slice it holds: its Join's word, then each Assign (None after a Release)
     planned: bool = False  # a layout has considered this host (else a new one triggers a re-plan)
     public_key: str = ""  # its CURVE key (verified at join) when the cluster runs with --keys
     note: str = ""  # why it is unused, when it is
