@@ -248,7 +248,6 @@ class Supervised:
         self._lock = threading.Lock()  # a restart never races stop()
         self._stopping = threading.Event()
         self.proc = spawn_child(cmd)
-        self.restarts = 0
         # Children started from here get their parent-death signal when this thread ends: it lives
         # until stop(), which ends the child first.
         self._watcher = threading.Thread(target=self._watch, name="supervisor", daemon=True)
@@ -269,7 +268,6 @@ class Supervised:
                 if self._stopping.is_set():
                     return
                 self.proc = spawn_child(self.cmd)
-                self.restarts += 1
 
     def stop(self) -> None:
         with self._lock:
