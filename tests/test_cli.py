@@ -137,6 +137,8 @@ def test_client_errors_are_one_clear_line(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     size = hetserve("join", "--leader", "127.0.0.1:1", "--memory", "lots", timeout=30)
     assert size.returncode == 2 and "not a size" in size.stderr
+    up_size = hetserve("up", "--memory", "5x", timeout=30)  # was each host's exit 2 after the leader started
+    assert up_size.returncode == 2 and "Invalid value for --memory: '5x' is not a size" in up_size.stderr
     for verb in (["generate", "hi"], ["status"]):
         address = hetserve(*verb, "--server", "localhost:99999", timeout=30)
         assert address.returncode == 1 and "'localhost:99999' is not HOST:PORT" in address.stderr, address.stderr

@@ -163,6 +163,11 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
     limits = limits_from(kwargs)
     if plan_file:
         model, workers, dtype, _ = apply_plan(plan_file, model, limits)
+    if memory:
+        try:
+            parse_size(memory)  # here, before any process starts: each host would exit 2 on it
+        except click.BadParameter as exc:
+            raise click.BadParameter(exc.message, param_hint="--memory") from None
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -199,7 +204,7 @@ def up(workers, model, listen, serve, http, device, dtype, memory, threads, plan
         while not stopping:
             exited = [p for p in procs if p.poll() is not None]
             if exited:
-                code = exited[0].returncode or 1
+                code = exited[0].returncode if exited[0].returncode > 0 else 1  # a signal: -N
                 click.echo(f"hetserve up: a process exited with status {exited[0].returncode}; stopping the cluster",
                            err=True)
                 break
