@@ -291,8 +291,9 @@ class Leader(PipelineLayout):
             host.link = await self.channel.measure_link(host.route)
             log.info("link to host %s: %.3f ms, %.2f Gbit/s", host.name, host.link.latency_ms, host.link.gbps)
         except (asyncio.TimeoutError, zmq.ZMQError) as exc:
-            log.warning("could not measure the link to host %s (%s); planning assumes --link-gbps",
-                        host.name, type(exc).__name__)
+            planner = self.settings.planner
+            log.warning("could not measure the link to host %s (%s)%s", host.name, type(exc).__name__,
+                        f"; planning assumes {planner.link_gbps:g} Gbit/s" if planner else "")
         if self.settings.planner is not None:
             request = ProfileRequest(self.settings.model, self.settings.dtype, self.manifest.model_hash,
                                      self._weights_addr(host), self.settings.planner.profile_budget_s)
