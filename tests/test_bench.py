@@ -38,7 +38,7 @@ def test_percentile_interpolates_between_closest_ranks():
     assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
     assert percentile([7.0], 99) == 7.0
     assert percentile([], 50) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="percentile 101 is not in"):
         percentile([1.0], 101)
 
 

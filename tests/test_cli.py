@@ -187,9 +187,11 @@ def test_unsupported_architecture_is_named():
 
 def test_up_stops_cleanly_on_sigterm(model_dir):
     cluster = Cluster(1)
-    gen = hetserve("generate", "--server", cluster.serve, "--wait", "180", "--max-tokens", "2", "Hi")
-    assert gen.returncode == 0, gen.stderr
-    assert cluster.stop() == 0
+    try:
+        gen = hetserve("generate", "--server", cluster.serve, "--wait", "180", "--max-tokens", "2", "Hi")
+        assert gen.returncode == 0, gen.stderr
+    finally:
+        assert cluster.stop() == 0  # a failure above must not leave the cluster running for later tests
 
 
 def test_a_lost_cancellation_does_not_keep_a_daemon_running_after_sigterm():

@@ -38,7 +38,7 @@ def test_a_host_sets_where_the_rule_transposes(monkeypatch):
     assert cpu_linear.rule_way(8, 1024, torch.float32) == "transposed"
     cpu_linear.transpose_up_to(0)
     assert cpu_linear.rule_way(1, 1, torch.float32) == cpu_linear.DEFAULT_WAY
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=">= 0, not -1"):
         cpu_linear.transpose_up_to(-1)
 
 
@@ -170,5 +170,5 @@ def test_a_pinned_way_serves_every_product(monkeypatch):
     finally:
         cpu_linear.pin(None)
     assert calls == [6] and out.shape == (2, 3, 4) and not cpu_linear._SELECTORS
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown way 'fastest'"):
         cpu_linear.pin("fastest")

@@ -59,6 +59,7 @@ def plan(bounds, precisions=()):
     return Plan("m", "float32", Workload(), 0.02, 1.0, 1.0, stages, 1, 1, 1.0)
 
 
+def test_plan_layout_checks_hosts_and_coverage():
     hosts = {"h0": host("h0", None), "h1": host("h1", None)}
     order, ranges, _ = plan_layout(plan([(0, 10), (10, 30)]), hosts, 30)
     assert [h.name for h in order] == ["h0", "h1"] and ranges == [(0, 10), (10, 30)]
@@ -66,6 +67,8 @@ def plan(bounds, precisions=()):
         plan_layout(plan([(0, 10), (11, 30)]), hosts, 30)
     with pytest.raises(PlanError, match="joined"):
         plan_layout(plan([(0, 10), (10, 20), (20, 30)]), hosts, 30)
+    with pytest.raises(PlanError, match="do not cover"):  # an empty stage
+        plan_layout(plan([(0, 10), (10, 10), (10, 30)]), {**hosts, "h2": host("h2", None)}, 30)
 
 
 def test_a_plan_that_its_hosts_cannot_load_is_refused_before_any_load():

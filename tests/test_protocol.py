@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from conftest import connect
 from hetserve.client import LineClient
+from hetserve.wire.client import ProtocolError
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -185,12 +186,19 @@ async def test_a_client_that_reads_no_replies_is_closed(shared_cluster, client):
     lines = 2 * MAX_UNSENT_REPLY_BYTES // reply + 1
     reader, writer = await asyncio.open_connection(*split_hostport(shared_cluster.serve, 0))
     flood = b'{"id": "s", "cmd": "status"}\n' * lines
+    closed = False
     try:
         writer.write(flood)
         await writer.drain()
+        # Unread, until the leader hangs up: a later line's send then fails. A fixed wait raced a
+        # slow leader, whose backlog drained once the test began reading.
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            writer.write(b'{"id": "s", "cmd": "status"}\n')
+            await writer.drain()
     except ConnectionError:
-        pass  # closed while still sending: what the test waits for
-    await asyncio.sleep(1.0)  # leave it unread a while, then see whether the leader hung up
+        closed = True
+    assert closed, "the leader kept the connection of a client that reads nothing for 60 s"
     received = 0
     try:
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 60):
@@ -224,10 +232,23 @@ async def test_tiny_temperature_is_greedy_not_a_failure(client):
     assert tiny["event"] == "done" and tiny["text"] == greedy["text"]
 
 
-async def test_chat_template_refusal_is_a_bad_request(client):
-    # SmolLM2's template accepts any roles; a template error must still come back with the id.
-    events = await client.call({"messages": [{"role": "tool", "content": "x"}], "max_tokens": 2})
-    assert events[-1]["id"] and events[-1]["event"] in ("done", "error")
+async def test_chat_template_refusal_is_a_bad_request(model_dir, monkeypatch):
+    """Templates raise on messages they refuse (roles that do not alternate, say); SmolLM2's takes
+    any roles, so its template is made to refuse here: the client gets bad_request with its id."""
+    from hetserve.leader.tokens import TextCodec
+    from hetserve.wire.client import GenerateRequest
+
+    codec = TextCodec(model_dir, 512)
+
+    def refuses(*args, **kwargs):
+        raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(codec.tokenizer, "apply_chat_template", refuses)
+    request = GenerateRequest("r1", None, (("user", "a"), ("user", "b")), 2, 0.0, 1.0, 0, None, (), False)
+    with pytest.raises(ProtocolError) as refused:
+        codec.encode(request)
+    assert refused.value.code == "bad_request" and refused.value.request_id == "r1"
+    assert "chat template refused the messages: Conversation roles must alternate" in str(refused.value)
 
 
 class SilentWriter:

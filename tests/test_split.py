@@ -31,7 +31,7 @@ def test_every_host_gets_a_layer_and_fits():
 
 
 def test_refusals_say_why():
-    with pytest.raises(PlanError, match="needs"):
+    with pytest.raises(PlanError, match="the model with its KV cache needs"):
         memory_split(SHAPE, [100 * MiB, 100 * MiB], kv_tokens=0)
     with pytest.raises(PlanError, match="at most 30 hosts"):
         memory_split(SHAPE, [1 << 30] * 31, kv_tokens=0)

@@ -109,7 +109,7 @@ def test_host_and_port(text, default, want):
     from hetserve.transport.sockets import split_hostport
 
     if want is ValueError:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"is not (HOST|\[ADDRESS\]):PORT|IPv6 address in brackets"):
             split_hostport(text, default)
     else:
         assert split_hostport(text, default) == want
