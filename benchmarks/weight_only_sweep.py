@@ -14,6 +14,7 @@ its weights from memory. Floor: the weights' bytes (scales included) / the measu
     python benchmarks/weight_only_sweep.py --bits 8 --rows 16,64 --sweep swap
     python benchmarks/weight_only_sweep.py --bits 4 --rows 1,16,64 --sweep
     python benchmarks/weight_only_sweep.py --bits 8 --rows 128,256,512,1024 --sweep --no-quanto
+    python benchmarks/weight_only_sweep.py --rows 16,64 --sweep pipe --no-quanto
 """
 
 from __future__ import annotations
@@ -73,9 +74,18 @@ def quantized(n: int, k: int, bits: int, device: torch.device):
     return quanto, ours
 
 
-def sweep_configs(rows: int, k: int, which: str, bits: int) -> list[TileConfig]:
-    """Tiles to time: `which` is "all" (plain and transposed) or "swap" (the transposed ones only).
-    int4 K blocks are whole groups of 128, up to 512 values (256 bytes of a weight row)."""
+def sweep_configs(rows: int, k: int, which: str, bits: int, chosen: TileConfig) -> list[TileConfig]:
+    """Tiles to time: `which` is "all" (plain and transposed), "swap" (the transposed ones only) or
+    "pipe" (the chosen tile at 2-8 warps and 2-6 software-pipelined stages, the depth of copies in
+    flight a program keeps, which the other sweeps hold at 4 warps and 4 stages; its neighbours in
+    column block and split at 4 and 8 warps, 3 and 5 stages). int4 K blocks are whole groups of 128, up to 512 values
+    (256 bytes of a weight row)."""
+    if which == "pipe":
+        near = {chosen._replace(block_n=n) for n in (32, 64, 128, 256) if n != chosen.block_n} \
+            | {chosen._replace(split_k=s) for s in (1, 2, 4, 8) if s != chosen.split_k}
+        configs = [chosen._replace(warps=w, stages=st) for w in (2, 4, 8) for st in (2, 3, 4, 5, 6)]
+        configs += [c._replace(warps=w, stages=st) for c in near for w in (4, 8) for st in (3, 5)]
+        return sorted({c for c in configs if c.block_k * c.split_k <= k})
     configs = []
     blocks = (64, 128, 256) if bits == 8 else (128, 256, 512)
     if rows <= 64:
@@ -110,8 +120,9 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16,64,512,2048")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap"], default=None,
-                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "swap", "pipe"], default=None,
+                        help="also time a grid of tiles per row (slow: compiles each); swap: the transposed ones only; "
+                             "pipe: warps and pipelining depth around the chosen tile")
     parser.add_argument("--no-quanto", dest="quanto", action="store_false",
                         help="skip timing quanto's kernels (tinygemm takes seconds at prefill sizes)")
     parser.add_argument("--json", type=Path, default=None)
@@ -140,7 +151,7 @@ def main() -> None:
             timed_kernel = graph_us([lambda m=m: kernel(bits, x, m) for m in ours])
             dequant = graph_us([lambda m=m: torch.nn.functional.linear(x, m.dequantized()) for m in ours])
             timed = {}
-            for c in sweep_configs(rows, k, args.sweep, bits) if args.sweep else []:
+            for c in sweep_configs(rows, k, args.sweep, bits, chosen) if args.sweep else []:
                 try:
                     timed[c] = graph_us([lambda m=m, c=c: kernel(bits, x, m, c) for m in ours])
                 except OutOfResources:  # tiles past the shared memory

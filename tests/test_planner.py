@@ -16,6 +16,7 @@ from hetserve.plan.planner import (HostInput, PlanningError, Workload, decode_mi
                                    host_costs, host_orders, make_plan, objective_for, order_search, prefill_sizes,
                                    quality_units)
 from hetserve.plan.device_profile import DeviceProfile, Grid
+from hetserve.plan.split import contiguous_split
 from hetserve.plan.quality import Sensitivity
 
 MiB = 1 << 20
@@ -143,6 +144,16 @@ def test_plans_respect_memory_and_quality(target):
     assert plan.predicted_tokens_per_s > 0
     for speed in plan.baselines.values():
         assert speed <= plan.predicted_tokens_per_s + 1e-6  # the optimum is never beaten by a baseline
+
+
+def test_baselines_with_more_hosts_than_layers_split_only_real_layers():
+    """An even split of 8 layers over 10 hosts used to give the last hosts slices past the model
+    (one of minus one layer), and a baseline faster than the optimum."""
+    hosts = [HostInput(f"h{i}", (20 + i) * MiB, synthetic_profile(f"h{i}", 0.5 + 0.1 * i)) for i in range(LAYERS + 2)]
+    plan = make_plan("m", hosts, SENS, Workload(64, 32, 4), 0.02)
+    assert plan.baselines and all(0 < speed <= plan.predicted_tokens_per_s + 1e-6 for speed in plan.baselines.values())
+    with pytest.raises(ValueError, match="at least one"):
+        contiguous_split(LAYERS, [1.0] * (LAYERS + 1))
 
 
 def test_plan_uses_fast_precision_where_it_pays():

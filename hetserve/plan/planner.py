@@ -339,8 +339,11 @@ def evaluate(order: list[HostInput], bounds: list[tuple[int, int]], precision: s
 def baselines(hosts: list[HostInput], precisions: list[str], quality: list[dict[str, int]], budget: int,
               workload: Workload, p_mb: int) -> dict[str, float]:
     """Uniform precision with an even split, and a memory-proportional split at one precision:
-    for each, the fastest precision that meets the quality budget and fits."""
+    for each, the fastest precision that meets the quality budget and fits. With more hosts than
+    layers, over the `layers` hosts of most memory (a split gives every host at least one layer)."""
     layers = len(quality)
+    if len(hosts) > layers:
+        hosts = sorted(hosts, key=lambda h: -h.memory_bytes)[:layers]
     allowed = [p for p in precisions if sum(q[p] for q in quality) <= budget]
     splits = {"uniform precision, even split": contiguous_split(layers, [1.0] * len(hosts)),
               "memory-proportional split": contiguous_split(layers, [h.memory_bytes for h in hosts])}

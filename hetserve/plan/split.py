@@ -28,6 +28,8 @@ def stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool, kv_toke
 def contiguous_split(layers: int, weights: list[float]) -> list[tuple[int, int]]:
     """[(start, end)] per weight, contiguous, covering all layers, each at least one layer, sizes in
     proportion to the weights; cumulative rounding keeps the total exact."""
+    if len(weights) > layers:
+        raise ValueError(f"{len(weights)} parts of {layers} layers: each needs at least one")
     total, bounds, acc = sum(weights), [0], 0.0
     for i, w in enumerate(weights[:-1]):
         acc += w
