@@ -119,6 +119,11 @@ def test_stage_loads_only_its_layers(model_dir):
     assert middle.embed is None and middle.lm_head is None and len(middle.layers) == 2
     whole = build(model_dir, [0, 30], slots=1, context=8)[0]
     assert middle.weight_bytes * 10 < whole.weight_bytes
+    # SmolLM2 ties its head to the embedding: one copy held, counted once
+    assert whole.lm_head.weight.data_ptr() == whole.embed.weight.data_ptr()
+    parts = [sum(t.numel() * t.element_size() for t in m.state_dict().values())
+             for m in (whole.layers, whole.embed, whole.norm)]
+    assert whole.weight_bytes == sum(parts)
 
 
 def test_sampling_rules():

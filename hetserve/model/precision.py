@@ -74,6 +74,14 @@ def apply_precisions(layers: torch.nn.ModuleList, precisions: list[str], device:
     freeze(layers)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes a module's weights occupy, quantized tensors counted by their stored parts."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+def module_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes the modules' weights occupy, quantized tensors counted by their stored parts and a
+    tensor that two of them share (a tied embedding and lm_head) once."""
+    seen = {}
+    for module in modules:
+        for t in module.state_dict().values():
+            # plain tensors by the memory they view; quanto's tensors, which are never shared, by identity
+            key = (t.data_ptr(), t.storage_offset(), t.shape) if type(t) in (torch.Tensor, torch.nn.Parameter) \
+                else id(t)
+            seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())

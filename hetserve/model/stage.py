@@ -196,7 +196,7 @@ class StageModel:
             # output would then hold its autograd graph, and with it every saved activation and
             # dequantized weight, for as long as the graph lives (int8 prefill buckets filled an H200).
             module.requires_grad_(False)
-        self.weight_bytes = sum(module_bytes(m) for m in modules)
+        self.weight_bytes = module_bytes(*modules)
 
     def use_transformers_layers(self) -> None:
         """Decode through transformers' own layers from here on (graphs recaptured on use): the
