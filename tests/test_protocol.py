@@ -115,12 +115,13 @@ BAD_LINES = [
     (b'{"id": "b21", "prompt": "hi", "top_k": 18446744073709551616}', "bad_request", "b21"),  # past msgpack's ints
     (b'{"id": "b22", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "bad_request", None),  # past 4300 digits
     (b"[" * 100_000 + b"]" * 100_000, "bad_request", None),  # nested past the parser's stack
+    (b'{"id": "b23", "prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", "bad_request", "b23"),  # past floats
 ]
 
 
 @pytest.mark.parametrize("line,code,reply_id", BAD_LINES, ids=[f"bad{i}" for i in range(len(BAD_LINES))])
 async def test_bad_input_gets_error_and_connection_survives(shared_cluster, line, code, reply_id):
-    client = await LineClient.connect(shared_cluster.serve, wait=60)
+    client = await connect(shared_cluster)  # serving: the check after the error needs the hosts up
     try:
         queue = client._queues.setdefault(reply_id, asyncio.Queue())
         await client.send_raw(line + b"\n")
@@ -129,7 +130,7 @@ async def test_bad_input_gets_error_and_connection_survives(shared_cluster, line
         assert error["id"] == reply_id and error["error"]["message"]
         # The same connection still serves.
         events = await client.call({"prompt": "Hi", "max_tokens": 2})
-        assert events[-1]["event"] == "done"
+        assert events[-1]["event"] == "done", events
     finally:
         await client.close()
 

@@ -186,7 +186,9 @@ def _int(obj, name, default, low, high, rid):
 
 def _number(obj, name, default, low, high, rid):
     value = obj.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+    # low <= value <= high before isfinite: an int past float's range (JSON allows any) overflows it
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value):
         raise ProtocolError("bad_request", f"'{name}' must be a number between {low} and {high}", rid)
     return float(value)
 

@@ -101,7 +101,7 @@ def _build(cls, body, path: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(body) - set(fields)
     if unknown:
-        raise WireError(f"{path}: unknown fields {sorted(unknown)}")
+        raise WireError(f"{path}: unknown fields {sorted(map(repr, unknown))}")  # keys may be bytes too
     values = {}
     for name, field in fields.items():
         if name not in body:
