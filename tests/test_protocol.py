@@ -176,6 +176,25 @@ async def test_disconnect_cancels_requests(shared_cluster, client):
     await wait_idle(client)
 
 
+async def test_a_client_that_ends_its_input_still_gets_its_answers(shared_cluster, client):
+    """`printf '...' | nc -N`: the requests run to the end, then the leader closes the connection."""
+    from hetserve.transport.sockets import split_hostport
+
+    reader, writer = await asyncio.open_connection(*split_hostport(shared_cluster.serve, 0))
+    try:
+        writer.write(b'{"id": "e1", "prompt": "1, 2, 3,", "max_tokens": 12}\n'
+                     b'{"id": "e2", "prompt": "a, b, c,", "max_tokens": 12, "stream": false}\n')
+        await writer.drain()
+        writer.write_eof()
+        replies = [json.loads(line) for line in (await asyncio.wait_for(reader.read(), 120)).splitlines()]
+    finally:
+        writer.close()
+    done = {r["id"]: r for r in replies if r["event"] == "done"}
+    assert set(done) == {"e1", "e2"}, replies
+    assert all(d["finish_reason"] == "length" and d["usage"]["completion_tokens"] == 12 for d in done.values())
+    await wait_idle(client)
+
+
 async def test_a_client_that_reads_no_replies_is_closed(shared_cluster, client):
     """Status lines sent by a client that never reads: the leader queues replies up to
     MAX_UNSENT_REPLY_BYTES, then closes the connection (and cancels what ran on it) rather than

@@ -78,12 +78,14 @@ class Connection:
         self.auth_failures = 0
         self.unsent = 0  # bytes in the outbox
         self.not_reading = False  # the client let MAX_UNSENT_REPLY_BYTES pile up: the connection is closing
+        self.answered = asyncio.Event()  # set when a request leaves self.active, or the connection is closing
 
     def send(self, event: dict) -> None:
         if event.get("event") in ("done", "error") and event.get("id") in self.active:
             request = self.active[event["id"]]
             if request.done:
                 del self.active[event["id"]]
+                self.answered.set()
         if self.not_reading:
             return
         data = encode_event(event)
@@ -91,6 +93,7 @@ class Connection:
         if self.unsent > MAX_UNSENT_REPLY_BYTES:
             log.warning("client %s reads none of its replies (%d bytes queued); closing it", self.peer, self.unsent)
             self.not_reading = True
+            self.answered.set()
             self.writer.transport.abort()  # the read loop ends; serve() cancels its requests
             return
         self.outbox.put_nowait(data)
@@ -106,7 +109,9 @@ class Connection:
                 if self.auth_failures >= MAX_AUTH_FAILURES:
                     log.warning("client %s closed after %d wrong tokens", self.peer, self.auth_failures)
                     break
-        except ConnectionError:
+            else:
+                await self._answer_after_eof(writer_task)
+        except OSError:  # a reset, or keepalive's ETIMEDOUT / EHOSTUNREACH
             pass
         finally:
             running = list(self.active.values())  # each cancel's `done` takes its request out of self.active
@@ -121,6 +126,16 @@ class Connection:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 writer_task.cancel()
                 self.writer.transport.abort()
+
+    async def _answer_after_eof(self, writer_task: asyncio.Task) -> None:
+        """The client's end of input (`printf ... | nc -N`, shutdown(SHUT_WR)) is no disconnect: its
+        running requests are answered. A client that closed its socket shows as a failed write,
+        which ends the writer; serve() then cancels what is left."""
+        while self.active and not writer_task.done() and not self.not_reading:
+            self.answered.clear()
+            answered = asyncio.ensure_future(self.answered.wait())
+            await asyncio.wait([writer_task, answered], return_when=asyncio.FIRST_COMPLETED)
+            answered.cancel()
 
     async def _handle(self, line: bytes) -> None:
         command = None
@@ -174,6 +189,6 @@ class Connection:
             try:
                 self.writer.write(data)
                 await self.writer.drain()
-            except ConnectionError:
+            except OSError:  # ConnectionError and the rest of a dead link
                 break
         self.writer.close()
