@@ -70,7 +70,9 @@ class DeviceLost(Exception):
     """The stage's device failed and stays failed for this process."""
 
 
-DEVICE_ERROR = getattr(torch, "AcceleratorError", None)  # what a CUDA runtime error raises (torch >= 2.8)
+# What a CUDA runtime error raises: torch.AcceleratorError from torch 2.8, a RuntimeError (its base)
+# before. Any such error is followed by a probe of the device (device_works), which is cheap.
+DEVICE_ERROR = RuntimeError
 
 
 def device_works(device: torch.device) -> bool:
@@ -160,7 +162,7 @@ class StageLoop:
 
     async def _lost(self, exc: Exception) -> DeviceLost | None:
         """DeviceLost where `exc` was a device error the device did not survive."""
-        if DEVICE_ERROR is None or not isinstance(exc, DEVICE_ERROR):
+        if not isinstance(exc, DEVICE_ERROR):
             return None
         if await asyncio.get_running_loop().run_in_executor(self._executor, device_works, self.model.device):
             return None
