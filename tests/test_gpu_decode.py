@@ -138,7 +138,7 @@ def test_int8_matmul_matches_quanto(rows, dtype):
     from hetserve.model import weight_only
 
     torch.manual_seed(0)
-    for n, k in ((1536, 576), (4096, 4096), (200, 14336)):
+    for n, k in ((1536, 576), (4096, 4096), (200, 14336), (17000, 1024)):  # N > 16384: gate|up's tiles
         module = torch.nn.Sequential(torch.nn.Linear(k, n, bias=True, dtype=dtype, device="cuda"))
         quantize(module, weights=qint8)
         freeze(module)
@@ -180,7 +180,7 @@ def test_int4_matmul_matches_quanto(rows, dtype):
     from hetserve.model import weight_only
 
     torch.manual_seed(0)
-    for n, k in ((1536, 576), (4096, 4096), (200, 14336)):
+    for n, k in ((1536, 576), (4096, 4096), (200, 14336), (17000, 1024)):  # N > 16384: gate|up's tiles
         module = torch.nn.Sequential(torch.nn.Linear(k, n, bias=True, dtype=dtype, device="cuda"))
         quantize(module, weights=qint4)
         freeze(module)
@@ -217,8 +217,8 @@ def test_int4_kernel_dequantizes_every_value_as_dequantize_does(swap, dtype):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_split_products_sum_in_the_kernel_and_reset_their_counters(bits):
-    """Products split along K (1-16 rows for int4; the long K and 17-64 rows for int8) sum their partials in the
-    last program of each tile: right at every launch, eagerly and replayed from a CUDA graph, with
+    """Products split along K (int8: the long K and 17-64 rows; int4: 1-64 rows where N is not
+    gate|up's) sum their partials in the last program of each tile: right at every launch, eagerly and replayed from a CUDA graph, with
     the module's counters back at zero after each (a counter left behind would corrupt the next)."""
     from hetserve.model.weight_only import random_linear
     from hetserve.model.weight_only_kernels import int4_tile_config, tile_config
@@ -227,7 +227,7 @@ def test_split_products_sum_in_the_kernel_and_reset_their_counters(bits):
     n, k = 8192, 8192  # many tiles finishing in any order
     linear = random_linear(bits, n, k, 128, torch.bfloat16, "cuda")
     weight = linear.dequantized_by_torch()
-    for rows in (1, 16, 40) if bits == 8 else (1, 16):
+    for rows in (1, 16, 40):
         config = tile_config(rows, k, n) if bits == 8 else int4_tile_config(rows, k, n, 128)
         assert config.split_k > 1, config
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")

@@ -149,19 +149,32 @@ def test_stage_swaps_int8_layers_only_where_the_kernels_run(tmp_path, monkeypatc
     assert kept.weight_bytes - 7 * 2 * 4 == swapped.weight_bytes
 
 
+def test_tiles_keep_the_stages_that_fit_the_devices_shared_memory():
+    """An H100's float32 stage failed to launch the int4 128 x 128 tile (283 KB at 4 stages)."""
+    from hetserve.model.weight_only_kernels import fitting_stages, int4_tile_config, tile_config
+
+    hopper, ada = 232448, 101376  # bytes a program may take: H100 / H200, RTX 4090
+    big = int4_tile_config(128, 4096, 28672, 128)
+    assert fitting_stages(big, 4, 2, hopper) == big  # the tiles were swept in bf16 on Hopper
+    assert fitting_stages(big, 4, 4, hopper).stages == 2
+    assert fitting_stages(big, 4, 2, ada).stages == 2
+    assert fitting_stages(tile_config(200, 4096, 28672), 8, 2, hopper) == tile_config(200, 4096, 28672)
+    assert fitting_stages(big, 4, 4, 20000).stages == 1  # never fewer than one
+
+
 def test_int4_tiles_by_rows_and_the_groups_the_kernels_take():
     from hetserve.model.weight_only_kernels import int4_kernel_fits, int4_tile_config
 
     # 1-16 rows: plain tiles over two groups a step, 32 columns for a long K, split but for a long
-    # N; 17-64: transposed ones over one group, split by how few column blocks N gives; 65-128:
-    # 128 x 128 past N = 4096
+    # N; 17-64: transposed ones over one group, 3 stages, split but gate|up's, 128 weight rows on 8
+    # warps; 65-128: 128 x 128 past N = 4096
     assert int4_tile_config(1, 4096, 6144, 128) == int4_tile_config(16, 4096, 6144, 128)
     assert int4_tile_config(16, 4096, 4096, 128) == TileConfig(16, 64, 256, 4, 4, 4)
     assert int4_tile_config(1, 14336, 4096, 128) == TileConfig(16, 32, 256, 4, 4, 4)
     assert int4_tile_config(1, 4096, 28672, 128).split_k == 1
-    assert int4_tile_config(64, 4096, 28672, 128) == TileConfig(64, 64, 128, 1, 4, 4, swap=True)
-    assert int4_tile_config(40, 4096, 6144, 128).split_k == 2
-    assert int4_tile_config(40, 14336, 4096, 128) == TileConfig(64, 64, 128, 4, 4, 4, swap=True)
+    assert int4_tile_config(64, 4096, 28672, 128) == TileConfig(64, 128, 128, 1, 8, 3, swap=True)
+    assert int4_tile_config(40, 4096, 6144, 128).split_k == 4
+    assert int4_tile_config(40, 14336, 4096, 128) == TileConfig(64, 64, 128, 4, 4, 3, swap=True)
     assert int4_tile_config(100, 4096, 4096, 128) == TileConfig(64, 64, 128, 2, 4, 4, swap=True)
     assert int4_tile_config(128, 4096, 28672, 128) == TileConfig(128, 128, 128, 1, 8, 4, swap=True)
     assert [int4_kernel_fits(g) for g in (16, 32, 96, 128)] == [False, True, False, True]

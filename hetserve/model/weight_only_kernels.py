@@ -77,12 +77,18 @@ def int4_tile_config(rows: int, k: int, n: int, group: int) -> TileConfig:
     benchmarks/weight_only_sweep.py --bits 4 --sweep, docs/benchmarks.md): at 1-16 rows the plain
     product over two groups a step, narrow column blocks for a long K (the MLP's down projection),
     split in 4 along K but for gate|up's long N (> 16384), whose column blocks alone fill the GPU;
-    from 17 rows the transposed product, one group a step, over 64 weight rows, split where N gives
-    few column blocks; past 64 rows (up to DEQUANTIZE_ROWS) blocks of 128 x 128 for N > 4096."""
+    from 17 rows the transposed product, one group a step, over 64 weight rows, split in 4 where N
+    gives few column blocks; past 64 rows (up to DEQUANTIZE_ROWS) blocks of 128 x 128 for N > 4096.
+    At 17-64 rows three stages of copies in flight, and gate|up's tile 128 weight rows wide on 8
+    warps: from a sweep of warps and pipelining depth on an H100 (`--sweep pipe`; gate|up 50.5
+    against 69.1 us at 64 rows, q|k|v 17.2 against 21.4 split in 4 rather than 2; a decode step at
+    batch 64 11 % faster). Three stages at 1-16 rows made the step at 16 rows 5 % slower."""
     if _block_m(rows) == 16:
         return TileConfig(16, 32 if k > 4096 else 64, 2 * group, 1 if n > 16384 else 4, 4, 4)
     if rows <= 64:
-        return TileConfig(64, 64, group, 1 if n > 16384 else 2 if n > 4096 else 4, 4, 4, swap=True)
+        if n > 16384:
+            return TileConfig(64, 128, group, 1, 8, 3, swap=True)
+        return TileConfig(64, 64, group, 4, 4, 3, swap=True)
     if n <= 4096:
         return TileConfig(64, 64, group, 2, 4, 4, swap=True)
     return TileConfig(128, 128, group, 1 if n > 16384 else 2, 8, 4, swap=True)
@@ -313,6 +319,32 @@ def _outputs(x: torch.Tensor, n: int, config: TileConfig, counters: torch.Tensor
     return out, partials, counters
 
 
+def fitting_stages(config: TileConfig, bits: int, itemsize: int, shared_bytes: int) -> TileConfig:
+    """`config` with as many software-pipelined stages (up to its own) as the device's shared memory
+    per program holds. A stage holds a K step's weight bytes and its x tile(s) in the compute dtype:
+    the tiles above were swept in bf16 on Hopper (227 KB a program); float32 stages, and GPUs of
+    less shared memory (99 KB on an RTX 4090), would fail to launch them (a float32 int4 128 x 128
+    tile at 4 stages needs 283 KB)."""
+    weights = config.block_k * config.block_n * bits // 8
+    per_stage = weights + config.block_m * config.block_k * itemsize
+    fit = (shared_bytes - UNSTAGED_SHARED_BYTES) // per_stage
+    return config._replace(stages=max(1, min(config.stages, fit)))
+
+
+UNSTAGED_SHARED_BYTES = 16 << 10  # what a program keeps in shared memory besides its stages (layout changes)
+_SHARED_BYTES: dict[int, int] = {}  # CUDA device index -> shared memory a program may take
+
+
+def _fitted(config: TileConfig, bits: int, x: torch.Tensor) -> TileConfig:
+    """fitting_stages for x's GPU (Triton's interpreter, on the CPU, has no such limit)."""
+    if not x.is_cuda:
+        return config
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_BYTES:
+        _SHARED_BYTES[index] = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return fitting_stages(config, bits, x.element_size(), _SHARED_BYTES[index])
+
+
 def _grid(rows: int, n: int, config: TileConfig) -> tuple[int, int, int]:
     return triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m), config.split_k
 
@@ -330,7 +362,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     counters: split_counters(N) to reuse (else zeroed ones are made where a product splits)."""
     rows, k = x.shape
     n = weight.shape[0]
-    config = config or tile_config(rows, k, n)
+    config = _fitted(config or tile_config(rows, k, n), 8, x)
     out, partials, counters = _outputs(x, n, config, counters)
     _int8_matmul[_grid(rows, n, config)](
         x, weight, scale, out, partials, counters, rows, n, k, x.stride(0), weight.stride(0),
@@ -364,7 +396,7 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     x's dtype. counters: as int8_matmul's."""
     rows, k = x.shape
     n = weight.shape[0]
-    config = config or int4_tile_config(rows, k, n, group)
+    config = _fitted(config or int4_tile_config(rows, k, n, group), 4, x)
     out, partials, counters = _outputs(x, n, config, counters)
     pack = 2 if config.swap else 4  # bytes a PTX instance dequantizes (_PTX says why)
     _int4_matmul[_grid(rows, n, config)](
