@@ -15,8 +15,8 @@ MAX_UNSENT_REPLY_BYTES = 32 << 20  # replies queued for a client that does not r
 #                                   the connection is closed (its requests cancelled), not the leader's memory filled
 STEP_TIMEOUT_S = 120.0  # a micro-batch not back by then fails its requests (a stage lost it)
 DECODE_AHEAD = ("auto", "on", "off")  # Limits.decode_ahead
-MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: a prefill micro-batch of
-#                               hidden states (tokens x hidden x 4 bytes) fits with room to spare
+MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: the hidden states of a micro-batch
+#                               (its real tokens x hidden x 4 bytes, padding not sent) fit with room to spare
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,32 @@ def test_sampling_values_a_stage_cannot_sample_with_are_refused(loop, field, val
 def test_a_good_micro_batch_goes_downstream(loop):
     header, frame = loop.finish(loop.launch(*step_of(torch.tensor([[5, 7, 9], [11, 13, 17]]))))
     step = decode(header, expect=(Step,))
-    assert step.tensor.shape == [2, 3, loop.model.hidden_size] and len(step.stage_ms) == 1
+    assert step.tensor.shape == [6, loop.model.hidden_size] and len(step.stage_ms) == 1  # packed tokens
+
+
+def test_mixed_rows_cross_stages_as_their_real_tokens_alone(loop, model_dir):
+    """A decode row beside a 5-token prompt row: the hidden states sent on are its 6 real tokens,
+    not 2 x 5 padded, and the next stage computes from them what the two stages in one chain do."""
+    from hetserve.wire.tensors import from_frame
+
+    ids = torch.tensor([[9, 0, 0, 0, 0], [5, 7, 9, 11, 13]])
+    meta, frame = to_frame(ids)
+    sampling = SamplingRows([0.0] * 2, [0] * 2, [1.0] * 2, [0] * 2, [0] * 2)
+    step = Step(2, "prefill", [0, 1], [0, 0], [1, 5], sampling, meta)
+    header, hidden = loop.finish(loop.launch(step, [frame]))
+    sent = decode(header, expect=(Step,))
+    assert sent.tensor.shape == [6, loop.model.hidden_size]
+    tail = StageLoop(StageModel(model_dir, StageSpec(2, 4, first=False, last=False, max_seqs=2, max_context=64)),
+                     1, data_in=None, data_out=None, torch_thread=None)
+    tail_header, out = tail.finish(tail.launch(sent, [bytes(hidden)]))
+    got = from_frame(decode(tail_header, expect=(Step,)).tensor, bytes(out), (6, None), ("float32",),
+                     torch.device("cpu"))
+
+    head = StageModel(model_dir, StageSpec(0, 2, first=True, last=False, max_seqs=2, max_context=64))
+    middle = StageModel(model_dir, StageSpec(2, 4, first=False, last=False, max_seqs=2, max_context=64))
+    args = [torch.tensor(v) for v in ([0, 1], [0, 0], [1, 5])]
+    want = middle.forward(*args, head.forward(*args, ids))  # [2, 5, H], padding included
+    torch.testing.assert_close(got, torch.cat([want[0, :1], want[1]]))
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,38 @@ def column(values: list[int], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=torch.int64), device)
 
 
+def token_places(lengths: list[int], steps: int) -> torch.Tensor | None:
+    """[sum(lengths)] int64 (CPU): each real token's index in rows right-padded to `steps` and
+    viewed as [B * steps]; None where no row is padded (the two layouts are the same)."""
+    if all(n == steps for n in lengths):
+        return None
+    counts = torch.tensor(lengths, dtype=torch.int64)
+    row_of = torch.repeat_interleave(torch.arange(len(lengths)), counts)
+    firsts = torch.cumsum(counts, 0) - counts
+    return row_of * steps + torch.arange(int(counts.sum())) - firsts[row_of]
+
+
+def pack_rows(padded: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """[B, T, ...] right-padded rows -> [sum(lengths), ...], the real tokens in row order. Stages
+    send hidden states this way: a mixed micro-batch of 64 decode rows and one 1024-token prompt
+    is 1088 tokens, not 65 x 1024 (which for a Llama-3-8B shape passed ZeroMQ's message limit)."""
+    rows, steps = padded.shape[:2]
+    flat = padded.reshape(rows * steps, *padded.shape[2:])
+    places = token_places(lengths, steps)
+    return flat if places is None else flat.index_select(0, to_device(places, padded.device))
+
+
+def unpack_rows(packed: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """pack_rows' inverse: [sum(lengths), ...] -> [B, max(lengths), ...], zeros at padding."""
+    rows, steps = len(lengths), max(lengths)
+    places = token_places(lengths, steps)
+    if places is None:
+        return packed.reshape(rows, steps, *packed.shape[1:])
+    padded = packed.new_zeros((rows * steps, *packed.shape[1:]))
+    padded.index_copy_(0, to_device(places, packed.device), packed)
+    return padded.view(rows, steps, *packed.shape[1:])
+
+
 class HostCopy:
     """A tensor's copy on the host, queued behind the work that computes it; `wait` returns it."""
 

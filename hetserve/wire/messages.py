@@ -15,7 +15,8 @@ from dataclasses import field
 from ..plan.device_profile import DeviceProfile
 from .codec import message
 
-PROTOCOL_VERSION = 3  # 2: Step.feeds (decode-ahead); 3: Failed.epoch. Hosts of another version are refused at join
+PROTOCOL_VERSION = 4  # 2: Step.feeds (decode-ahead); 3: Failed.epoch; 4: hidden states packed [tokens, H].
+#                      Hosts of another version are refused at join
 
 
 @message("inventory")

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from ..model.copies import HostCopy, to_device
+from ..config import MAX_MESSAGE_BYTES
+from ..model.copies import HostCopy, pack_rows, to_device, unpack_rows
 from ..model.stage import StageModel
 from ..stats import ema
 from ..transport.sockets import receive, send
@@ -184,16 +185,18 @@ class StageLoop:
             if int(ids.min()) < 0 or int(ids.max()) >= model.embed.num_embeddings:  # on the host: no GPU sync
                 raise WireError("token id out of the vocabulary")
             inputs = to_device(ids, model.device)
-        else:
-            inputs = from_frame(step.tensor, frames[0], (rows, steps, model.hidden_size),
-                                (model.spec.dtype,), model.device)
+        else:  # hidden states of the real tokens alone [sum(lengths), H] (copies.pack_rows)
+            inputs = unpack_rows(from_frame(step.tensor, frames[0], (sum(step.lengths), model.hidden_size),
+                                            (model.spec.dtype,), model.device), step.lengths)
         began = None
         if model.device.type == "cuda":
             began = torch.cuda.Event(enable_timing=True)
             began.record(torch.cuda.current_stream(model.device))
         start = time.perf_counter()
-        out = HostCopy(model.run(step.slots, step.starts, step.lengths, inputs, step.sampling, step.feeds))
-        return Launched(step, out, began, time.perf_counter() - start)
+        out = model.run(step.slots, step.starts, step.lengths, inputs, step.sampling, step.feeds)
+        if model.norm is None:  # hidden states [B, T, H] -> the real tokens' [sum(lengths), H]
+            out = pack_rows(out, step.lengths)
+        return Launched(step, HostCopy(out), began, time.perf_counter() - start)
 
     def finish(self, launched: Launched) -> list:
         """Wait for a launched micro-batch's output -> the frames to send downstream."""
@@ -205,6 +208,9 @@ class StageLoop:
         if self.model.norm is not None:
             return [encode(StepResult(step.mb, out.tolist(), stage_ms, step.epoch))]
         meta, frame = to_frame(out)
+        if frame.nbytes > MAX_MESSAGE_BYTES:  # ZeroMQ would drop it and the peer's link with it
+            raise ValueError(f"hidden states of {frame.nbytes >> 20} MiB exceed the {MAX_MESSAGE_BYTES >> 20} MiB "
+                             "message limit: lower --prefill-tokens")
         header = Step(step.mb, step.phase, step.slots, step.starts, step.lengths, step.sampling, meta, stage_ms,
                       step.epoch)
         return [encode(header), frame]
