@@ -161,6 +161,35 @@ async def test_a_spurious_again_does_not_stop_the_stage(model_dir):
     assert decode(socket.sent[0][0], expect=(Step,)).mb == step.mb
 
 
+async def test_stopping_a_stage_waits_for_the_step_on_the_torch_thread():
+    """The old stage's memory is released right after _stop_stage: a step still running on the
+    torch thread then held it, and the next slice could load into a full device."""
+    import threading
+
+    from hetserve.config import HostSettings
+    from hetserve.worker.host import Host
+
+    host = Host(HostSettings("127.0.0.1:1", name="h0"))
+    release, done = threading.Event(), []
+
+    def step():
+        release.wait(5)
+        done.append(True)
+
+    async def loop():
+        await host._offload(step)
+
+    host.stage_task = asyncio.create_task(loop())
+    await asyncio.sleep(0.05)  # the step is on the torch thread
+    stopping = asyncio.create_task(host._stop_stage())
+    await asyncio.sleep(0.1)
+    assert not stopping.done(), "stopped while a step still held the stage"
+    release.set()
+    await asyncio.wait_for(stopping, 5)
+    assert done and host.stage_task is None
+    host.torch_thread.shutdown()
+
+
 async def test_a_stage_loop_that_stops_is_reported_to_the_leader():
     """Anything but cancellation ending a stage loop is sent to the leader as Failed (it re-plans
     and replays at once); a cancelled loop (a new assignment) is not."""

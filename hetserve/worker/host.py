@@ -302,11 +302,13 @@ class Host:
         self._device_failed.set()
 
     async def _stop_stage(self) -> None:
-        """Stop serving micro-batches (a step computing now finishes on the torch thread first)."""
+        """Stop serving micro-batches. Cancelling the loop does not stop a step running on the torch
+        thread, which holds the old stage: wait for it, so that the memory released next is freed."""
         if self.stage_task is not None:
             self.stage_task.cancel()
             await asyncio.gather(self.stage_task, return_exceptions=True)
             self.stage_task = self.stage_loop = None
+            await self._offload(lambda: None)
 
     def _to_leader(self, kind: int) -> zmq.asyncio.Socket:
         """A socket for talking to the leader: CURVE with the leader's key pinned, when keyed."""
