@@ -38,6 +38,7 @@ class LineClient:
         self.reader = reader
         self.writer = writer
         self._queues: dict[str | None, asyncio.Queue] = {}
+        self._abandoned: set[str] = set()  # requests (and their cancels) left unread: replies dropped
         self.closed = False  # the server closed the connection
         self._reader_task = asyncio.create_task(self._read())
 
@@ -84,6 +85,10 @@ class LineClient:
         try:
             while (line := await self.reader.readline()).endswith(b"\n"):
                 event = json.loads(line)
+                if isinstance(event, dict) and event.get("id") in self._abandoned:
+                    if event.get("event") != "token":  # its last reply
+                        self._abandoned.discard(event["id"])
+                    continue
                 queue = self._queues.get(event.get("id")) if isinstance(event, dict) else None
                 if queue is None:  # naming no request of ours: kept for whoever sent raw lines
                     queue = self._queues.setdefault(None, asyncio.Queue())
@@ -126,20 +131,33 @@ class LineClient:
             raise RequestTooLong(f"the request is {len(line) - 1} bytes of JSON; the server reads lines of up to "
                                  f"{MAX_LINE_BYTES}")
         queue = self._queues.setdefault(rid, asyncio.Queue())
+        running = False  # sent, and its last reply not yet read
         try:
             await self.send_raw(line)  # a failed send frees the id too
+            running = True
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), reply_timeout)
                 except asyncio.TimeoutError:
                     raise ReplyTimeout(f"no reply from the server in {reply_timeout:g} s") from None
                 if event is None:
+                    running = False
                     raise ClientError("the server closed the connection")
+                running = event.get("event") == "token"
                 yield event
-                if event.get("event") != "token":
+                if not running:
                     return
         finally:
             self._queues.pop(rid, None)
+            if running and not self.closed:
+                self._abandon(rid)
+
+    def _abandon(self, rid: str) -> None:
+        """A request whose caller stopped reading it (a break, a ReplyTimeout): cancel it on the
+        server, which would otherwise generate on and hold its KV slot, and drop its replies."""
+        cancel = f"c{next(_ids)}"
+        self._abandoned.update((rid, cancel))
+        self.writer.write(request_line({"id": cancel, "cmd": "cancel", "target": rid}))  # not awaited: may run in a finally
 
     async def call(self, body: dict, reply_timeout: float | None = None) -> list[dict]:
         return [event async for event in self.request(body, reply_timeout)]

@@ -176,6 +176,19 @@ async def test_disconnect_cancels_requests(shared_cluster, client):
     await wait_idle(client)
 
 
+async def test_a_request_the_caller_stops_reading_is_cancelled_and_its_replies_dropped(client):
+    """Breaking out of client.request() used to leave the request generating on the server (its KV
+    slot held) and its replies piling up unread in the client."""
+    stream = client.request({"prompt": "1, 2, 3,", "max_tokens": 400})
+    assert (await stream.__anext__())["event"] == "token"
+    await stream.aclose()
+    status = await wait_idle(client)
+    assert status["running"] == 0
+    events = await client.call({"prompt": "Hi", "max_tokens": 2})  # the connection serves on
+    assert events[-1]["event"] == "done"
+    assert None not in client._queues and not client._abandoned
+
+
 async def test_a_client_that_ends_its_input_still_gets_its_answers(shared_cluster, client):
     """`printf '...' | nc -N`: the requests run to the end, then the leader closes the connection."""
     from hetserve.transport.sockets import split_hostport
