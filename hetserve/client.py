@@ -31,6 +31,16 @@ def request_line(body: dict) -> bytes:
     return (json.dumps(body, ensure_ascii=False) + "\n").encode()
 
 
+def _holds_last_reply(queue: asyncio.Queue) -> bool:
+    """Whether a request's unread replies (taken out: the queue is being dropped) already end it:
+    its done or error, or the connection's close."""
+    while not queue.empty():
+        event = queue.get_nowait()
+        if event is None or event.get("event") != "token":
+            return True
+    return False
+
+
 class LineClient:
     """One connection; requests run concurrently and are told apart by id."""
 
@@ -120,7 +130,7 @@ class LineClient:
         # The server answers a bad id with `"id": null`, a reply this request would never see.
         if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID_CHARS:
             raise ClientError(f"a request id must be a string of 1-{MAX_ID_CHARS} characters, not {rid!r:.80}")
-        if rid in self._queues:
+        if rid in self._queues or rid in self._abandoned:
             raise ClientError(f"request id {rid!r:.80} is already running on this connection")
         try:
             line = request_line(body)
@@ -149,7 +159,7 @@ class LineClient:
                     return
         finally:
             self._queues.pop(rid, None)
-            if running and not self.closed:
+            if running and not self.closed and not _holds_last_reply(queue):
                 self._abandon(rid)
 
     def _abandon(self, rid: str) -> None:

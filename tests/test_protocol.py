@@ -179,14 +179,24 @@ async def test_disconnect_cancels_requests(shared_cluster, client):
 async def test_a_request_the_caller_stops_reading_is_cancelled_and_its_replies_dropped(client):
     """Breaking out of client.request() used to leave the request generating on the server (its KV
     slot held) and its replies piling up unread in the client."""
-    stream = client.request({"prompt": "1, 2, 3,", "max_tokens": 400})
+    cancelled = (await client.status())["outcomes"].get("cancelled", 0)
+    stream = client.request({"id": "left", "prompt": "1, 2, 3,", "max_tokens": 400})
     assert (await stream.__anext__())["event"] == "token"
     await stream.aclose()
-    status = await wait_idle(client)
-    assert status["running"] == 0
-    events = await client.call({"prompt": "Hi", "max_tokens": 2})  # the connection serves on
+    await wait_idle(client)
+    assert (await client.status())["outcomes"].get("cancelled", 0) == cancelled + 1
+    events = await client.call({"id": "left", "prompt": "Hi", "max_tokens": 2})  # the id and connection serve on
     assert events[-1]["event"] == "done"
     assert None not in client._queues and not client._abandoned
+
+    short = client.request({"id": "short", "prompt": "Hi", "max_tokens": 2})  # left with its last reply in: no cancel
+    assert (await short.__anext__())["event"] == "token"
+    for _ in range(300):  # its second token and done
+        if client._queues["short"].qsize() == 2:
+            break
+        await asyncio.sleep(0.1)
+    await short.aclose()
+    assert not client._abandoned
 
 
 async def test_a_client_that_ends_its_input_still_gets_its_answers(shared_cluster, client):

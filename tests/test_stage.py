@@ -126,6 +126,14 @@ def test_stage_loads_only_its_layers(model_dir):
     assert whole.weight_bytes == sum(parts)
 
 
+def test_a_tied_head_stays_one_copy_when_the_stage_casts_it(model_dir):
+    """The stored weights are float32: a bfloat16 stage casts them, and the embedding and the
+    head it ties to were cast once each (two copies held; on a GPU, two device copies)."""
+    stage = StageModel(model_dir, StageSpec(0, 30, first=True, last=True, max_seqs=1, max_context=8,
+                                            dtype="bfloat16"))
+    assert stage.lm_head.weight is stage.embed.weight and stage.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_sampling_rules():
     torch.manual_seed(0)
     logits = torch.randn(3, 100)

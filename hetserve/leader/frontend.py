@@ -134,8 +134,10 @@ class Connection:
         while self.active and not writer_task.done() and not self.not_reading:
             self.answered.clear()
             answered = asyncio.ensure_future(self.answered.wait())
-            await asyncio.wait([writer_task, answered], return_when=asyncio.FIRST_COMPLETED)
-            answered.cancel()
+            try:
+                await asyncio.wait([writer_task, answered], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                answered.cancel()
 
     async def _handle(self, line: bytes) -> None:
         command = None

@@ -163,7 +163,10 @@ class StageModel:
             self._assign(self.embed, tensors, "embed.")
         if self.norm is not None:
             self._assign(self.norm, tensors, "norm.")
-            self._assign(self.lm_head, tensors, "lm_head.")
+            if self.embed is not None and tensors["lm_head.weight"] is tensors["embed.weight"]:
+                self.lm_head.weight = self.embed.weight  # tied: one copy (a cast or a device copy would make two)
+            else:
+                self._assign(self.lm_head, tensors, "lm_head.")
         # Rotary buffers are computed, not stored: build on the real device (a meta skeleton
         # would leave inv_freq uninitialised and silently wreck the output).
         with self.device:

@@ -185,7 +185,8 @@ class Step:
     starts: list[int]  # tokens already cached per row [B]
     lengths: list[int]  # new tokens per row [B]; rows right-padded to max(lengths)
     sampling: SamplingRows
-    tensor: TensorMeta  # token ids [B, T] int64 into stage 0, hidden [B, T, H] after
+    # token ids [B, T] int64 into stage 0; after it the real tokens' hidden states [sum(lengths), H]
+    tensor: TensorMeta
     stage_ms: list[float] = field(default_factory=list)  # compute time of each stage so far
     epoch: int = 0  # the pipeline it was sent into (Assign.epoch)
     # Rows whose token id is the one their slot sampled last on this stage, still on its way to

@@ -91,7 +91,7 @@ class Launched:
     """A micro-batch whose work is queued: what `finish` needs to send it on."""
 
     step: Step
-    out: HostCopy  # token ids [B] (last stage) or hidden states [B, T, H], on their way to the host
+    out: HostCopy  # token ids [B] (last stage) or hidden states [sum(lengths), H], on their way to the host
     began: torch.cuda.Event | None  # GPU: recorded before its first kernel; CPU: None
     cpu_seconds: float = 0.0  # CPU: the compute time (it ran in `launch`)
 
