@@ -127,6 +127,13 @@ def test_the_leaders_own_stage_is_started_again_after_it_fails(model_dir):
         assert leader.wait(30) == 0
 
 
+def test_a_prefill_chunk_past_the_message_limit_is_refused_at_start(model_dir):
+    """Its hidden states could not cross between hosts (ZeroMQ drops a message past the limit)."""
+    big = hetserve("leader", "--model", str(model_dir), "--listen", f"127.0.0.1:{free_port()}", "--serve",
+                   f"127.0.0.1:{free_port()}", "--max-context", "4096", "--prefill-tokens", "200000", timeout=120)
+    assert big.returncode == 1 and "pass the 256 MiB message limit between hosts; use at most" in big.stderr, big.stderr
+
+
 def test_client_errors_are_one_clear_line(tmp_path):
     gen = hetserve("generate", "--server", f"127.0.0.1:{free_port()}", "hi", timeout=30)
     assert gen.returncode == 1 and "cannot reach hetserve" in gen.stderr and "Traceback" not in gen.stderr

@@ -21,11 +21,11 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from ..config import LeaderSettings
+from ..config import MAX_MESSAGE_BYTES, LeaderSettings
 from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
-from ..model.stage import load_config
+from ..model.stage import DTYPES, load_config
 from ..plan.planner import Plan
 from ..transport.security import (Identity, KeyRing, KeysError, as_server, load_allowed, load_identity,
                                   start_authenticator)
@@ -99,6 +99,11 @@ class Leader(PipelineLayout):
         if s.limits.max_context > config.max_position_embeddings:
             raise LeaderError(f"--max-context {s.limits.max_context} exceeds the model's "
                               f"{config.max_position_embeddings} positions")
+        token_bytes = config.hidden_size * DTYPES[s.dtype].itemsize  # one token's hidden state between hosts
+        if (s.limits.prefill_tokens + s.limits.max_seqs) * token_bytes > MAX_MESSAGE_BYTES:  # chunk + decode rows
+            raise LeaderError(f"--prefill-tokens {s.limits.prefill_tokens}: a micro-batch's hidden states could pass "
+                              f"the {MAX_MESSAGE_BYTES >> 20} MiB message limit between hosts; use at most "
+                              f"{MAX_MESSAGE_BYTES // token_bytes - s.limits.max_seqs}")
         self.num_layers = config.num_hidden_layers
         self.config = config
         self.manifest, sources = await loop.run_in_executor(None, load_manifest, files.path)
