@@ -19,6 +19,11 @@ MAX_MESSAGE_BYTES = 256 << 20  # MAXMSGSIZE on every ZeroMQ socket: the hidden s
 #                               (its real tokens x hidden x 4 bytes, padding not sent) fit with room to spare
 
 
+class SettingsError(ValueError):
+    """A setting that cannot work however often the daemon restarts (a daemon exits 2 on it, which
+    systemd's units and `hetserve up` do not restart)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a running cluster accepts and how it batches. The same for every stage."""

@@ -127,11 +127,18 @@ def test_the_leaders_own_stage_is_started_again_after_it_fails(model_dir):
         assert leader.wait(30) == 0
 
 
-def test_a_prefill_chunk_past_the_message_limit_is_refused_at_start(model_dir):
-    """Its hidden states could not cross between hosts (ZeroMQ drops a message past the limit)."""
+def test_settings_that_cannot_work_exit_2_which_systemd_does_not_restart(model_dir):
+    """A prefill chunk whose hidden states could not cross between hosts (ZeroMQ drops a message
+    past its limit), a leader or host reachable from other machines without keys: exit 2
+    (RestartPreventExitStatus=2), not 1, after which the units restarted them every 5 s for ever."""
     big = hetserve("leader", "--model", str(model_dir), "--listen", f"127.0.0.1:{free_port()}", "--serve",
                    f"127.0.0.1:{free_port()}", "--max-context", "4096", "--prefill-tokens", "200000", timeout=120)
-    assert big.returncode == 1 and "pass the 256 MiB message limit between hosts; use at most" in big.stderr, big.stderr
+    assert big.returncode == 2 and "pass the 256 MiB message limit between hosts; use at most" in big.stderr, big.stderr
+    open_leader = hetserve("leader", "--model", str(model_dir), "--listen", f"0.0.0.0:{free_port()}", "--serve",
+                           f"127.0.0.1:{free_port()}", timeout=120)
+    assert open_leader.returncode == 2 and "reachable from other machines" in open_leader.stderr, open_leader.stderr
+    open_host = hetserve("join", "--leader", "192.0.2.1:5555", "--device", "cpu", timeout=120)
+    assert open_host.returncode == 2 and "is on another machine" in open_host.stderr, open_host.stderr
 
 
 def test_client_errors_are_one_clear_line(tmp_path):

@@ -178,7 +178,9 @@ def apply_plan(plan_file: str, model: str, limits: Limits) -> tuple[str, int, st
 
 
 def run_daemon(main, settings, role: str, log_level: str, log_json: bool) -> None:
-    """Run a daemon; a known failure prints one clear line and exits 1, never a traceback."""
+    """Run a daemon; a known failure prints one clear line and exits 1 (2 for a setting that cannot
+    work: SettingsError), never a traceback."""
+    from ..config import SettingsError
     from ..leader.daemon import LeaderError
     from ..lifecycle import setup_logging
     from ..model.resolve import ModelError
@@ -189,6 +191,9 @@ def run_daemon(main, settings, role: str, log_level: str, log_json: bool) -> Non
     setup_logging(log_level, role, log_json)
     try:
         main(settings)
+    except SettingsError as exc:
+        click.echo(f"hetserve {role}: error: {exc}", err=True)
+        sys.exit(2)
     except (LeaderError, HostError, ModelError, ValueError, OSError, zmq.ZMQError) as exc:
         click.echo(f"hetserve {role}: error: {exc}", err=True)
         sys.exit(1)

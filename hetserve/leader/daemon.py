@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from ..config import MAX_MESSAGE_BYTES, LeaderSettings
+from ..config import MAX_MESSAGE_BYTES, LeaderSettings, SettingsError
 from ..lifecycle import run_until_signal
 from ..model.resolve import resolve_model
 from ..model.shape import model_shape
@@ -68,8 +68,8 @@ class Leader(PipelineLayout):
                 log.warning("no host keys in %s/hosts: only a stage on this machine can join", settings.keys)
         elif not is_loopback(split_hostport(settings.listen, 5555)[0]):
             if not settings.insecure:
-                raise LeaderError(f"--listen {settings.listen} is reachable from other machines: give --keys DIR "
-                                  "(hetserve keygen) to encrypt and authenticate hosts, or --insecure")
+                raise SettingsError(f"--listen {settings.listen} is reachable from other machines: give --keys DIR "
+                                    "(hetserve keygen) to encrypt and authenticate hosts, or --insecure")
             log.warning("INSECURE: hosts join %s in plain text, without authentication (--insecure); anyone who "
                         "reaches it can join the cluster and read its traffic", settings.listen)
         self.settings = settings
@@ -97,13 +97,13 @@ class Leader(PipelineLayout):
         self.model_dir = files.path
         config = load_config(files.path)
         if s.limits.max_context > config.max_position_embeddings:
-            raise LeaderError(f"--max-context {s.limits.max_context} exceeds the model's "
-                              f"{config.max_position_embeddings} positions")
+            raise SettingsError(f"--max-context {s.limits.max_context} exceeds the model's "
+                                f"{config.max_position_embeddings} positions")
         token_bytes = config.hidden_size * DTYPES[s.dtype].itemsize  # one token's hidden state between hosts
         if (s.limits.prefill_tokens + s.limits.max_seqs) * token_bytes > MAX_MESSAGE_BYTES:  # chunk + decode rows
-            raise LeaderError(f"--prefill-tokens {s.limits.prefill_tokens}: a micro-batch's hidden states could pass "
-                              f"the {MAX_MESSAGE_BYTES >> 20} MiB message limit between hosts; use at most "
-                              f"{MAX_MESSAGE_BYTES // token_bytes - s.limits.max_seqs}")
+            raise SettingsError(f"--prefill-tokens {s.limits.prefill_tokens}: a micro-batch's hidden states could "
+                                f"pass the {MAX_MESSAGE_BYTES >> 20} MiB message limit between hosts; use at most "
+                                f"{MAX_MESSAGE_BYTES // token_bytes - s.limits.max_seqs}")
         self.num_layers = config.num_hidden_layers
         self.config = config
         self.manifest, sources = await loop.run_in_executor(None, load_manifest, files.path)

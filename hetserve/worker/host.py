@@ -33,7 +33,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from ..config import HostSettings
+from ..config import HostSettings, SettingsError
 from ..lifecycle import run_until_signal
 from ..model import cpu_linear
 from ..model.resolve import ModelError, resolve_model
@@ -117,8 +117,8 @@ class Host:
                 raise HostError(str(exc)) from None
         elif not (is_loopback(leader_ip) and is_loopback(advertise)):
             if not s.insecure:
-                raise HostError(f"the leader {s.leader} is on another machine: give --keys DIR (hetserve keygen) to "
-                                "encrypt and authenticate the traffic, or --insecure")
+                raise SettingsError(f"the leader {s.leader} is on another machine: give --keys DIR (hetserve keygen) to "
+                                    "encrypt and authenticate the traffic, or --insecure")
             log.warning("INSECURE: talking to the leader and other hosts in plain text (--insecure)")
         inventory = await loop.run_in_executor(self.torch_thread, take_inventory, s.device, s.memory)
         if s.model is None:
