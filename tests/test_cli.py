@@ -149,6 +149,13 @@ def test_client_errors_are_one_clear_line(tmp_path):
     assert bad.returncode == 1 and "unknown model 'no-such-model'" in bad.stderr and "Traceback" not in bad.stderr
     missing = hetserve("convert", "/nonexistent.gguf", "/tmp/out", timeout=30)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    under_a_file = hetserve("convert", str(gguf), str(gguf / "out"), timeout=60)  # was a FileExistsError traceback
+    assert under_a_file.returncode == 1 and f"cannot write {gguf / 'out'}" in under_a_file.stderr, under_a_file.stderr
+    home = subprocess.run(hetserve_cmd() + ["profile", "--model", "smollm2-135m"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "HETSERVE_HOME": str(gguf / "home")})  # a home it cannot make
+    assert home.returncode == 1 and "cannot prepare the model smollm2-135m: Not a directory" in home.stderr, home.stderr
     size = hetserve("join", "--leader", "127.0.0.1:1", "--memory", "lots", timeout=30)
     assert size.returncode == 2 and "not a size" in size.stderr
     up_size = hetserve("up", "--memory", "5x", timeout=30)  # was each host's exit 2 after the leader started

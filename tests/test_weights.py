@@ -61,6 +61,24 @@ def test_manifest_hashes_content_not_files(tmp_path):
         check_manifest(Manifest("", [ManifestEntry("run.sh", "file", 1, "0" * 64)]), "")
 
 
+@pytest.mark.parametrize("header", [[1, 2], {"w": "x"}, {"w": {"dtype": "F32", "shape": [1]}},
+                                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}},
+                                    {"w": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}}])
+def test_a_malformed_safetensors_header_is_one_clear_error(tmp_path, header):
+    """Each was a TypeError, KeyError or a meaningless read error: a traceback from the leader, and
+    a damaged cached file a host never deleted."""
+    import json
+    import struct
+
+    from hetserve.weights.manifest import safetensors_header
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(ModelError, match="is not a safetensors file"):
+        safetensors_header(path)
+
+
 def test_manifest_cache_follows_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HETSERVE_HOME", str(tmp_path / "home"))
     model = tiny_model(tmp_path / "m")

@@ -173,6 +173,9 @@ def resolve_model_or_exit(model: str):
     except ModelError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # converting a built-in model into a $HETSERVE_HOME it cannot write
+        click.echo(f"error: cannot prepare the model {model}: {exc.strerror or exc} ({exc.filename})", err=True)
+        sys.exit(1)
 
 
 def host_plan_inputs(model, host_specs, device, link_gbps, calibration_tokens, allowed, workload):

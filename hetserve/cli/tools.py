@@ -48,6 +48,9 @@ def convert(src, dst):
     except ModelError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # a destination that cannot be made: under a file, read-only, a full disk
+        click.echo(f"error: cannot write {dst}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
     click.echo(f"wrote {dst}")
 
 

@@ -52,7 +52,15 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
             header = json.loads(f.read(length))
         except ValueError:
             raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (its header is not a map)")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list) and all(type(d) is int and d >= 0 for d in info["shape"])):
+            raise ModelError(f"{path} is not a safetensors file (bad entry for {name!r:.80})")
     return 8 + length, header
 
 
