@@ -104,6 +104,21 @@ def test_the_layout_is_the_plans_until_its_hosts_are_gone_after_serving():
     assert [h.name for h in order] == ["h0", "h1"] and ranges[0][0] == 0 and ranges[-1][1] == 30
 
 
+def test_hosts_a_memory_split_cannot_use_are_left_out_not_fatal():
+    """A host too small for one layer, or one more than there are layers, joining a serving cluster
+    failed the whole layout: the cluster went degraded and refused every request."""
+    shape = ModelShape(30, 10 << 20, 20 << 20, 20 << 20, 4096)
+    hosts = {n: host(n, None) for n in ("h0", "h1", "tiny")}
+    hosts["tiny"].inventory = replace(INVENTORY, usable_bytes=1 << 20)
+    order, ranges, _ = choose_layout(None, False, True, hosts, list(hosts.values()), shape, 30, SETTINGS.limits)
+    assert [h.name for h in order] == ["h0", "h1"] and ranges[-1][1] == 30
+    many = [host(f"h{i:02d}", None) for i in range(31)]
+    order, ranges, _ = choose_layout(None, False, True, {h.name: h for h in many}, many, shape, 30, SETTINGS.limits)
+    assert len(order) == 30 and ranges == [(i, i + 1) for i in range(30)]
+    with pytest.raises(PlanError, match="offer"):  # none fits at all: the full set's reason
+        choose_layout(None, False, True, {"tiny": hosts["tiny"]}, [hosts["tiny"]], shape, 30, SETTINGS.limits)
+
+
 def test_each_stage_is_told_its_neighbours_and_the_leader_closes_the_ring():
     a, b, c = (host(n, None) for n in "abc")
     a.data_addr, b.data_addr, c.data_addr = "tcp://a:1", "tcp://b:1", "tcp://c:1"

@@ -109,9 +109,28 @@ def choose_layout(plan: Plan | None, planned_live: bool, served: bool, hosts: di
         log.warning("the plan's hosts are not all alive: splitting by memory over the live ones")
     elif plan is not None:
         return plan_layout(plan, hosts, num_layers)
-    kv_tokens = limits.max_seqs * (limits.max_context + 1)
-    ranges = memory_split(shape, [h.inventory.usable_bytes for h in candidates], kv_tokens)
-    return candidates, ranges, [[] for _ in candidates]
+    return memory_layout(candidates, shape, limits.max_seqs * (limits.max_context + 1))
+
+
+def memory_layout(candidates: list[HostRecord], shape: ModelShape, kv_tokens: int) -> Layout:
+    """The candidates in order, layers split by memory. Where that split fails, the hosts of least
+    memory are left out one at a time: a host too small for a layer, or one more than there are
+    layers, joining a serving cluster must not break it (it stays unused). PlanError, the full
+    set's, where no subset fits either."""
+    by_memory = sorted(candidates, key=lambda h: -h.inventory.usable_bytes)
+    first_error = None
+    for count in range(len(candidates), 0, -1):
+        kept = {id(h) for h in by_memory[:count]}
+        used = [h for h in candidates if id(h) in kept]
+        try:
+            ranges = memory_split(shape, [h.inventory.usable_bytes for h in used], kv_tokens)
+        except PlanError as exc:
+            first_error = first_error or exc
+            continue
+        if count < len(candidates):
+            log.warning("hosts %s left out: %s", ", ".join(h.name for h in candidates if h not in used), first_error)
+        return used, ranges, [[] for _ in used]
+    raise first_error or PlanError("no hosts")
 
 
 def plan_live(settings: LeaderSettings, hosts: list[HostRecord], model_dir: Path) -> Plan:
