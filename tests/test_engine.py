@@ -124,6 +124,21 @@ def test_malformed_result_fails_the_requests_and_frees_slots():
         assert len(engine.free_slots) == 2 and not engine.in_flight and not engine.requests
 
 
+@pytest.mark.parametrize("ms", [float("nan"), float("inf"), -1.0])
+def test_stage_times_that_are_not_times_are_not_measured(ms):
+    """A NaN from a faulty host stayed in the averages, and sizing the next micro-batches raised
+    (int(NaN)) in every schedule() after: nothing was sent again."""
+    engine, sent = make_engine()
+    events = []
+    start(engine, events, max_tokens=3)
+    engine.on_result(StepResult(min(engine.in_flight), [11], [ms]))
+    for token in (12, 13):
+        answer(engine, token)
+    assert [e["token_id"] for e in events[:-1]] == [11, 12, 13] and events[-1]["finish_reason"] == "length"
+    start(engine, events, max_tokens=2, request_id="next")  # scheduling still works
+    assert engine.in_flight
+
+
 def test_a_lost_microbatch_expires():
     engine, sent = make_engine()
     events = []

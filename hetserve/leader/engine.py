@@ -8,6 +8,7 @@ pure `scheduler.next_microbatch`; this class keeps the state that function reads
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -283,6 +284,9 @@ class Engine:
             self._stream_token(request, token, finish)
 
     def _measure(self, flight: InFlight, result: StepResult) -> None:
+        if not all(math.isfinite(ms) and ms >= 0 for ms in result.stage_ms):  # a faulty host's: never averaged
+            log.warning("micro-batch %d came back with stage times %s: not measured", result.mb, result.stage_ms)
+            return
         self.times[flight.phase].add(result.stage_ms)
         now, last = time.monotonic(), self._last_result_at
         self._last_result_at = now
