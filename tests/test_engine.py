@@ -139,6 +139,17 @@ def test_stage_times_that_are_not_times_are_not_measured(ms):
     assert engine.in_flight
 
 
+def test_a_new_pipeline_is_measured_afresh():
+    """Stage times of a pipeline that is gone sized the next one and stayed in status."""
+    engine, sent = make_engine(stages=2)
+    start(engine, [], max_tokens=3)
+    engine.on_result(StepResult(min(engine.in_flight), [11], [5.0, 7.0]))
+    assert engine.snapshot()["stage_ms"]["prefill"] == [5.0, 7.0]
+    engine.replay_all()
+    engine.pipeline_ready(1, 0, True)
+    assert engine.snapshot()["stage_ms"] == {"prefill": [], "decode": []} and engine.decode_round_ms == 0.0
+
+
 def test_a_lost_microbatch_expires():
     engine, sent = make_engine()
     events = []

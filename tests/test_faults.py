@@ -145,6 +145,8 @@ async def test_a_host_the_layout_leaves_out_drops_its_slice(daemons, model_dir, 
         status = await wait_status(client, lambda s: s["state"] == "serving" and states(s)["h1"] == "ready", 120)
         assert states(status) == {"h0": "ready", "h1": "ready", "h2": "unused"}
         assert wait_for(lambda: "released layers" in spare_log.read_text(), 30), spare_log.read_text()[-2000:]
+        spare = next(h for h in status["hosts"] if h["name"] == "h2")
+        assert spare["kv_bytes"] == spare["weight_bytes"] == 0, spare  # status and metrics: it holds none now
         prompt = PROMPTS[1]
         assert await generate(client, prompt, 8) == reference(reference.tokenizer(prompt)["input_ids"], 8)
     finally:

@@ -211,6 +211,7 @@ class PipelineLayout:
                 log.info("plan: host %s stays unused", host.name)
             if host.current is not None and host.state != "dead":  # its memory is idle: free it for later layouts
                 host.current = None
+                host.weight_bytes = host.kv_bytes = 0  # what status and metrics say it holds
                 await self._send_host(host, Release(f"the layout of epoch {epoch} leaves this host out"))
 
     async def _activation_scales(self, precisions: list[list[str]]) -> list[dict]:

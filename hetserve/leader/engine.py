@@ -92,15 +92,9 @@ class Engine:
         self.flat_tokens = 0  # every stage runs rows at their own lengths up to this many tokens (0 = pads them)
         self.gpu = False  # every stage computes on a GPU
         self.epoch = 0  # pipeline generation, bumped when a fault destroys the pipeline
-        self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
         self.generated_tokens = 0
         self.token_rate = TokenRate()
-        self.batch_rows = {"prefill": 0.0, "decode": 0.0}  # moving average of rows per micro-batch
-        self.decode_round_ms = 0.0  # moving average: a decode micro-batch's send -> result
-        self.prefill_ms_per_token = 0.0  # moving average: the slowest stage's prefill ms per token
-        self.decode_fit = RowFit()  # the slowest stage's decode ms against rows per micro-batch
-        self.prefill_fit = RowFit()  # the slowest stage's prefill ms against tokens per micro-batch
-        self.sizes: Sizes | None = None  # what batching.choose_sizes chose last
+        self._forget_measurements()
         self.outcomes: Counter[str] = Counter()  # finish reasons, "error", "overloaded"
         self.mixed_microbatches = 0  # sent with decode rows riding among prompt tokens
         self._next_key = 0
@@ -152,9 +146,21 @@ class Engine:
 
     # ---- the pipeline
 
+    def _forget_measurements(self) -> None:
+        """What the runtime sizing learns of a pipeline: a new pipeline (other hosts, other slices)
+        starts afresh, rather than sized, and shown in status, by the stages of one that is gone."""
+        self.times = {"prefill": PhaseTimes(), "decode": PhaseTimes()}
+        self.batch_rows = {"prefill": 0.0, "decode": 0.0}  # moving average of rows per micro-batch
+        self.decode_round_ms = 0.0  # moving average: a decode micro-batch's send -> result
+        self.prefill_ms_per_token = 0.0  # moving average: the slowest stage's prefill ms per token
+        self.decode_fit = RowFit()  # the slowest stage's decode ms against rows per micro-batch
+        self.prefill_fit = RowFit()  # the slowest stage's prefill ms against tokens per micro-batch
+        self.sizes: Sizes | None = None  # what batching.choose_sizes chose last
+
     def pipeline_ready(self, num_stages: int, flat_tokens: int = 0, gpu: bool = False) -> None:
         """flat_tokens: the least, over the stages, of Ready.flat_tokens (mixed micro-batches fit it);
         gpu: every stage computes on a GPU (decode-ahead's "auto")."""
+        self._forget_measurements()
         self.num_stages = num_stages
         self.flat_tokens = flat_tokens
         self.gpu = gpu
