@@ -137,6 +137,9 @@ def test_hosts_sharing_a_cache_fetch_one_tensor_at_once(tmp_path, monkeypatch):
     # Two hosts that would share a part name (two `join --device cpu`, no --name) do not.
     first, second = WeightStore("abc", "cpu"), WeightStore("abc", "cpu")
     assert first.owner == "cpu" and second.owner == f"cpu+{os.getpid()}"
+    third = WeightStore("abc", "cpu")  # one process id for two (containers each run their host as process 1)
+    assert third.owner == f"cpu+{os.getpid()}-1" and third._lock is not None
+    third.close()
     first.close()
     again = WeightStore("abc", "cpu")
     assert again.owner == "cpu", "a closed store's name is free again (a restarted host resumes its parts)"
@@ -173,9 +176,14 @@ def test_other_models_weights_make_room_oldest_first(tmp_path, monkeypatch):
     part.write_bytes(b"\0" * (mib // 4))
     assert disk_room(limit) == mib // 4 and cached_weights()["newer"] == mib + mib // 4
     part.unlink()
+    fetching = WeightStore("old", "h1")  # another host of this machine fetching "old": it stays
+    os.utime(weights_root() / "old", (os.path.getmtime(tmp_path) - 200,) * 2)  # still the oldest
     assert make_room(mib, limit, keep="served") == 3 * mib // 2
-    assert sorted(d.name for d in weights_root().iterdir()) == ["newer", "served"]
-    assert make_room(mib, limit, keep="served") == 3 * mib // 2, "room enough: nothing more goes"
+    assert sorted(d.name for d in weights_root().iterdir()) == ["old", "served"]
+    fetching.close()
+    assert make_room(2 * mib, limit, keep="served") == 5 * mib // 2
+    assert sorted(d.name for d in weights_root().iterdir()) == ["served"]
+    assert make_room(mib, limit, keep="served") == 5 * mib // 2, "room enough: nothing more goes"
 
     # The leader counts what a host caches of other models as room it can make.
     config = AutoConfig.for_model("llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1,

@@ -98,12 +98,30 @@ def make_room(need: int, limit: int | None, keep: str) -> int:
     for directory in sorted(others, key=others.get):
         if room >= need:
             break
+        if _in_use(directory):  # another host of this machine fetching that model: never pulled from under it
+            continue
         size = _folder_bytes(directory)
         shutil.rmtree(directory, ignore_errors=True)
         log.warning("removed the cached weights of model %s (%.1f MiB) to make room for model %s", directory.name,
                     size / 2**20, keep)
         room = disk_room(limit)
     return room
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether a live WeightStore holds a lock in the model folder."""
+    for lock in directory.glob(".*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # releases the probe's lock
+    return False
 
 
 def tensor_header(entry: ManifestEntry) -> bytes:
@@ -131,10 +149,14 @@ class WeightStore:
         owner = re.sub(r"[^\w.-]", "_", owner)  # a file name's part, whatever the host is called
         self._lock = self._lock_owner(owner)
         if self._lock is None:
-            shared, owner = owner, f"{owner}{PID_MARK}{os.getpid()}"
+            # The process id, and a count where that is held too (containers sharing a cache each
+            # run their host as process 1): never two stores writing one part file.
+            shared, tries = owner, 0
+            while self._lock is None:
+                owner = f"{shared}{PID_MARK}{os.getpid()}" + (f"-{tries}" if tries else "")
+                self._lock, tries = self._lock_owner(owner), tries + 1
             log.warning("another host of this machine is fetching as %r: this one names its part files %r (give "
                         "hosts of one machine a --name each to resume their fetches after a restart)", shared, owner)
-            self._lock = self._lock_owner(owner)
         self.owner = owner
         self._remove_orphans()
 
