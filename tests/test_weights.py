@@ -292,6 +292,35 @@ async def test_a_manifest_is_answered_while_paced_chunks_wait(tmp_path, monkeypa
         ctx.term()
 
 
+async def test_chunk_requests_their_host_gave_up_on_are_not_paced_and_sent(tmp_path):
+    """With a low --weights-rate, requests a host stopped waiting for were still paced and sent:
+    every retry waited behind them, and past the hosts' timeout again."""
+    from hetserve.weights.fetch import REPLY_TIMEOUT_S
+
+    manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
+    embed = next(e for e in manifest.entries if e.name == "model.embed_tokens.weight")  # 64 KiB
+    sent = []
+
+    class Socket:
+        async def send_multipart(self, frames, copy=True):
+            sent.append(frames)
+
+    weights = WeightServer(Socket(), manifest, sources, 32 << 10)  # 2 s a chunk
+    now = asyncio.get_running_loop().time()
+    for asked in (now - 10 * REPLY_TIMEOUT_S, now - 10 * REPLY_TIMEOUT_S, now):
+        weights.requests.put_nowait((b"r", GetChunk("a", embed.name, 0, embed.size), asked))
+    sender = asyncio.create_task(weights._send_chunks())
+    try:
+        for _ in range(100):
+            if sent:
+                break
+            await asyncio.sleep(0.05)
+        assert len(sent) == 1 and weights.requests.empty(), "the fresh request was sent first, unpaced by the others"
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+
 # ---- real processes
 
 async def serve_and_check(d: Daemons, reference) -> dict:

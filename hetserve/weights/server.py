@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..transport.sockets import make_socket, receive
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
+from .fetch import REPLY_TIMEOUT_S
 from .manifest import Source
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class WeightServer:
         self.pacer = Pacer(rate)
         self.transfers: dict[str, Transfer] = {}
         self.files: dict[os.PathLike, int] = {}  # open descriptors, read with pread from a thread
-        self.requests: asyncio.Queue[tuple[bytes, GetChunk]] = asyncio.Queue(MAX_QUEUED)
+        self.requests: asyncio.Queue[tuple[bytes, GetChunk, float]] = asyncio.Queue(MAX_QUEUED)  # + when asked
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_chunks())
@@ -119,7 +120,7 @@ class WeightServer:
                 elif self.requests.full():
                     await self._refuse(route, msg, f"the leader has {MAX_QUEUED} chunk requests waiting")
                 else:
-                    self.requests.put_nowait((route, msg))
+                    self.requests.put_nowait((route, msg, time.monotonic()))
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
@@ -128,7 +129,12 @@ class WeightServer:
 
     async def _send_chunks(self) -> None:
         while True:
-            route, msg = await self.requests.get()
+            route, msg, asked = await self.requests.get()
+            if time.monotonic() - asked > REPLY_TIMEOUT_S:
+                # Its host gave up waiting and asks again: paced and sent, it would only delay every
+                # later request (with a low --weights-rate, into the hosts' timeouts, and so on).
+                log.warning("dropped a chunk request of %s that waited past the hosts' timeout", msg.host)
+                continue
             try:
                 await self._chunk(route, msg)
             except zmq.ZMQError as exc:  # that peer's reply is lost; the others' must not be
