@@ -59,6 +59,15 @@ def test_manifest_hashes_content_not_files(tmp_path):
             check_manifest(evil, one.model_hash)
     with pytest.raises(ModelError, match="unexpected"):
         check_manifest(Manifest("", [ManifestEntry("run.sh", "file", 1, "0" * 64)]), "")
+    # what a host would write into a tensor's header or look up: checked before the hash
+    config = next(e for e in one.entries if e.name == "config.json")
+    for entry in (ManifestEntry("w", "tensor", 7, "0" * 64, "F32", [2]),
+                  ManifestEntry("w", "tensor", 2, "0" * 64, "Q4", [2])):
+        with pytest.raises(ModelError, match="malformed"):
+            check_manifest(Manifest(one.model_hash, [config, entry]), one.model_hash)
+    with pytest.raises(ModelError, match="has no config.json"):
+        check_manifest(Manifest(one.model_hash, [ManifestEntry("w", "tensor", 8, "0" * 64, "F32", [2])]),
+                       one.model_hash)
 
 
 @pytest.mark.parametrize("header", [[1, 2], {"w": "x"}, {"w": {"dtype": "F32", "shape": [1]}},

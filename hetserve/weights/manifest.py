@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -143,14 +144,34 @@ def load_manifest(model_dir: Path, progress: bool = True) -> tuple[Manifest, dic
     return manifest, sources
 
 
-def check_manifest(manifest: Manifest, expected_hash: str) -> None:
-    """Refuse a manifest whose names could escape the cache directory, or that is not the one
-    the leader assigned (the hash is recomputed, not trusted)."""
+# bytes per value of each safetensors dtype: a tensor entry's size must be its shape's values x this
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def check_entries(manifest: Manifest) -> None:
+    """Refuse entries a host cannot cache and load: names that could escape the cache directory
+    (or are not file names), unknown kinds or dtypes, sizes that are not their shape's, a missing
+    config.json. The leader checks its own model's at start; hosts, what the leader sends."""
     for e in manifest.entries:
         if e.kind == "file" and e.name not in FILES or e.kind not in ("file", "tensor"):
-            raise ModelError(f"the manifest lists an unexpected {e.kind} {e.name!r}")
+            raise ModelError(f"the manifest lists an unexpected {e.kind} {e.name!r:.80}")
         if not SAFE_NAME.fullmatch(e.name) or not HEX64.fullmatch(e.sha256) or e.size < 0:
-            raise ModelError(f"the manifest entry {e.name!r} is malformed")
+            raise ModelError(f"the manifest entry {e.name!r:.80} is malformed (names streamed to hosts are "
+                             f"{SAFE_NAME.pattern})")
+        if e.kind == "tensor" and (e.dtype not in DTYPE_BYTES or any(d < 0 for d in e.shape)
+                                   or e.size != math.prod(e.shape) * DTYPE_BYTES[e.dtype]):
+            raise ModelError(f"the manifest entry {e.name!r:.80} is malformed ({e.dtype} {e.shape}, {e.size} bytes)")
+    names = {e.name for e in manifest.entries}
+    for name in FILES:
+        if name not in names:
+            raise ModelError(f"the manifest has no {name}")
+
+
+def check_manifest(manifest: Manifest, expected_hash: str) -> None:
+    """Refuse a manifest a host cannot use (check_entries), or that is not the one the leader
+    assigned (the hash is recomputed, not trusted)."""
+    check_entries(manifest)
     if model_hash(manifest.entries) != manifest.model_hash or manifest.model_hash != expected_hash:
         raise ModelError("the leader's manifest does not match the model hash it assigned")
 

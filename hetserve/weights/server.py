@@ -22,11 +22,12 @@ import zmq
 import zmq.asyncio
 from tqdm import tqdm
 
+from ..model.resolve import ModelError
 from ..transport.sockets import make_socket, receive
 from ..wire.codec import WireError, decode, encode
 from ..wire.messages import Chunk, FetchStart, GetChunk, GetManifest, Manifest
 from .fetch import REPLY_TIMEOUT_S
-from .manifest import Source
+from .manifest import Source, check_entries
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class Transfer:
 
 class WeightServer:
     def __init__(self, sock: zmq.asyncio.Socket, manifest: Manifest, sources: dict[str, Source], rate: float):
+        try:
+            check_entries(manifest)
+        except ModelError as exc:  # hosts with their own copy (join --model) still serve it
+            log.warning("hosts without their own copy of the model cannot fetch it: %s", exc)
         self.sock = sock
         self.manifest = encode(manifest)
         self.entries = {e.name: e for e in manifest.entries}
