@@ -8,7 +8,7 @@ import pytest
 
 from hetserve.config import Limits
 from hetserve.leader.engine import Engine, Overloaded
-from hetserve.wire.messages import StepResult
+from hetserve.wire.messages import StepFailed, StepResult
 
 
 def make_engine(stages=1, flat_tokens=0, gpu=True, **limits):
@@ -148,6 +148,38 @@ def test_a_new_pipeline_is_measured_afresh():
     engine.replay_all()
     engine.pipeline_ready(1, 0, True)
     assert engine.snapshot()["stage_ms"] == {"prefill": [], "decode": []} and engine.decode_round_ms == 0.0
+
+
+@pytest.mark.parametrize("ahead", ["on", "off"])
+def test_a_row_a_stage_fails_re_prefills_its_history_once(ahead):
+    """A stage's error (its device lost, an out-of-memory on a prompt chunk that decode rows of
+    others rode in) failed every request in the micro-batch: with one decode micro-batch of all
+    running requests, every one of them. Each now re-prefills its history once; a row sent before
+    (decode-ahead's follower) counts for nothing; a second failure ends the request."""
+    engine, sent = make_engine(decode_ahead=ahead)
+    events = []
+    start(engine, events, max_tokens=6)
+    answer(engine, 11)  # prefill -> its first token
+    answer(engine, 12)
+    failed = min(engine.in_flight)
+    engine.on_failure(StepFailed(failed, 0, "CUDA error: an illegal memory access", engine.epoch))
+    assert not [e for e in events if e["event"] == "error"]
+    if ahead == "on":  # the follower of the failed row is still in flight: its result is skipped
+        assert len(engine.in_flight) == 1 and sent[-1].feeds == [0]
+        answer(engine, 99)
+    replay = sent[-1]
+    assert replay.phase == "prefill" and replay.starts == [0] and replay.lengths == [3 + 2]  # prompt + 11, 12
+    assert replay.sampling.step == [2]  # the failed row's token again, from its seeded draw
+    for token in (13, 14, 15, 16):
+        answer(engine, token)
+    assert [e["token_id"] for e in events if e["event"] == "token"] == [11, 12, 13, 14, 15, 16]
+    assert events[-1]["event"] == "done" and not engine.in_flight and len(engine.free_slots) == 2
+
+    start(engine, events, max_tokens=6, request_id="twice")
+    for _ in range(2):
+        engine.on_failure(StepFailed(min(engine.in_flight), 0, "out of memory", engine.epoch))
+    assert events[-1]["event"] == "error" and "stage 0 failed: out of memory" in events[-1]["error"]["message"]
+    assert not engine.requests and len(engine.free_slots) == 2
 
 
 def test_a_lost_microbatch_expires():

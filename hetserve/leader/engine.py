@@ -54,6 +54,8 @@ class Request:
     in_flight: int = 0  # micro-batches in flight holding a row of it
     ahead: int = 0  # of those, decode rows: tokens sampled on the stage, not back yet (decode-ahead: up to 2)
     last_sent: int = 0  # the micro-batch that last carried a row of it (scheduler: who decodes next)
+    generation: int = 0  # bumped when a stage fails one of its rows: rows sent before count for nothing
+    retried: bool = False  # it re-prefilled once after a stage failed a row of it; a second failure ends it
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
@@ -75,6 +77,7 @@ class InFlight:
     rows: list[tuple[Request, int]]  # (request, new tokens fed)
     sent: float
     decoding: list[bool]  # per row: a decode row (the request was past its prompt); may ride in a prefill micro-batch
+    generations: list[int]  # per row: its request's generation when sent
 
 
 class Engine:
@@ -256,7 +259,8 @@ class Engine:
             request.in_flight += 1
             request.ahead += decode_row
             request.last_sent = step.mb
-        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding)
+        self.in_flight[step.mb] = InFlight(batch.phase, rows, time.monotonic(), decoding,
+                                           [request.generation for request, _ in rows])
         self.batch_rows[batch.phase] = ema(self.batch_rows[batch.phase], len(rows))
         self._last_phase = batch.phase
 
@@ -271,8 +275,11 @@ class Engine:
         del self.in_flight[result.mb]
         self._measure(flight, result)
         accepted = []
-        for (request, tokens), token, decode_row in zip(flight.rows, result.tokens, flight.decoding):
+        for (request, tokens), token, decode_row, generation in zip(flight.rows, result.tokens, flight.decoding,
+                                                                    flight.generations):
             request.in_flight -= 1
+            if generation != request.generation:  # sent before a stage failed a row of it: it re-prefills
+                continue
             request.ahead -= decode_row
             if request.done:
                 continue
@@ -316,12 +323,29 @@ class Engine:
             return
         where = f"stage {failure.stage}" if failure.stage >= 0 else "the pipeline"
         log.error("%s failed micro-batch %d: %s", where, failure.mb, failure.error)
-        for (request, _), decode_row in zip(flight.rows, flight.decoding):
+        for (request, _), decode_row, generation in zip(flight.rows, flight.decoding, flight.generations):
             request.in_flight -= 1
+            if generation != request.generation:
+                continue
             request.ahead -= decode_row
-            if not request.done:
+            if request.done:
+                continue
+            # A stage's error (a device lost, an out-of-memory on a large prompt chunk beside the
+            # decode rows of others): each row's request re-prefills its history once, as after a
+            # fault. One the pipeline lost or garbled (stage -1) or that failed before ends.
+            if failure.stage >= 0 and not request.retried:
+                self._restart(request)
+            else:
                 self._fail(request, f"{where} failed: {failure.error}")
         self.schedule()
+
+    def _restart(self, request: Request) -> None:
+        """Re-prefill the request's whole history into its slot, once its rows in flight are back
+        (the scheduler prefills no request with rows in flight; results of those are skipped)."""
+        request.retried = True
+        request.generation += 1
+        request.ahead = request.cached = 0
+        request.prefill_len = len(request.prompt_ids) + len(request.generated)
 
     def expire(self, older_than: float) -> None:
         """Fail micro-batches sent before `older_than` (monotonic): a lost one must not hang its requests."""
