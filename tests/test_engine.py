@@ -176,6 +176,9 @@ def test_a_row_a_stage_fails_re_prefills_its_history_once(ahead):
     assert events[-1]["event"] == "done" and not engine.in_flight and len(engine.free_slots) == 2
 
     start(engine, events, max_tokens=6, request_id="twice")
+    engine.on_failure(StepFailed(min(engine.in_flight), 0, "CUDA error", engine.epoch))  # its device is lost:
+    engine.replay_all()  # the host's exit replays everything into a new pipeline, where it may retry again
+    engine.pipeline_ready(1, 0, True)
     for _ in range(2):
         engine.on_failure(StepFailed(min(engine.in_flight), 0, "out of memory", engine.epoch))
     assert events[-1]["event"] == "error" and "stage 0 failed: out of memory" in events[-1]["error"]["message"]

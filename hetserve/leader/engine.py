@@ -183,6 +183,7 @@ class Engine:
             request.in_flight = request.ahead = 0
             request.cached = 0
             request.prefill_len = len(request.prompt_ids) + len(request.generated)
+            request.retried = False  # a new pipeline: a stage's failure there may be retried again
         return self.epoch
 
     def schedule(self) -> None:
