@@ -128,7 +128,8 @@ def memory_layout(candidates: list[HostRecord], shape: ModelShape, kv_tokens: in
             first_error = first_error or exc
             continue
         if count < len(candidates):
-            log.warning("hosts %s left out: %s", ", ".join(h.name for h in candidates if id(h) not in kept), first_error)
+            left = [h.name for h in candidates if id(h) not in kept]
+            log.warning("hosts %s left out: %s", ", ".join(left), first_error)
         return used, ranges, [[] for _ in used]
     raise first_error or PlanError("no hosts")
 
