@@ -317,17 +317,45 @@ async def test_chunk_requests_their_host_gave_up_on_are_not_paced_and_sent(tmp_p
     weights = WeightServer(Socket(), manifest, sources, 32 << 10)  # 2 s a chunk
     now = asyncio.get_running_loop().time()
     for asked in (now - 10 * REPLY_TIMEOUT_S, now - 10 * REPLY_TIMEOUT_S, now):
-        weights.requests.put_nowait((b"r", GetChunk("a", embed.name, 0, embed.size), asked))
+        weights.enqueue(b"r", GetChunk("a", embed.name, 0, embed.size), asked)
     sender = asyncio.create_task(weights._send_chunks())
     try:
         for _ in range(100):
             if sent:
                 break
             await asyncio.sleep(0.05)
-        assert len(sent) == 1 and weights.requests.empty(), "the fresh request was sent first, unpaced by the others"
+        assert len(sent) == 1 and not weights.queued, "the fresh request was sent first, unpaced by the others"
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
+
+
+async def test_hosts_take_turns_for_chunks(tmp_path):
+    """First come first served: a host that asked last waited behind every chunk the others had
+    asked for (at a low --weights-rate, past its timeout). Now behind one of each."""
+    manifest, sources = build_manifest(tiny_model(tmp_path / "m"), progress=False)
+    embed = next(e for e in manifest.entries if e.name == "model.embed_tokens.weight")
+    sent = []
+
+    class Socket:
+        async def send_multipart(self, frames, copy=True):
+            sent.append(frames[0])
+
+    weights = WeightServer(Socket(), manifest, sources, 0)
+    now = asyncio.get_running_loop().time()
+    for host, count in (("a", 3), ("b", 3), ("c", 1)):
+        for i in range(count):
+            weights.enqueue(host.encode(), GetChunk(host, embed.name, i * 1024, 1024), now)
+    sender = asyncio.create_task(weights._send_chunks())
+    try:
+        for _ in range(100):
+            if len(sent) == 7:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    assert sent == [b"a", b"b", b"c", b"a", b"b", b"a", b"b"] and not weights.waiting and not weights.queued
 
 
 # ---- real processes

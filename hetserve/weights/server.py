@@ -3,9 +3,10 @@
 A host pulls: it asks for one chunk at a time with a few requests outstanding (credit-based flow
 control, as in the ZeroMQ guide's file-transfer pattern), so the leader never queues more than
 that window per host however large the model, and `--weights-rate` paces all transfers together
-so a joining host cannot starve the serving pipeline's links. Chunks are read and sent in the
-order asked, by a sender of their own: a manifest request is answered at once, not after the
-paced chunks queued before it. A peer that asks without reading the answers (not a hetserve
+so a joining host cannot starve the serving pipeline's links. Chunks are read and sent by a
+sender of their own, each host's in the order asked and the hosts in turn: a manifest request is
+answered at once, not after the paced chunks queued before it, and a host's first chunk waits for
+one of each other host's, not for all of theirs. A peer that asks without reading the answers (not a hetserve
 host) finds replies past SEND_HWM dropped rather than queued. Only entries of the manifest can be
 read, at offsets inside them: a request names a tensor, never a path. A source file that cannot
 be read (moved, truncated, an I/O error) fails that request with the reason, never the leader.
@@ -17,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 
 import zmq
 import zmq.asyncio
@@ -96,7 +98,12 @@ class WeightServer:
         self.pacer = Pacer(rate)
         self.transfers: dict[str, Transfer] = {}
         self.files: dict[os.PathLike, int] = {}  # open descriptors, read with pread from a thread
-        self.requests: asyncio.Queue[tuple[bytes, GetChunk, float]] = asyncio.Queue(MAX_QUEUED)  # + when asked
+        # Chunk requests waiting, per host (route, request, when asked), served a host at a time in
+        # turn: first come first served made a host that asked last wait behind every chunk the
+        # others had asked for (with --weights-rate 1MiB and 5 hosts, past the hosts' timeout).
+        self.waiting: dict[str, deque[tuple[bytes, GetChunk, float]]] = {}
+        self.queued = 0
+        self.arrived = asyncio.Event()
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_chunks())
@@ -122,19 +129,37 @@ class WeightServer:
                                     len(self.transfers))
                         continue
                     self.transfers[msg.host] = Transfer(msg.host, msg)
-                elif self.requests.full():
+                elif self.queued >= MAX_QUEUED:
                     await self._refuse(route, msg, f"the leader has {MAX_QUEUED} chunk requests waiting")
                 else:
-                    self.requests.put_nowait((route, msg, time.monotonic()))
+                    self.enqueue(route, msg, time.monotonic())
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             for fd in self.files.values():
                 os.close(fd)
 
+    def enqueue(self, route: bytes, msg: GetChunk, asked: float) -> None:
+        self.waiting.setdefault(msg.host, deque()).append((route, msg, asked))
+        self.queued += 1
+        self.arrived.set()
+
+    async def _next_request(self) -> tuple[bytes, GetChunk, float]:
+        """The oldest request of the host whose turn it is; that host goes to the back."""
+        while not self.waiting:
+            self.arrived.clear()
+            await self.arrived.wait()
+        host = next(iter(self.waiting))
+        queue = self.waiting.pop(host)
+        item = queue.popleft()
+        if queue:
+            self.waiting[host] = queue
+        self.queued -= 1
+        return item
+
     async def _send_chunks(self) -> None:
         while True:
-            route, msg, asked = await self.requests.get()
+            route, msg, asked = await self._next_request()
             if time.monotonic() - asked > REPLY_TIMEOUT_S:
                 # Its host gave up waiting and asks again: paced and sent, it would only delay every
                 # later request (with a low --weights-rate, into the hosts' timeouts, and so on).
