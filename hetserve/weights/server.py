@@ -6,10 +6,11 @@ that window per host however large the model, and `--weights-rate` paces all tra
 so a joining host cannot starve the serving pipeline's links. Chunks are read and sent by a
 sender of their own, each host's in the order asked and the hosts in turn: a manifest request is
 answered at once, not after the paced chunks queued before it, and a host's first chunk waits for
-one of each other host's, not for all of theirs. A peer that asks without reading the answers (not a hetserve
-host) finds replies past SEND_HWM dropped rather than queued. Only entries of the manifest can be
-read, at offsets inside them: a request names a tensor, never a path. A source file that cannot
-be read (moved, truncated, an I/O error) fails that request with the reason, never the leader.
+one of each other host's, not for all of theirs. A peer that asks without reading the answers
+(not a hetserve host) finds replies past SEND_HWM dropped rather than queued. Only entries of the
+manifest can be read, at offsets inside them: a request names a tensor, never a path. A source
+file that cannot be read (moved, truncated, an I/O error) fails that request with the reason,
+never the leader.
 """
 
 from __future__ import annotations

@@ -108,19 +108,28 @@ def make_room(need: int, limit: int | None, keep: str) -> int:
     return room
 
 
+def _try_lock(path: Path, create: bool = True) -> int | None:
+    """An exclusive lock on the file (released with the descriptor), or None if another holds it.
+    Without `create`, FileNotFoundError where the file is gone."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _in_use(directory: Path) -> bool:
     """Whether a live WeightStore holds a lock in the model folder."""
     for lock in directory.glob(".*.lock"):
         try:
-            fd = os.open(lock, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = _try_lock(lock, create=False)
+        except FileNotFoundError:  # its store closed and a later one removed it just now
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if fd is None:
             return True
-        finally:
-            os.close(fd)  # releases the probe's lock
+        os.close(fd)  # releases the probe's lock
     return False
 
 
@@ -175,13 +184,7 @@ class WeightStore:
 
     def _lock_owner(self, owner: str) -> int | None:
         """An exclusive lock on the owner name (released with the descriptor), or None if held."""
-        fd = os.open(self.root / f".{owner}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        return _try_lock(self.root / f".{owner}.lock")
 
     def close(self) -> None:
         if self._lock is not None:
